@@ -1,0 +1,105 @@
+"""Writes to the usage ledger."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import IntegrityError, transaction
+
+from routing.models import CatalogModel, ModelPrice
+
+from .metering import TokenBuckets, usage_charge
+from .models import UsageEvent
+
+logger = logging.getLogger(__name__)
+
+# The facts that make two posts of one request id "the same event".
+_IDENTITY_FIELDS = (
+    "api_key_id",
+    "served_model_id",
+    "price_id",
+    "input_uncached_tokens",
+    "input_cached_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "status",
+)
+
+
+class UsageConflictError(Exception):
+    """The request id is already in the ledger with different facts."""
+
+
+@dataclass(frozen=True)
+class UsageFacts:
+    request_id: str
+    tenant_id: int
+    api_key_id: int
+    requested_model: str
+    served_model: CatalogModel
+    price: ModelPrice
+    buckets: TokenBuckets
+    usage_source: str
+    status: str
+    streamed: bool
+    latency_ms: int
+    occurred_at: datetime
+    ttft_ms: int | None = None
+    raw_usage: dict | None = None
+    upstream_status: int | None = None
+    error_code: str = ""
+
+
+def usage_record(facts: UsageFacts) -> UsageEvent:
+    """Write one usage event, priced with its price version; committed when this returns.
+
+    The same request id again with the same facts returns the existing row; with other
+    facts it raises UsageConflictError.
+    """
+    charge = usage_charge(
+        facts.buckets,
+        input_per_mtok=facts.price.input_per_mtok,
+        cached_input_per_mtok=facts.price.cached_input_per_mtok,
+        output_per_mtok=facts.price.output_per_mtok,
+    )
+    event = UsageEvent(
+        request_id=facts.request_id,
+        tenant_id=facts.tenant_id,
+        api_key_id=facts.api_key_id,
+        requested_model=facts.requested_model,
+        served_model=facts.served_model,
+        provider_id=facts.served_model.provider_id,
+        price=facts.price,
+        input_uncached_tokens=facts.buckets.input_uncached,
+        input_cached_tokens=facts.buckets.input_cached,
+        output_tokens=facts.buckets.output,
+        reasoning_tokens=facts.buckets.reasoning,
+        unpriced_tokens=charge.unpriced_tokens,
+        cost=charge.cost,
+        usage_source=facts.usage_source,
+        status=facts.status,
+        upstream_status=facts.upstream_status,
+        error_code=facts.error_code[:64],
+        streamed=facts.streamed,
+        latency_ms=max(0, facts.latency_ms),
+        ttft_ms=facts.ttft_ms,
+        raw_usage=facts.raw_usage,
+        occurred_at=facts.occurred_at,
+    )
+    try:
+        with transaction.atomic():
+            event.save(force_insert=True)
+    except IntegrityError:
+        existing = UsageEvent.objects.filter(
+            tenant_id=facts.tenant_id, request_id=facts.request_id
+        ).first()
+        if existing is None:
+            raise
+        if any(getattr(existing, f) != getattr(event, f) for f in _IDENTITY_FIELDS):
+            raise UsageConflictError(
+                f"Request {facts.request_id} is already metered with different usage."
+            ) from None
+        return existing
+    return event

@@ -1,0 +1,13 @@
+"""The management API under /api/: one router over each app's viewsets."""
+
+from rest_framework.routers import DefaultRouter
+
+from billing.api.views import UsageEventViewSet
+from tenants.api.views import ApiKeyViewSet, TenantViewSet
+
+router = DefaultRouter()
+router.register("tenants", TenantViewSet, basename="tenant")
+router.register("keys", ApiKeyViewSet, basename="apikey")
+router.register("usage", UsageEventViewSet, basename="usage")
+
+urlpatterns = router.urls

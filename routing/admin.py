@@ -1,0 +1,204 @@
+"""The staff console for providers, the catalog and its prices.
+
+A price is never edited: "adding" a price for a model opens a new version from its start
+and closes the current one (routing.services.model_price_set).
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin
+from django.db.models import Prefetch
+from django.urls import reverse
+from django.utils.html import format_html
+
+from .models import CAPABILITIES, MODALITIES, CatalogModel, ModelPrice, Provider
+from .services import PriceChangeError, model_price_change_check, model_price_set
+
+UNSET = "unset"
+
+
+@admin.register(Provider)
+class ProviderAdmin(admin.ModelAdmin):
+    list_display = ("name", "base_url", "api_key_env", "key_configured", "timeout_seconds")
+    search_fields = ("name", "base_url")
+    readonly_fields = ("created_at", "updated_at")
+
+    @admin.display(description="key in environment", boolean=True)
+    def key_configured(self, provider: Provider) -> bool:
+        return provider.api_key() is not None
+
+
+class CatalogModelForm(forms.ModelForm):
+    modalities = forms.MultipleChoiceField(
+        choices=[(m, m) for m in MODALITIES], widget=forms.CheckboxSelectMultiple
+    )
+    capabilities = forms.MultipleChoiceField(
+        choices=[(c, c) for c in CAPABILITIES],
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
+    )
+
+    class Meta:
+        model = CatalogModel
+        fields = (
+            "public_id",
+            "display_name",
+            "family",
+            "developer",
+            "provider",
+            "upstream_model_id",
+            "context_window",
+            "modalities",
+            "capabilities",
+            "enabled",
+        )
+
+
+class ModelPriceInline(admin.TabularInline):
+    model = ModelPrice
+    fields = ("effective_from", "effective_to", "input", "cached_input", "output")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    verbose_name_plural = "Price history (USD per 1M tokens)"
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="input")
+    def input(self, price: ModelPrice):
+        return _price(price.input_per_mtok)
+
+    @admin.display(description="cached input")
+    def cached_input(self, price: ModelPrice):
+        if price.cached_input_per_mtok is None and price.input_per_mtok is not None:
+            return "= input"
+        return _price(price.cached_input_per_mtok)
+
+    @admin.display(description="output")
+    def output(self, price: ModelPrice):
+        return _price(price.output_per_mtok)
+
+
+def _price(value) -> str:
+    return UNSET if value is None else f"${value.normalize():f}"
+
+
+@admin.register(CatalogModel)
+class CatalogModelAdmin(admin.ModelAdmin):
+    form = CatalogModelForm
+    list_display = (
+        "public_id",
+        "display_name",
+        "family",
+        "developer",
+        "provider",
+        "input_price",
+        "output_price",
+        "enabled",
+    )
+    list_filter = ("family", "provider", "enabled")
+    search_fields = ("public_id", "display_name", "upstream_model_id")
+    list_select_related = ("provider",)
+    readonly_fields = ("created_at", "set_price")
+    inlines = [ModelPriceInline]
+
+    def get_queryset(self, request):
+        open_prices = ModelPrice.objects.filter(effective_to__isnull=True)
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related(Prefetch("prices", queryset=open_prices, to_attr="open_prices"))
+        )
+
+    def _open_price(self, model: CatalogModel) -> ModelPrice | None:
+        prices = getattr(model, "open_prices", None)
+        if prices is None:
+            prices = list(model.prices.filter(effective_to__isnull=True))
+        return prices[0] if prices else None
+
+    @admin.display(description="input $/1M")
+    def input_price(self, model: CatalogModel) -> str:
+        price = self._open_price(model)
+        return _price(price.input_per_mtok if price else None)
+
+    @admin.display(description="output $/1M")
+    def output_price(self, model: CatalogModel) -> str:
+        price = self._open_price(model)
+        if price is None or price.output_per_mtok is None:
+            return "unset (refuses calls)"
+        return _price(price.output_per_mtok)
+
+    @admin.display(description="change price")
+    def set_price(self, model: CatalogModel) -> str:
+        if model.pk is None:
+            return "Save the model first."
+        url = reverse("admin:routing_modelprice_add") + f"?model={model.pk}"
+        return format_html('<a class="button" href="{}">Set a new price…</a>', url)
+
+
+class ModelPriceForm(forms.ModelForm):
+    class Meta:
+        model = ModelPrice
+        fields = (
+            "model",
+            "input_per_mtok",
+            "cached_input_per_mtok",
+            "output_per_mtok",
+            "effective_from",
+        )
+        help_texts = {
+            "effective_from": "The new price applies from this instant; the current one ends "
+            "there. Leave input prices empty rather than guessing: unset is not zero."
+        }
+
+    def clean(self):
+        data = super().clean()
+        if data.get("model") and data.get("effective_from"):
+            try:
+                model_price_change_check(model=data["model"], effective_from=data["effective_from"])
+            except PriceChangeError as exc:
+                self.add_error("effective_from", str(exc))
+        return data
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    form = ModelPriceForm
+    list_display = ("model", "effective_from", "effective_to", "input", "cached", "output")
+    list_filter = ("model__family", "model")
+    list_select_related = ("model",)
+    date_hierarchy = "effective_from"
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        # Versions are never edited in place; set a new one instead.
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="input $/1M")
+    def input(self, price: ModelPrice) -> str:
+        return _price(price.input_per_mtok)
+
+    @admin.display(description="cached $/1M")
+    def cached(self, price: ModelPrice) -> str:
+        if price.cached_input_per_mtok is None and price.input_per_mtok is not None:
+            return "= input"
+        return _price(price.cached_input_per_mtok)
+
+    @admin.display(description="output $/1M")
+    def output(self, price: ModelPrice) -> str:
+        return _price(price.output_per_mtok)
+
+    def save_model(self, request, obj, form, change):
+        data = form.cleaned_data
+        created = model_price_set(
+            model=data["model"],
+            input_per_mtok=data["input_per_mtok"],
+            cached_input_per_mtok=data["cached_input_per_mtok"],
+            output_per_mtok=data["output_per_mtok"],
+            effective_from=data["effective_from"],
+        )
+        obj.pk = created.pk

@@ -1,0 +1,121 @@
+"""The OpenAI-compatible endpoints under /v1/. Thin: the work is in routing.proxy."""
+
+from __future__ import annotations
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.permissions import BasePermission
+from rest_framework.renderers import JSONRenderer
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from tenants.auth import ApiKeyAuthentication
+from tenants.selectors import model_for_key, models_for_key
+
+from ..errors import (
+    ModelNotFound,
+    PayloadTooLarge,
+    RouteNotFound,
+    TenantSuspended,
+    openai_exception_handler,
+)
+from ..models import CatalogModel
+from ..proxy import ChatCall, chat_complete, chat_stream, chat_target_resolve
+from ..validation import chat_request_parse
+
+
+class TenantActive(BasePermission):
+    """Authenticated with a key whose tenant is not suspended."""
+
+    def has_permission(self, request, view) -> bool:
+        if request.auth is None:
+            return False
+        if not request.auth.tenant.is_active:
+            raise TenantSuspended("This tenant is suspended; its API keys are blocked.")
+        return True
+
+
+class AnyAcceptNegotiation(BaseContentNegotiation):
+    """Answer JSON whatever Accept says: SSE clients send Accept: text/event-stream."""
+
+    def select_parser(self, request, parsers):
+        return parsers[0] if parsers else None
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+class OpenAIView(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+    permission_classes = [TenantActive]
+    renderer_classes = [JSONRenderer]
+    parser_classes = []
+    content_negotiation_class = AnyAcceptNegotiation
+    throttle_classes = []
+    schema = None  # not part of the management API's OpenAPI document
+
+    def get_exception_handler(self):
+        return openai_exception_handler
+
+
+def _model_object(model: CatalogModel) -> dict:
+    return {
+        "id": model.public_id,
+        "object": "model",
+        "created": int(model.created_at.timestamp()),
+        "owned_by": model.developer,
+    }
+
+
+class ModelListView(OpenAIView):
+    def get(self, request):
+        models = models_for_key(key=request.auth)
+        return Response({"object": "list", "data": [_model_object(m) for m in models]})
+
+
+class ModelDetailView(OpenAIView):
+    def get(self, request, model_id: str):
+        model, allowed = model_for_key(key=request.auth, public_id=model_id)
+        if model is None or not allowed:
+            raise ModelNotFound(
+                f"The model '{model_id}' does not exist or you do not have access to it.",
+                param="model",
+            )
+        return Response(_model_object(model))
+
+
+class ChatCompletionsView(OpenAIView):
+    def post(self, request):
+        django_request = request._request
+        try:
+            raw = django_request.body
+        except RequestDataTooBig:
+            raise PayloadTooLarge("The request body is larger than this gateway accepts.") from None
+        body = chat_request_parse(raw)
+        model, price = chat_target_resolve(
+            key=request.auth, name=body["model"], at=django_request.received_at
+        )
+        call = ChatCall(
+            request_id=django_request.request_id,
+            received_at=django_request.received_at,
+            started=django_request.started,
+            key=request.auth,
+            body=body,
+            model=model,
+            price=price,
+        )
+        if body.get("stream"):
+            response = StreamingHttpResponse(chat_stream(call), content_type="text/event-stream")
+            response["Cache-Control"] = "no-cache"
+            response["X-Accel-Buffering"] = "no"  # nginx: relay each event as it comes
+            return response
+        return HttpResponse(chat_complete(call), content_type="application/json")
+
+
+@csrf_exempt
+def unknown_endpoint(request, path: str = ""):
+    """Any other /v1/ path: a 404 in OpenAI's shape, not Django's HTML page."""
+    error = RouteNotFound(f"Invalid URL ({request.method} /v1/{path}).")
+    return JsonResponse(error.body(), status=error.status)

@@ -1,0 +1,30 @@
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+from routing.services import provider_set
+
+
+class Command(BaseCommand):
+    help = "Create or update an upstream provider. The API key stays in the environment."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name")
+        parser.add_argument("--base-url", required=True)
+        parser.add_argument(
+            "--api-key-env",
+            default=None,
+            help="Name of the environment variable holding the key ('' for none).",
+        )
+        parser.add_argument("--timeout", type=float, default=None, help="Seconds.")
+
+    def handle(self, *args, name, base_url, api_key_env, timeout, **options):
+        if timeout is not None and timeout <= 0:
+            raise CommandError("--timeout must be positive.")
+        try:
+            provider, created = provider_set(
+                name=name, base_url=base_url, api_key_env=api_key_env, timeout_seconds=timeout
+            )
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
+        verb = "Created" if created else "Updated"
+        self.stdout.write(f"{verb} provider {provider.name}: {provider.base_url}")

@@ -1,0 +1,96 @@
+"""Writes to providers and prices."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from django.db import transaction
+from django.utils import timezone
+
+from .models import CatalogModel, ModelPrice, Provider
+
+
+class PriceChangeError(ValueError):
+    """A price change that would rewrite history."""
+
+
+def provider_set(
+    *,
+    name: str,
+    base_url: str,
+    api_key_env: str | None = None,
+    timeout_seconds: float | None = None,
+) -> tuple[Provider, bool]:
+    """Create the provider or update it in place. Returns (provider, created).
+
+    Raises ValidationError (and saves nothing) for a bad URL or timeout.
+    """
+    provider = Provider.objects.filter(name=name).first()
+    created = provider is None
+    if provider is None:
+        provider = Provider(name=name)
+    provider.base_url = base_url
+    if api_key_env is not None:
+        provider.api_key_env = api_key_env
+    if timeout_seconds is not None:
+        provider.timeout_seconds = timeout_seconds
+    provider.full_clean(validate_unique=created)
+    provider.save()
+    return provider, created
+
+
+@transaction.atomic
+def model_price_set(
+    *,
+    model: CatalogModel,
+    input_per_mtok: Decimal | None,
+    output_per_mtok: Decimal | None,
+    cached_input_per_mtok: Decimal | None = None,
+    effective_from: datetime | None = None,
+) -> ModelPrice:
+    """Open a new price version from `effective_from` (default now), closing the current one.
+
+    Refuses a start at or before the current version's start, and a start that would move
+    usage already priced with the current version onto the new one.
+    """
+    effective_from = effective_from or timezone.now()
+    for value in (input_per_mtok, output_per_mtok, cached_input_per_mtok):
+        if value is not None and (not isinstance(value, Decimal) or value < 0):
+            raise PriceChangeError("Prices are non-negative Decimals (USD per 1M tokens).")
+    current = (
+        ModelPrice.objects.select_for_update()
+        .filter(model=model, effective_to__isnull=True)
+        .first()
+    )
+    if current is not None:
+        _price_change_check(current, effective_from)
+        current.effective_to = effective_from
+        current.save(update_fields=["effective_to"])
+    return ModelPrice.objects.create(
+        model=model,
+        input_per_mtok=input_per_mtok,
+        cached_input_per_mtok=cached_input_per_mtok,
+        output_per_mtok=output_per_mtok,
+        effective_from=effective_from,
+    )
+
+
+def model_price_change_check(*, model: CatalogModel, effective_from: datetime) -> None:
+    """Raise PriceChangeError if a new version cannot start at `effective_from`."""
+    current = ModelPrice.objects.filter(model=model, effective_to__isnull=True).first()
+    if current is not None:
+        _price_change_check(current, effective_from)
+
+
+def _price_change_check(current: ModelPrice, effective_from: datetime) -> None:
+    if effective_from <= current.effective_from:
+        raise PriceChangeError(
+            f"The new price must start after the current one "
+            f"({current.effective_from.isoformat()})."
+        )
+    if current.usage_events.filter(occurred_at__gte=effective_from).exists():
+        raise PriceChangeError(
+            "Usage after that instant is already priced with the current version; "
+            "choose a later start."
+        )

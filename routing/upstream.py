@@ -1,0 +1,218 @@
+"""The one upstream client: the official `openai` SDK, one pooled client per provider.
+
+The gateway forwards bytes it understands only as much as it must: it asks the SDK for
+the raw HTTP response (plain) or the raw event stream, so unknown fields pass through both
+ways. The SDK still does what it is good at: auth headers, base URLs, timeouts, pooled
+keep-alive connections, and mapping error statuses to exceptions. Retries are off here:
+the client's own SDK retries, and a retry must not be hidden inside one metered call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import httpx2
+import openai
+from django.conf import settings
+
+from .errors import (
+    GatewayError,
+    InvalidRequest,
+    UpstreamFailed,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
+from .models import Provider
+
+logger = logging.getLogger(__name__)
+
+_clients: dict[int, tuple[tuple, openai.OpenAI]] = {}
+_clients_lock = threading.Lock()
+
+
+def upstream_client(provider: Provider) -> openai.OpenAI:
+    """The process-wide SDK client for a provider, rebuilt when its settings change."""
+    api_key = provider.api_key()
+    if api_key is None:
+        logger.error(
+            "Provider %s has no API key: environment variable %s is not set.",
+            provider.name,
+            provider.api_key_env,
+        )
+        raise UpstreamFailed(
+            "The upstream provider for this model is not configured.",
+            code="upstream_not_configured",
+        )
+    config = (provider.base_url, api_key, provider.timeout_seconds)
+    cached = _clients.get(provider.pk)
+    if cached is not None and cached[0] == config:
+        return cached[1]
+    with _clients_lock:
+        cached = _clients.get(provider.pk)
+        if cached is not None and cached[0] == config:
+            return cached[1]
+        limit = settings.TOLLGATE_UPSTREAM_MAX_CONNECTIONS
+        timeout = httpx2.Timeout(
+            provider.timeout_seconds, connect=min(provider.timeout_seconds, 10.0)
+        )
+        client = openai.OpenAI(
+            api_key=api_key,
+            base_url=provider.base_url,
+            max_retries=0,
+            timeout=timeout,
+            http_client=openai.DefaultHttpx2Client(
+                timeout=timeout,
+                limits=httpx2.Limits(max_connections=limit, max_keepalive_connections=limit),
+            ),
+        )
+        # The old client is not closed: streams still running on it finish undisturbed.
+        _clients[provider.pk] = (config, client)
+        return client
+
+
+def _split(body: Mapping) -> tuple[str, object, dict]:
+    """(model, messages, everything else): the SDK takes the first two as arguments and
+    the rest verbatim as extra_body, so unknown fields reach the provider unchanged."""
+    rest = {k: v for k, v in body.items() if k not in ("model", "messages")}
+    return body["model"], body["messages"], rest
+
+
+@dataclass
+class UpstreamFailure:
+    """What a failed upstream call tells the ledger."""
+
+    error: GatewayError
+    upstream_status: int | None
+
+
+def upstream_failure(exc: Exception, provider: Provider) -> UpstreamFailure:
+    """Map an SDK or transport exception to the gateway's error for the client."""
+    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+        return UpstreamFailure(
+            UpstreamTimeout(
+                f"The upstream provider did not answer within {provider.timeout_seconds:g} s."
+            ),
+            None,
+        )
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        code = _error_code(exc.body)
+        message = _error_message(exc.body)
+        if status in (400, 413, 422):
+            # The provider rejected the request itself (e.g. context too long): the
+            # client's to fix, so it gets the provider's words.
+            return UpstreamFailure(
+                InvalidRequest(message or "The upstream provider rejected the request.", code=code),
+                status,
+            )
+        if status == 429 and code != "1113":
+            headers = {}
+            retry_after = exc.response.headers.get("retry-after")
+            if retry_after:
+                headers["Retry-After"] = retry_after
+            return UpstreamFailure(
+                UpstreamRateLimited(
+                    "The upstream provider is rate limiting; retry shortly.", headers=headers
+                ),
+                status,
+            )
+        if status in (401, 402, 403, 429):
+            # An empty balance (DeepSeek 402, GLM 429 code 1113) or refused credentials:
+            # an operator must act; a client retry cannot help.
+            logger.error("Upstream %s refused the gateway: HTTP %s %s", provider.name, status, code)
+            return UpstreamFailure(
+                UpstreamFailed(
+                    "The upstream provider refused the gateway's account.",
+                    code="upstream_account_error",
+                    headers={"x-should-retry": "false"},
+                ),
+                status,
+            )
+        logger.warning("Upstream %s failed: HTTP %s", provider.name, status)
+        return UpstreamFailure(
+            UpstreamFailed(f"The upstream provider failed (HTTP {status})."), status
+        )
+    if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
+        logger.warning("Upstream %s unreachable: %s", provider.name, type(exc).__name__)
+        return UpstreamFailure(
+            UpstreamFailed(
+                "The upstream provider could not be reached.", code="upstream_unavailable"
+            ),
+            None,
+        )
+    raise exc
+
+
+def _error_object(body: object) -> Mapping:
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping):
+            return inner
+    return {}
+
+
+def _error_code(body: object) -> str | None:
+    code = _error_object(body).get("code")
+    return str(code) if code is not None else None
+
+
+def _error_message(body: object) -> str | None:
+    message = _error_object(body).get("message")
+    return str(message)[:2000] if message else None
+
+
+def chat_completion(client: openai.OpenAI, body: Mapping) -> bytes:
+    """Send a non-streaming chat completion; return the provider's JSON bytes."""
+    model, messages, rest = _split(body)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=messages, extra_body=rest
+    )
+    return raw.http_response.content
+
+
+class UpstreamStream:
+    """An open SSE response from the provider; iterate `events()`, then `close()`."""
+
+    def __init__(self, response):
+        self._response = response
+
+    @property
+    def content_type(self) -> str:
+        return self._response.headers.get("content-type", "")
+
+    def read(self) -> bytes:
+        return self._response.read()
+
+    def events(self) -> Iterator[str]:
+        """The data of each SSE event, in order; comment lines come through as ':'."""
+        data: list[str] = []
+        for line in self._response.iter_lines():
+            if not line:
+                if data:
+                    yield "\n".join(data)
+                    data = []
+                continue
+            if line.startswith("data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(" ") else value)
+            elif line.startswith(":"):
+                yield ":"
+            # event:, id:, retry: carry nothing chat completions use.
+        if data:
+            yield "\n".join(data)
+
+    def close(self) -> None:
+        self._response.close()
+
+
+def chat_completion_stream(client: openai.OpenAI, body: Mapping) -> UpstreamStream:
+    """Open a streaming chat completion. Errors before the first byte raise here."""
+    model, messages, rest = _split(body)
+    rest.pop("stream", None)
+    manager = client.chat.completions.with_streaming_response.create(
+        model=model, messages=messages, stream=True, extra_body=rest
+    )
+    return UpstreamStream(manager.__enter__())

@@ -1,0 +1,40 @@
+from datetime import timedelta
+
+from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
+
+from tenants.models import Tenant
+from tenants.services import UnknownModelsError, api_key_issue
+
+
+class Command(BaseCommand):
+    help = "Issue an API key for a tenant; prints the secret alone on standard output, once."
+
+    def add_arguments(self, parser):
+        parser.add_argument("slug")
+        parser.add_argument("--name", default="")
+        parser.add_argument("--expires-in-days", type=int, default=None)
+        parser.add_argument(
+            "--models", default="", help="Comma-separated ids narrowing the tenant's allowlist."
+        )
+
+    def handle(self, *args, slug, name, expires_in_days, models, **options):
+        tenant = Tenant.objects.filter(slug=slug).first()
+        if tenant is None:
+            raise CommandError(f"No tenant with slug {slug!r}.")
+        expires_at = None
+        if expires_in_days is not None:
+            if expires_in_days < 1:
+                raise CommandError("--expires-in-days must be at least 1.")
+            expires_at = timezone.now() + timedelta(days=expires_in_days)
+        try:
+            issued = api_key_issue(
+                tenant=tenant,
+                name=name,
+                expires_at=expires_at,
+                model_ids=[m for m in models.split(",") if m.strip()],
+            )
+        except UnknownModelsError as exc:
+            raise CommandError(str(exc)) from None
+        self.stderr.write(f"Issued key {issued.key.prefix}… for {slug}; it is shown only now.")
+        self.stdout.write(issued.secret)

@@ -1,0 +1,20 @@
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from tenants.services import staff_token_issue
+
+
+class Command(BaseCommand):
+    help = "Issue a management API token for a user; prints the secret alone, once."
+
+    def add_arguments(self, parser):
+        parser.add_argument("username")
+        parser.add_argument("--name", default="")
+
+    def handle(self, *args, username, name, **options):
+        user = get_user_model().objects.filter(username=username, is_active=True).first()
+        if user is None:
+            raise CommandError(f"No active user {username!r}.")
+        issued = staff_token_issue(user=user, name=name)
+        self.stderr.write(f"Issued staff token {issued.key.prefix}… for {username}.")
+        self.stdout.write(issued.secret)

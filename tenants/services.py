@@ -1,0 +1,139 @@
+"""Writes for tenants and keys. A key's secret exists in clear only in the return value
+of the function that issues it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Generic, TypeVar
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from routing.models import CatalogModel
+
+from .models import ApiKey, KeyBase, StaffToken, Tenant
+
+API_KEY_MARK = "tg-"
+STAFF_TOKEN_MARK = "tgs-"  # noqa: S105  (a prefix, not a secret)
+# Characters of the secret kept as the display prefix (the mark plus 8 random ones).
+PREFIX_RANDOM_CHARS = 8
+# last_used_at is written at most this often per key, not on every request.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class UnknownModelsError(ValueError):
+    def __init__(self, unknown: list[str]):
+        self.unknown = unknown
+        super().__init__(f"Unknown model ids: {', '.join(unknown)}")
+
+
+def key_digest(secret: str) -> str:
+    """HMAC-SHA256 of a secret under the server-side pepper, as hex."""
+    return hmac.new(
+        settings.TOLLGATE_KEY_PEPPER.encode(), secret.encode(), hashlib.sha256
+    ).hexdigest()
+
+
+K = TypeVar("K", bound=KeyBase)
+
+
+@dataclass(frozen=True)
+class IssuedKey(Generic[K]):
+    key: K
+    secret: str  # shown once, never stored
+
+
+def _issue(model: type[K], mark: str, **fields) -> IssuedKey[K]:
+    for _attempt in range(5):
+        secret = mark + secrets.token_urlsafe(32)
+        prefix = secret[: len(mark) + PREFIX_RANDOM_CHARS]
+        try:
+            with transaction.atomic():
+                key = model.objects.create(prefix=prefix, digest=key_digest(secret), **fields)
+        except IntegrityError:
+            continue  # a prefix collision: draw again
+        return IssuedKey(key=key, secret=secret)
+    raise RuntimeError("Could not draw a unique key prefix.")
+
+
+def catalog_models_resolve(public_ids: list[str]) -> list[CatalogModel]:
+    """Catalog models by public id, all or nothing."""
+    wanted = [p.strip() for p in public_ids if p.strip()]
+    found = {m.public_id: m for m in CatalogModel.objects.filter(public_id__in=wanted)}
+    unknown = [p for p in wanted if p not in found]
+    if unknown:
+        raise UnknownModelsError(unknown)
+    return [found[p] for p in wanted]
+
+
+@transaction.atomic
+def tenant_create(
+    *,
+    slug: str,
+    name: str,
+    model_ids: list[str] | None = None,
+    contact_email: str = "",
+    timezone_name: str = "UTC",
+) -> Tenant:
+    """Create a tenant with an explicit model allowlist (possibly empty)."""
+    tenant = Tenant(slug=slug, name=name, contact_email=contact_email, timezone=timezone_name)
+    tenant.full_clean()
+    tenant.save()
+    if model_ids:
+        tenant.allowed_models.set(catalog_models_resolve(model_ids))
+    return tenant
+
+
+def tenant_allowlist_set(*, tenant: Tenant, model_ids: list[str]) -> None:
+    tenant.allowed_models.set(catalog_models_resolve(model_ids))
+
+
+def tenant_suspend(*, tenant: Tenant) -> None:
+    """Block every key of the tenant from its next request on."""
+    Tenant.objects.filter(pk=tenant.pk).update(status=Tenant.Status.SUSPENDED)
+    tenant.status = Tenant.Status.SUSPENDED
+
+
+def tenant_resume(*, tenant: Tenant) -> None:
+    Tenant.objects.filter(pk=tenant.pk).update(status=Tenant.Status.ACTIVE)
+    tenant.status = Tenant.Status.ACTIVE
+
+
+@transaction.atomic
+def api_key_issue(
+    *,
+    tenant: Tenant,
+    name: str = "",
+    expires_at: datetime | None = None,
+    model_ids: list[str] | None = None,
+) -> IssuedKey[ApiKey]:
+    """Issue a key for a tenant; the secret is in the result and nowhere else."""
+    narrowed = catalog_models_resolve(model_ids) if model_ids else []
+    issued = _issue(ApiKey, API_KEY_MARK, tenant=tenant, name=name, expires_at=expires_at)
+    if narrowed:
+        issued.key.allowed_models.set(narrowed)
+    return issued
+
+
+def key_revoke(*, key: ApiKey) -> None:
+    """Revoke a key; it is refused from its next request on, in every process."""
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=key.revoked_at)
+
+
+def staff_token_issue(*, user, name: str = "") -> IssuedKey[StaffToken]:
+    return _issue(StaffToken, STAFF_TOKEN_MARK, user=user, name=name)
+
+
+def key_touch(key: KeyBase, *, now: datetime) -> None:
+    """Record use, writing at most once per LAST_USED_RESOLUTION per key."""
+    if key.last_used_at is not None and now - key.last_used_at < LAST_USED_RESOLUTION:
+        return
+    type(key).objects.filter(pk=key.pk).update(last_used_at=now)
+    key.last_used_at = now

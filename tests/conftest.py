@@ -1,0 +1,105 @@
+"""Shared fixtures: a mock upstream on a real socket, the gateway on another (Django's
+live server), and a small world of tenants, keys and priced models between them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import openai
+import pytest
+from django.utils import timezone
+
+from routing.models import CatalogModel, ModelPrice, Provider
+from tenants.models import Tenant
+from tenants.services import api_key_issue, tenant_create
+
+from .upstream import MockUpstream, mock_upstream_start
+
+STYLES = ("openai", "deepseek", "qwen", "kimi", "glm")
+
+# List prices of the test models, USD per 1M tokens.
+INPUT = Decimal("0.27")
+CACHED = Decimal("0.07")
+OUTPUT = Decimal("1.10")
+
+
+@pytest.fixture(scope="session")
+def mock_upstream():
+    mock = mock_upstream_start()
+    yield mock
+    mock.stop()
+
+
+def model_create(
+    public_id: str,
+    *,
+    provider: Provider,
+    output: Decimal | None = OUTPUT,
+    input_: Decimal | None = INPUT,
+    cached: Decimal | None = CACHED,
+    priced: bool = True,
+) -> CatalogModel:
+    model = CatalogModel.objects.create(
+        public_id=public_id,
+        display_name=public_id,
+        family="Test",
+        developer="Test Lab",
+        provider=provider,
+        upstream_model_id=f"upstream-{public_id}",
+    )
+    if priced:
+        ModelPrice.objects.create(
+            model=model,
+            input_per_mtok=input_,
+            cached_input_per_mtok=cached,
+            output_per_mtok=output,
+            effective_from=timezone.now() - timezone.timedelta(days=1),
+        )
+    return model
+
+
+@dataclass
+class World:
+    """A gateway URL, a mock upstream, one model per provider style, and tenant acme."""
+
+    url: str
+    mock: MockUpstream
+    providers: dict[str, Provider]
+    models: dict[str, CatalogModel]
+    tenant: Tenant
+    secret: str
+    extra: dict = field(default_factory=dict)
+
+    def client(self, secret: str | None = None, **kwargs) -> openai.OpenAI:
+        kwargs.setdefault("max_retries", 0)
+        return openai.OpenAI(base_url=self.url, api_key=secret or self.secret, **kwargs)
+
+    def async_client(self, secret: str | None = None, **kwargs) -> openai.AsyncOpenAI:
+        kwargs.setdefault("max_retries", 0)
+        return openai.AsyncOpenAI(base_url=self.url, api_key=secret or self.secret, **kwargs)
+
+    def tenant_with_key(self, slug: str, model_ids: list[str]) -> tuple[Tenant, str]:
+        tenant = tenant_create(slug=slug, name=slug.title(), model_ids=model_ids)
+        return tenant, api_key_issue(tenant=tenant, name="test").secret
+
+
+@pytest.fixture
+def world(live_server, mock_upstream, transactional_db) -> World:
+    providers = {
+        style: Provider.objects.create(name=f"mock-{style}", base_url=mock_upstream.url(style))
+        for style in STYLES
+    }
+    models = {style: model_create(f"m-{style}", provider=providers[style]) for style in STYLES}
+    tenant = tenant_create(
+        slug="acme", name="Acme", model_ids=[m.public_id for m in models.values()]
+    )
+    secret = api_key_issue(tenant=tenant, name="default").secret
+    return World(
+        url=f"{live_server.url}/v1",
+        mock=mock_upstream,
+        providers=providers,
+        models=models,
+        tenant=tenant,
+        secret=secret,
+    )

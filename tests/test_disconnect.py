@@ -1,0 +1,90 @@
+"""A client that hangs up mid-stream still leaves exactly one correct ledger row, and the
+upstream connection is not leaked (see the policy in routing/proxy.py and the README)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx2
+from django.test import override_settings
+
+from billing.models import UsageEvent
+
+MESSAGES = [{"role": "user", "content": "tell me a long story"}]
+
+
+def stream_and_hang_up(world, mock: dict, *, events_to_read: int) -> str:
+    """Start a stream, read a few events, close the socket; return the request id."""
+    with (
+        httpx2.Client(timeout=30) as http,
+        http.stream(
+            "POST",
+            f"{world.url}/chat/completions",
+            headers={"Authorization": f"Bearer {world.secret}"},
+            json={"model": "m-deepseek", "messages": MESSAGES, "stream": True, "mock": mock},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        seen = 0
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                seen += 1
+                if seen == events_to_read:
+                    break
+    return request_id
+
+
+def wait_for_event(request_id: str, timeout: float = 20.0) -> UsageEvent:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = UsageEvent.objects.filter(request_id=request_id).first()
+        if event is not None:
+            return event
+        time.sleep(0.05)
+    raise AssertionError(f"no usage event for {request_id} after {timeout} s")
+
+
+def mock_stats(world) -> dict:
+    return httpx2.get(f"{world.mock.base}/_mock/stats").json()
+
+
+def test_disconnect_records_the_providers_usage_after_draining(world):
+    # 20 chunks, 50 ms apart: the client leaves after 3 events (role + 2 content).
+    request_id = stream_and_hang_up(
+        world,
+        {"chunks": 20, "interval_ms": 50, "usage": {"prompt_tokens": 40, "cached_tokens": 8}},
+        events_to_read=3,
+    )
+
+    event = wait_for_event(request_id)
+    assert event.status == UsageEvent.Status.CLIENT_CANCELLED
+    # The gateway read on to the end: the provider's own figures, all 20 output tokens.
+    assert event.usage_source == UsageEvent.Source.PROVIDER
+    assert (event.input_uncached_tokens, event.input_cached_tokens) == (32, 8)
+    assert event.output_tokens == 20
+    assert event.cost > 0
+    assert UsageEvent.objects.filter(request_id=request_id).count() == 1
+
+
+def test_disconnect_past_the_drain_limit_records_an_estimate_and_closes_upstream(world):
+    httpx2.post(f"{world.mock.base}/_mock/stats/reset")
+    with override_settings(TOLLGATE_DISCONNECT_DRAIN_SECONDS=0):
+        request_id = stream_and_hang_up(world, {"chunks": 200, "interval_ms": 50}, events_to_read=4)
+        event = wait_for_event(request_id)
+
+    assert event.status == UsageEvent.Status.CLIENT_CANCELLED
+    assert event.usage_source == UsageEvent.Source.ESTIMATED
+    # Three content chunks reached the client before it left; the gateway notices on
+    # its next write, so one or two more may have been relayed by then.
+    assert 3 <= event.output_tokens <= 6
+    assert event.input_uncached_tokens > 0
+    assert event.cost > 0
+    # The gateway hung up on the provider instead of reading 200 chunks.
+    deadline = time.monotonic() + 10
+    while mock_stats(world)["streams_open"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = mock_stats(world)
+    assert stats["streams_open"] == 0
+    assert stats["streams_aborted"] == 1
+    assert stats["streams_completed"] == 0

@@ -1,0 +1,347 @@
+"""Every class of error reaches the official SDK as the right exception, in OpenAI's shape,
+and nothing a client sends produces a 500."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import httpx2
+import openai
+import pytest
+from django.test import override_settings
+from django.utils import timezone
+
+from billing.models import UsageEvent
+from routing.models import CatalogModel
+from tenants.models import ApiKey, Tenant
+from tenants.services import api_key_issue, key_revoke
+
+from .conftest import model_create
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def post(world, body=None, *, content=None, secret=None, path="chat/completions", headers=None):
+    return httpx2.post(
+        f"{world.url}/{path}",
+        headers={"Authorization": f"Bearer {secret or world.secret}", **(headers or {})},
+        json=body,
+        content=content,
+        timeout=30,
+    )
+
+
+def assert_openai_error(response, status: int, *, code=None, param=None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["x-request-id"].startswith("req_")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+# --- what the client sends ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"", b"\xff\xfe\x00", b'"a string"', b"[1, 2]", b"null", b"12"],
+)
+def test_malformed_body_is_a_400(world, content):
+    response = post(world, content=content, headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 400, code="invalid_json")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": MESSAGES}, "model"),
+        ({"model": "m-openai"}, "messages"),
+        ({"model": 42, "messages": MESSAGES}, "model"),
+        ({"model": "", "messages": MESSAGES}, "model"),
+        ({"model": "m-openai", "messages": "hi"}, "messages"),
+        ({"model": "m-openai", "messages": []}, "messages"),
+        ({"model": "m-openai", "messages": ["hi"]}, "messages[0]"),
+        ({"model": "m-openai", "messages": [{"content": "hi"}]}, "messages[0].role"),
+        (
+            {"model": "m-openai", "messages": [{"role": "wizard", "content": "x"}]},
+            "messages[0].role",
+        ),
+        (
+            {"model": "m-openai", "messages": [{"role": "user", "content": 7}]},
+            "messages[0].content",
+        ),
+        ({"model": "m-openai", "messages": MESSAGES, "stream": "yes"}, "stream"),
+        ({"model": "m-openai", "messages": MESSAGES, "stream_options": []}, "stream_options"),
+        ({"model": "m-openai", "messages": MESSAGES, "max_tokens": "10"}, "max_tokens"),
+        ({"model": "m-openai", "messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"model": "m-openai", "messages": MESSAGES, "n": True}, "n"),
+        ({"model": "m-openai", "messages": MESSAGES, "temperature": "hot"}, "temperature"),
+    ],
+)
+def test_missing_and_mistyped_fields_are_400_naming_the_param(world, body, param):
+    assert_openai_error(post(world, body), 400, param=param)
+    assert UsageEvent.objects.count() == 0
+
+
+def test_sdk_raises_bad_request_for_an_invalid_request(world):
+    with pytest.raises(openai.BadRequestError) as caught:
+        world.client().chat.completions.create(model="m-openai", messages=[])
+    assert caught.value.body["param"] == "messages"
+
+
+def test_huge_body_is_a_413_and_nothing_is_metered(world):
+    with override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=10_000):
+        response = post(
+            world, {"model": "m-openai", "messages": [{"role": "user", "content": "x" * 20_000}]}
+        )
+    assert_openai_error(response, 413, code="request_too_large")
+    assert UsageEvent.objects.count() == 0
+
+
+def test_wrong_method_and_unknown_path_answer_in_openai_shape(world):
+    response = httpx2.get(
+        f"{world.url}/chat/completions", headers={"Authorization": f"Bearer {world.secret}"}
+    )
+    assert_openai_error(response, 405)
+    assert_openai_error(httpx2.get(f"{world.url}/embeddingz"), 404)
+    with pytest.raises(openai.NotFoundError):
+        world.client().embeddings.create(model="m-openai", input="hi")
+
+
+# --- keys -----------------------------------------------------------------------------
+
+
+def test_missing_key_is_401(world):
+    response = httpx2.post(
+        f"{world.url}/chat/completions", json={"model": "m-openai", "messages": MESSAGES}
+    )
+    error = assert_openai_error(response, 401, code="missing_api_key")
+    assert "API key" in error["message"]
+
+
+def gateway_log(caplog) -> str:
+    """What the gateway logged (the test's own SDK client logs its requests at DEBUG)."""
+    client_side = ("openai", "httpx", "httpcore")
+    return "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(client_side))
+
+
+@pytest.mark.parametrize("secret", ["tg-wrong-key-0123456789", "sk-" + "a" * 40])
+def test_wrong_key_is_401_and_never_echoed(world, secret, caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        world.client(secret).chat.completions.create(model="m-openai", messages=MESSAGES)
+    assert secret not in str(caught.value)
+    assert secret not in caught.value.response.text
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert "Unauthorized" in gateway_log(caplog)
+    assert secret not in gateway_log(caplog)
+
+
+def test_valid_key_never_reaches_the_logs(world, caplog):
+    caplog.set_level(logging.DEBUG)
+    world.client().chat.completions.create(model="m-openai", messages=MESSAGES)
+    with pytest.raises(openai.InternalServerError):
+        world.client().chat.completions.create(
+            model="m-openai", messages=MESSAGES, extra_body={"mock": {"status": 500}}
+        )
+    assert "HTTP 500" in gateway_log(caplog)
+    assert world.secret not in gateway_log(caplog)
+
+
+def test_non_ascii_and_malformed_authorization_headers_are_401(world):
+    for header in [b"Bearer \xe2\x82\xac", b"Basic abc", b"Bearer", b"Token abc def"]:
+        response = httpx2.post(
+            f"{world.url}/chat/completions",
+            headers=[(b"Authorization", header)],
+            json={"model": "m-openai", "messages": MESSAGES},
+        )
+        assert_openai_error(response, 401)
+
+
+def test_revoked_key_is_refused_on_its_next_request(world):
+    client = world.client()
+    client.chat.completions.create(model="m-openai", messages=MESSAGES)
+
+    key_revoke(key=ApiKey.objects.get(tenant=world.tenant))
+
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
+        client.chat.completions.create(model="m-openai", messages=MESSAGES)
+
+
+def test_expired_key_is_refused(world):
+    issued = api_key_issue(tenant=world.tenant, expires_at=timezone.now() - timedelta(seconds=1))
+    with pytest.raises(openai.AuthenticationError, match="expired"):
+        world.client(issued.secret).models.list()
+
+
+def test_key_that_has_not_expired_yet_works(world):
+    issued = api_key_issue(tenant=world.tenant, expires_at=timezone.now() + timedelta(hours=1))
+    assert world.client(issued.secret).models.list().data
+
+
+# --- permissions ----------------------------------------------------------------------
+
+
+def test_model_outside_the_allowlist_is_403(world):
+    model_create("m-secret", provider=world.providers["openai"])
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        world.client().chat.completions.create(model="m-secret", messages=MESSAGES)
+    assert caught.value.code == "model_not_allowed"
+    assert UsageEvent.objects.count() == 0
+
+
+def test_key_narrowed_to_one_model_cannot_call_another(world):
+    narrow = api_key_issue(tenant=world.tenant, model_ids=["m-qwen"]).secret
+    client = world.client(narrow)
+    assert client.chat.completions.create(model="m-qwen", messages=MESSAGES).choices
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="m-openai", messages=MESSAGES)
+
+
+def test_suspended_tenant_is_403_for_every_key(world):
+    second = api_key_issue(tenant=world.tenant).secret
+    Tenant.objects.filter(pk=world.tenant.pk).update(status=Tenant.Status.SUSPENDED)
+    for secret in (world.secret, second):
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            world.client(secret).chat.completions.create(model="m-openai", messages=MESSAGES)
+        assert caught.value.code == "tenant_suspended"
+
+
+def test_unpriced_model_is_listed_but_refused(world):
+    model = model_create("m-unpriced", provider=world.providers["openai"], priced=False)
+    world.tenant.allowed_models.add(model)
+    client = world.client()
+
+    assert "m-unpriced" in [m.id for m in client.models.list()]
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        client.chat.completions.create(model="m-unpriced", messages=MESSAGES)
+    assert caught.value.code == "model_not_priced"
+    assert UsageEvent.objects.count() == 0
+
+
+def test_unknown_and_disabled_models_are_404(world):
+    CatalogModel.objects.filter(public_id="m-glm").update(enabled=False)
+    for name in ("no-such-model", "m-glm"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            world.client().chat.completions.create(model=name, messages=MESSAGES)
+        assert caught.value.code == "model_not_found"
+
+
+# --- the upstream ---------------------------------------------------------------------
+
+
+def call_with_mock(world, mock: dict, *, model="m-openai", stream=False):
+    client = world.client()
+    if stream:
+        with client.chat.completions.create(
+            model=model, messages=MESSAGES, stream=True, extra_body={"mock": mock}
+        ) as chunks:
+            return list(chunks)
+    return client.chat.completions.create(model=model, messages=MESSAGES, extra_body={"mock": mock})
+
+
+def only_event() -> UsageEvent:
+    assert UsageEvent.objects.count() == 1
+    return UsageEvent.objects.get()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status", [500, 503])
+def test_upstream_5xx_is_a_502_and_metered_as_an_upstream_error(world, status, stream):
+    with pytest.raises(openai.InternalServerError) as caught:
+        call_with_mock(world, {"status": status}, stream=stream)
+    assert caught.value.status_code == 502
+    event = only_event()
+    assert event.status == UsageEvent.Status.UPSTREAM_ERROR
+    assert event.upstream_status == status
+    assert event.cost == 0 and event.prompt_tokens == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_timeout_is_a_504(world, stream):
+    world.providers["openai"].timeout_seconds = 0.3
+    world.providers["openai"].save()
+    with pytest.raises(openai.InternalServerError) as caught:
+        call_with_mock(world, {"latency_ms": 1500}, stream=stream)
+    assert caught.value.status_code == 504
+    assert caught.value.code == "upstream_timeout"
+    assert only_event().status == UsageEvent.Status.UPSTREAM_ERROR
+
+
+def test_upstream_connection_cut_before_answering_is_a_502(world):
+    with pytest.raises(openai.InternalServerError) as caught:
+        call_with_mock(world, {"cut_after": 0})
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_unavailable"
+
+
+def test_unreachable_upstream_is_a_502(world):
+    provider = world.providers["openai"]
+    provider.base_url = "http://127.0.0.1:9/v1"  # discard port: nothing listens
+    provider.save()
+    with pytest.raises(openai.InternalServerError) as caught:
+        call_with_mock(world, {})
+    assert caught.value.status_code == 502
+
+
+def test_upstream_rate_limit_is_a_429_with_retry_after(world):
+    with pytest.raises(openai.RateLimitError) as caught:
+        call_with_mock(world, {"status": 429, "retry_after": 7})
+    assert caught.value.response.headers["retry-after"] == "7"
+
+
+@pytest.mark.parametrize(("model", "status"), [("m-deepseek", 402), ("m-glm", 429)])
+def test_empty_provider_balance_is_a_502_the_sdk_does_not_retry(world, model, status):
+    with pytest.raises(openai.InternalServerError) as caught:
+        call_with_mock(world, {"status": status}, model=model)
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert only_event().upstream_status == status
+
+
+def test_upstream_rejecting_the_request_is_a_400_with_its_reason(world):
+    with pytest.raises(openai.BadRequestError):
+        call_with_mock(world, {"status": 400})
+    assert only_event().upstream_status == 400
+
+
+def test_upstream_refusing_the_gateways_credentials_is_not_the_clients_401(world):
+    with pytest.raises(openai.InternalServerError) as caught:
+        call_with_mock(world, {"status": 401})
+    assert caught.value.status_code == 502
+
+
+def test_provider_without_its_key_in_the_environment_is_a_502(world, monkeypatch):
+    monkeypatch.delenv("TOLLGATE_TEST_PROVIDER_KEY", raising=False)
+    provider = world.providers["openai"]
+    provider.api_key_env = "TOLLGATE_TEST_PROVIDER_KEY"
+    provider.save()
+    with pytest.raises(openai.InternalServerError) as caught:
+        call_with_mock(world, {})
+    assert caught.value.code == "upstream_not_configured"
+    assert "TOLLGATE_TEST_PROVIDER_KEY" not in str(caught.value)
+
+
+def test_error_mid_stream_reaches_the_sdk_as_an_api_error(world):
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        call_with_mock(world, {"error_after": 2, "chunks": 5}, stream=True)
+    event = only_event()
+    assert event.status == UsageEvent.Status.UPSTREAM_ERROR
+    # What was relayed is billed as an estimate; no provider usage ever came.
+    assert event.usage_source == UsageEvent.Source.ESTIMATED
+    assert event.output_tokens == 2
+
+
+def test_connection_cut_mid_stream_reaches_the_sdk_as_an_api_error(world):
+    with pytest.raises(openai.APIError):
+        call_with_mock(world, {"cut_after": 3, "chunks": 5}, stream=True)
+    event = only_event()
+    assert event.status == UsageEvent.Status.UPSTREAM_ERROR
+    assert event.output_tokens == 3

@@ -1,0 +1,204 @@
+"""A tenant never sees or touches another tenant's data: through its keys on /v1/, and
+through the management API, where every endpoint answers 401 to strangers, 404 to
+outsiders and 200 to the tenant's own members (NetBox-style checks for every endpoint)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from billing.metering import TokenBuckets
+from billing.models import UsageEvent
+from billing.services import UsageFacts, usage_record
+from routing.models import Provider
+from tenants.models import ApiKey
+from tenants.services import api_key_issue, staff_token_issue, tenant_create
+
+from .conftest import model_create
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def two_tenants():
+    provider = Provider.objects.create(name="p", base_url="http://127.0.0.1:9/v1")
+    shared = model_create("shared-model", provider=provider)
+    only_a = model_create("only-a", provider=provider)
+    a = tenant_create(slug="alpha", name="Alpha", model_ids=["shared-model", "only-a"])
+    b = tenant_create(slug="beta", name="Beta", model_ids=["shared-model"])
+    key_a = api_key_issue(tenant=a, name="a").key
+    key_b = api_key_issue(tenant=b, name="b").key
+    for tenant, key in ((a, key_a), (b, key_b)):
+        usage_record(
+            UsageFacts(
+                request_id=f"req_{tenant.slug}",
+                tenant_id=tenant.pk,
+                api_key_id=key.pk,
+                requested_model="shared-model",
+                served_model=shared,
+                price=shared.prices.get(),
+                buckets=TokenBuckets(input_uncached=10, output=5),
+                usage_source=UsageEvent.Source.PROVIDER,
+                status=UsageEvent.Status.OK,
+                streamed=False,
+                latency_ms=12,
+                occurred_at=timezone.now(),
+            )
+        )
+    return {"a": a, "b": b, "key_a": key_a, "key_b": key_b, "only_a": only_a}
+
+
+def api(user=None, token: str | None = None) -> APIClient:
+    client = APIClient()
+    if token:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    elif user:
+        client.force_authenticate(user)
+    return client
+
+
+@pytest.fixture
+def member_of_a(two_tenants):
+    user = get_user_model().objects.create_user("alice", password="pw-alice-123")
+    two_tenants["a"].members.add(user)
+    return user
+
+
+def detail_urls(t) -> dict[str, str]:
+    return {
+        "tenant": f"/api/tenants/{t['b'].slug}/",
+        "allowlist": f"/api/tenants/{t['b'].slug}/models/",
+        "key": f"/api/keys/{t['key_b'].prefix}/",
+        "usage": f"/api/usage/{UsageEvent.objects.get(tenant=t['b']).pk}/",
+    }
+
+
+def test_every_endpoint_refuses_strangers(two_tenants):
+    for url in ["/api/tenants/", "/api/keys/", "/api/usage/", *detail_urls(two_tenants).values()]:
+        assert api().get(url).status_code == 401, url
+
+
+def test_tenant_api_keys_do_not_open_the_management_api(two_tenants):
+    secret = api_key_issue(tenant=two_tenants["a"]).secret
+    assert api(token=secret).get("/api/tenants/").status_code == 401
+
+
+def test_outsider_gets_404_for_every_object_of_another_tenant(two_tenants, member_of_a):
+    client = api(member_of_a)
+    for name, url in detail_urls(two_tenants).items():
+        assert client.get(url).status_code == 404, name
+    assert client.post(f"/api/keys/{two_tenants['key_b'].prefix}/revoke/").status_code == 404
+    assert ApiKey.objects.get(pk=two_tenants["key_b"].pk).revoked_at is None
+
+
+def test_lists_show_only_the_members_own_tenant(two_tenants, member_of_a):
+    client = api(member_of_a)
+    assert [t["slug"] for t in client.get("/api/tenants/").json()["results"]] == ["alpha"]
+    keys = client.get("/api/keys/").json()["results"]
+    assert {k["tenant"] for k in keys} == {"alpha"}
+    usage = client.get("/api/usage/").json()["results"]
+    assert [u["request_id"] for u in usage] == ["req_alpha"]
+    # Asking by slug for the other tenant's rows yields nothing, not its rows.
+    assert client.get("/api/usage/?tenant=beta").json()["results"] == []
+    assert client.get("/api/keys/?tenant=beta").json()["results"] == []
+
+
+def test_member_cannot_issue_a_key_for_another_tenant(two_tenants, member_of_a):
+    response = api(member_of_a).post("/api/keys/", {"tenant": "beta", "name": "sneaky"})
+    assert response.status_code == 400
+    assert "tenant" in response.json()
+    assert not ApiKey.objects.filter(name="sneaky").exists()
+
+
+def test_member_reads_its_own_objects(two_tenants, member_of_a):
+    client = api(member_of_a)
+    assert client.get("/api/tenants/alpha/").status_code == 200
+    assert client.get(f"/api/keys/{two_tenants['key_a'].prefix}/").status_code == 200
+    event = UsageEvent.objects.get(tenant=two_tenants["a"])
+    body = client.get(f"/api/usage/{event.pk}/").json()
+    assert body["cost"] == str(event.cost)  # decimals travel as strings
+
+
+def test_member_cannot_change_tenants_or_allowlists(two_tenants, member_of_a):
+    client = api(member_of_a)
+    assert client.patch("/api/tenants/alpha/", {"name": "Mine"}).status_code == 403
+    assert (
+        client.put("/api/tenants/alpha/models/", {"models": []}, format="json").status_code == 403
+    )
+    assert client.post("/api/tenants/alpha/suspend/").status_code == 403
+    assert client.post("/api/tenants/", {"slug": "gamma", "name": "G"}).status_code == 403
+
+
+def test_v1_models_of_one_tenant_never_list_anothers(live_server, two_tenants):
+    import openai
+
+    secret_b = api_key_issue(tenant=two_tenants["b"]).secret
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=secret_b, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["shared-model"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("only-a")
+
+
+@pytest.fixture
+def superuser_token():
+    user = get_user_model().objects.create_superuser("root", password="pw-root-123")
+    return staff_token_issue(user=user, name="ci").secret
+
+
+def test_superuser_token_manages_everything(two_tenants, superuser_token):
+    client = api(token=superuser_token)
+    assert {t["slug"] for t in client.get("/api/tenants/").json()["results"]} == {"alpha", "beta"}
+
+    created = client.post(
+        "/api/tenants/",
+        {"slug": "gamma", "name": "Gamma", "models": ["shared-model"]},
+        format="json",
+    )
+    assert created.status_code == 201, created.content
+    assert created.json()["models"] == ["shared-model"]
+
+    allow = client.put(
+        "/api/tenants/gamma/models/", {"models": ["shared-model", "only-a"]}, format="json"
+    )
+    assert allow.json() == {"models": ["only-a", "shared-model"]}
+    unknown = client.put("/api/tenants/gamma/models/", {"models": ["nope"]}, format="json")
+    assert unknown.status_code == 400
+
+    issued = client.post("/api/keys/", {"tenant": "gamma", "name": "ci"}, format="json")
+    assert issued.status_code == 201
+    secret = issued.json()["secret"]
+    assert secret.startswith("tg-")
+    prefix = issued.json()["prefix"]
+    # The secret is never shown again.
+    assert "secret" not in client.get(f"/api/keys/{prefix}/").json()
+    assert secret not in str(list(ApiKey.objects.values()))
+
+    revoked = client.post(f"/api/keys/{prefix}/revoke/")
+    assert revoked.json()["state"] == "revoked"
+
+    suspended = client.post("/api/tenants/gamma/suspend/")
+    assert suspended.json()["status"] == "suspended"
+
+
+def test_usage_filters_validate_their_input(two_tenants, superuser_token):
+    client = api(token=superuser_token)
+    assert client.get("/api/usage/?since=yesterday").status_code == 400
+    assert client.get("/api/usage/?status=weird").status_code == 400
+    assert (
+        client.get("/api/usage/?model=shared-model&since=2000-01-01T00:00:00Z").json()["count"] == 2
+    )
+    total = sum(Decimal(u["cost"]) for u in client.get("/api/usage/").json()["results"])
+    assert total == sum(e.cost for e in UsageEvent.objects.all())
+
+
+def test_openapi_schema_is_published(superuser_token):
+    response = api(token=superuser_token).get("/api/schema/?format=json")
+    assert response.status_code == 200
+    paths = response.json()["paths"]
+    assert "/api/keys/{prefix}/revoke/" in paths
+    assert "/api/tenants/{slug}/models/" in paths
+    assert "/v1/chat/completions" not in paths

@@ -1,0 +1,99 @@
+"""Exact usage in the ledger for each provider's way of reporting it, plain and streamed.
+
+The mock reports 1000 prompt tokens of which 800 cached, and 500 completion tokens of
+which 300 reasoning, each style in its own spelling and place (see the conformance guide).
+The ledger must hold 200 uncached input, 800 cached input, 200 output and 300 reasoning
+tokens, priced at 0.27 / 0.07 / 1.10 per 1M: 54 + 56 + 550 = $0.000660.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from billing.models import UsageEvent
+
+from .conftest import STYLES
+
+MESSAGES = [{"role": "user", "content": "Explain quantum computing in 100 words"}]
+USAGE = {
+    "prompt_tokens": 1000,
+    "cached_tokens": 800,
+    "completion_tokens": 500,
+    "reasoning_tokens": 300,
+}
+EXPECTED_COST = Decimal("0.000660000000")
+
+
+def assert_exact(event: UsageEvent) -> None:
+    assert event.status == UsageEvent.Status.OK
+    assert event.usage_source == UsageEvent.Source.PROVIDER
+    assert event.input_uncached_tokens == 200
+    assert event.input_cached_tokens == 800
+    assert event.output_tokens == 200
+    assert event.reasoning_tokens == 300
+    assert event.unpriced_tokens == 0
+    assert event.cost == EXPECTED_COST
+    assert event.raw_usage  # the provider's own fields are kept
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_plain_usage_is_exact_in_every_style(world, style):
+    completion = world.client().chat.completions.create(
+        model=f"m-{style}", messages=MESSAGES, extra_body={"mock": {"usage": USAGE}}
+    )
+
+    assert completion.usage.prompt_tokens == 1000
+    assert completion.usage.prompt_tokens_details.cached_tokens == 800
+    assert completion.usage.completion_tokens == 500
+    assert completion.usage.completion_tokens_details.reasoning_tokens == 300
+    assert_exact(UsageEvent.objects.get(request_id=completion._request_id))
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+@pytest.mark.parametrize("style", STYLES)
+def test_streamed_usage_is_exact_in_every_style(world, style, include_usage):
+    with world.client().chat.completions.create(
+        model=f"m-{style}",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": include_usage},
+        extra_body={"mock": {"usage": USAGE, "chunks": 3}},
+    ) as stream:
+        chunks = list(stream)
+        request_id = stream.response.headers["x-request-id"]
+
+    assert_exact(UsageEvent.objects.get(request_id=request_id))
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    if include_usage:
+        assert len(usage_chunks) == 1 and chunks[-1].choices == []
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 800
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 300
+    else:
+        assert usage_chunks == []
+    # Kimi's usage inside a choice never reaches the client either.
+    assert all("usage" not in (c.choices[0].model_extra or {}) for c in chunks if c.choices)
+
+
+def test_deepseek_cache_fields_are_kept_on_the_ledger_row(world):
+    completion = world.client().chat.completions.create(
+        model="m-deepseek", messages=MESSAGES, extra_body={"mock": {"usage": USAGE}}
+    )
+
+    raw = UsageEvent.objects.get(request_id=completion._request_id).raw_usage
+    assert raw["prompt_cache_hit_tokens"] == 800
+    assert raw["prompt_cache_miss_tokens"] == 200
+
+
+def test_model_without_input_price_meters_input_as_unpriced(world):
+    model = world.models["openai"]
+    model.prices.update(input_per_mtok=None, cached_input_per_mtok=None)
+
+    completion = world.client().chat.completions.create(
+        model="m-openai", messages=MESSAGES, extra_body={"mock": {"usage": USAGE}}
+    )
+
+    event = UsageEvent.objects.get(request_id=completion._request_id)
+    assert event.unpriced_tokens == 1000
+    assert event.cost == Decimal("0.000550000000")  # the output alone
