@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin
+from django.db import models
 from django.db.models import Prefetch
 from django.urls import reverse
 from django.utils.html import format_html
@@ -23,6 +24,8 @@ class ProviderAdmin(admin.ModelAdmin):
     list_display = ("name", "base_url", "api_key_env", "key_configured", "timeout_seconds")
     search_fields = ("name", "base_url")
     readonly_fields = ("created_at", "updated_at")
+    # A URL typed without a scheme means https (Django 6's default, adopted now).
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
 
     @admin.display(description="key in environment", boolean=True)
     def key_configured(self, provider: Provider) -> bool:

@@ -120,15 +120,20 @@ def api_key_issue(
     return issued
 
 
-def key_revoke(*, key: ApiKey) -> None:
-    """Revoke a key; it is refused from its next request on, in every process."""
+def key_revoke(*, key: KeyBase) -> None:
+    """Revoke an API key or staff token; refused from its next request on, everywhere."""
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
-        ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=key.revoked_at)
+        type(key).objects.filter(pk=key.pk, revoked_at__isnull=True).update(
+            revoked_at=key.revoked_at
+        )
 
 
-def staff_token_issue(*, user, name: str = "") -> IssuedKey[StaffToken]:
-    return _issue(StaffToken, STAFF_TOKEN_MARK, user=user, name=name)
+def staff_token_issue(
+    *, user, name: str = "", expires_at: datetime | None = None
+) -> IssuedKey[StaffToken]:
+    """Issue a management API token acting as `user`; the secret is in the result only."""
+    return _issue(StaffToken, STAFF_TOKEN_MARK, user=user, name=name, expires_at=expires_at)
 
 
 def key_touch(key: KeyBase, *, now: datetime) -> None:
