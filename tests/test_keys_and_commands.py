@@ -1,0 +1,165 @@
+"""Keys are stored as digests only and shown once; the operator's shell commands work
+as documented and fail with a clear message."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.utils import timezone
+
+from routing.models import Provider
+from tenants.models import ApiKey, Tenant
+from tenants.services import LAST_USED_RESOLUTION, api_key_issue, key_digest, key_touch
+
+pytestmark = pytest.mark.django_db
+
+
+def run(*args) -> tuple[str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    call_command(*args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def test_key_is_stored_as_a_keyed_digest_and_a_prefix_only():
+    tenant = Tenant.objects.create(slug="acme", name="Acme")
+    issued = api_key_issue(tenant=tenant, name="ci")
+
+    row = ApiKey.objects.filter(pk=issued.key.pk).values().get()
+    assert issued.secret not in str(row)
+    assert row["digest"] == key_digest(issued.secret)
+    assert len(row["digest"]) == 64
+    assert issued.secret.startswith(row["prefix"])
+    assert len(row["prefix"]) == len("tg-") + 8
+
+
+def test_digest_depends_on_the_pepper(settings):
+    digest = key_digest("tg-same")
+    settings.TOLLGATE_KEY_PEPPER = "another-pepper-0123456789abcdef0123456789"
+    assert key_digest("tg-same") != digest
+
+
+def test_last_used_is_written_at_most_once_a_minute():
+    tenant = Tenant.objects.create(slug="acme", name="Acme")
+    key = api_key_issue(tenant=tenant).key
+    start = timezone.now()
+
+    key_touch(key, now=start)
+    key_touch(key, now=start + timedelta(seconds=30))
+    assert ApiKey.objects.get(pk=key.pk).last_used_at == start
+
+    later = start + LAST_USED_RESOLUTION + timedelta(seconds=1)
+    key_touch(key, now=later)
+    assert ApiKey.objects.get(pk=key.pk).last_used_at == later
+
+
+def test_tenant_create_and_key_issue_commands():
+    out, _ = run(
+        "tenant_create",
+        "acme",
+        "--name",
+        "Acme Corp",
+        "--models",
+        "deepseek-v4-flash,Qwen/Qwen3-32B",
+    )
+    assert "Created tenant acme" in out
+    tenant = Tenant.objects.get(slug="acme")
+    assert sorted(tenant.allowed_models.values_list("public_id", flat=True)) == [
+        "Qwen/Qwen3-32B",
+        "deepseek-v4-flash",
+    ]
+
+    secret, err = run("key_issue", "acme", "--name", "ci")
+    secret = secret.strip()
+    assert secret.startswith("tg-") and "\n" not in secret  # the secret alone on stdout
+    key = ApiKey.objects.get(tenant=tenant)
+    assert key.digest == key_digest(secret)
+    assert key.prefix in err
+
+
+def test_tenant_create_refuses_unknown_models_and_creates_nothing():
+    with pytest.raises(CommandError, match="no-such-model"):
+        run(
+            "tenant_create", "acme", "--name", "Acme", "--models", "deepseek-v4-flash,no-such-model"
+        )
+    assert not Tenant.objects.filter(slug="acme").exists()
+
+
+def test_tenant_create_refuses_a_bad_timezone():
+    with pytest.raises(CommandError, match="time zone"):
+        run("tenant_create", "acme", "--name", "Acme", "--timezone", "Mars/Olympus")
+
+
+def test_key_issue_for_unknown_tenant_fails_clearly():
+    with pytest.raises(CommandError, match="No tenant"):
+        run("key_issue", "ghost")
+
+
+def test_key_revoke_command_by_prefix():
+    tenant = Tenant.objects.create(slug="acme", name="Acme")
+    key = api_key_issue(tenant=tenant).key
+
+    out, _ = run("key_revoke", key.prefix)
+    assert "Revoked" in out
+    assert ApiKey.objects.get(pk=key.pk).revoked_at is not None
+    out, _ = run("key_revoke", key.prefix)
+    assert "already revoked" in out
+    with pytest.raises(CommandError):
+        run("key_revoke", "tg-nothing")
+
+
+def test_provider_set_creates_updates_and_validates():
+    out, _ = run(
+        "provider_set",
+        "deepseek",
+        "--base-url",
+        "https://api.deepseek.com/v1",
+        "--api-key-env",
+        "DEEPSEEK_API_KEY",
+    )
+    assert "Created" in out
+    out, _ = run(
+        "provider_set", "deepseek", "--base-url", "https://api.deepseek.com/beta", "--timeout", "10"
+    )
+    assert "Updated" in out
+    provider = Provider.objects.get(name="deepseek")
+    assert (provider.base_url, provider.api_key_env, provider.timeout_seconds) == (
+        "https://api.deepseek.com/beta",
+        "DEEPSEEK_API_KEY",
+        10.0,
+    )
+    with pytest.raises(CommandError, match="valid URL"):
+        run("provider_set", "deepseek", "--base-url", "not a url")
+    assert Provider.objects.get(name="deepseek").base_url == "https://api.deepseek.com/beta"
+
+
+def test_provider_secret_is_read_from_the_environment_never_stored(monkeypatch):
+    provider = Provider.objects.create(
+        name="kimi", base_url="https://api.moonshot.cn/v1", api_key_env="KIMI_KEY"
+    )
+    monkeypatch.setenv("KIMI_KEY", "sk-kimi-secret")
+    assert provider.api_key() == "sk-kimi-secret"
+    assert "sk-kimi-secret" not in str(Provider.objects.filter(pk=provider.pk).values().get())
+    monkeypatch.delenv("KIMI_KEY")
+    assert provider.api_key() is None
+
+
+def test_demo_setup_is_harmless_to_run_twice(settings, tmp_path):
+    settings.BASE_DIR = tmp_path
+    first, _ = run("demo_setup", "--mock-url", "http://127.0.0.1:8001/v1")
+    second, _ = run("demo_setup", "--mock-url", "http://127.0.0.1:8001/v1")
+
+    key = (tmp_path / ".run" / "demo-key").read_text().strip()
+    assert key in first and key in second
+    assert ApiKey.objects.filter(tenant__slug="demo").count() == 1
+    assert (
+        Tenant.objects.get(slug="demo")
+        .allowed_models.filter(public_id="deepseek-v4-flash")
+        .exists()
+    )
+    assert Provider.objects.get(name="global-api").base_url == "http://127.0.0.1:8001/v1"
+    assert 'OpenAI(base_url="http://127.0.0.1:8000/v1"' in first
+    assert oct((tmp_path / ".run" / "demo-key").stat().st_mode & 0o777) == "0o600"
