@@ -170,14 +170,12 @@ def chat_complete(call: ChatCall) -> bytes:
     db_connection_release()
     try:
         content = chat_completion(client, _upstream_body(call, stream=False))
-        completion = json.loads(content)
-        if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
-            raise ValueError("not a chat completion")
     except UPSTREAM_ERRORS as exc:
         failure = upstream_failure(exc, provider)
         _meter_failure(call, failure, streamed=False)
         raise failure.error from None
-    except ValueError:
+    completion = _json_object(content)
+    if completion is None or not isinstance(completion.get("choices"), list):
         failure = UpstreamFailure(
             UpstreamFailed(
                 "The upstream provider answered with something other than a chat completion."
@@ -185,7 +183,7 @@ def chat_complete(call: ChatCall) -> bytes:
             200,
         )
         _meter_failure(call, failure, streamed=False)
-        raise failure.error from None
+        raise failure.error
 
     completion.setdefault("object", "chat.completion")
     completion["model"] = call.model.public_id
@@ -423,7 +421,7 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
         upstream.close()
 
 
-def _json_object(data: str) -> dict | None:
+def _json_object(data: str | bytes) -> dict | None:
     try:
         value = json.loads(data)
     except ValueError:

@@ -4,9 +4,11 @@ messages OpenAI's API gives. Everything else passes through to the provider unto
 from __future__ import annotations
 
 import json
+import re
 
 from .errors import InvalidRequest
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 _INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "n")
 _NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
@@ -36,15 +38,34 @@ def _wrong_type(param: str, expected: str, value: object) -> InvalidRequest:
     )
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def chat_request_parse(raw: bytes) -> dict:
     """The request body as a dict, or a 400 that says what is wrong."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        # NaN and Infinity are Python's extensions, not JSON: providers reject them.
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidRequest(
+            "The JSON body of your request is nested too deeply.", code="invalid_json"
+        ) from None
+    except ValueError:  # includes UnicodeDecodeError
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be a JSON object.",
             code="invalid_json",
         ) from None
+    if _SURROGATE_ESCAPE.search(raw):
+        # An escape like \\uD800 may decode to a lone surrogate, which no UTF-8 encoder
+        # (ours or the provider's) accepts.
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                "The JSON body of your request contains an unpaired Unicode surrogate escape.",
+                code="invalid_json",
+            ) from None
     if not isinstance(body, dict):
         raise InvalidRequest(
             f"The request body must be a JSON object, not {_json_type(body)}.", code="invalid_json"

@@ -51,7 +51,18 @@ def assert_openai_error(response, status: int, *, code=None, param=None) -> dict
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"", b"\xff\xfe\x00", b'"a string"', b"[1, 2]", b"null", b"12"],
+    [
+        b"{not json",
+        b"",
+        b"\xff\xfe\x00",
+        b'"a string"',
+        b"[1, 2]",
+        b"null",
+        b"12",
+        b'{"model": "m-openai", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        b'{"model": "m-openai", "messages": [], "temperature": NaN}',
+        b'{"model": "m-openai", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    ],
 )
 def test_malformed_body_is_a_400(world, content):
     response = post(world, content=content, headers={"Content-Type": "application/json"})
