@@ -3,7 +3,7 @@
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import INSECURE_SECRET_KEY, SECRET_KEY, TOLLGATE_KEY_PEPPER, env
+from .base import INSECURE_SECRET_KEY, SECRET_KEY, env
 
 DEBUG = False
 
@@ -11,7 +11,10 @@ if not SECRET_KEY or SECRET_KEY == INSECURE_SECRET_KEY or len(SECRET_KEY) < 32:
     raise ImproperlyConfigured(
         "Set DJANGO_SECRET_KEY to a random value of at least 32 characters for production."
     )
-if f"pepper:{INSECURE_SECRET_KEY}" == TOLLGATE_KEY_PEPPER or len(TOLLGATE_KEY_PEPPER) < 32:
+# Its own variable, not derived from SECRET_KEY: rotating Django's key must not
+# invalidate every API key.
+TOLLGATE_KEY_PEPPER = env("TOLLGATE_KEY_PEPPER", default="")
+if len(TOLLGATE_KEY_PEPPER) < 32:
     raise ImproperlyConfigured(
         "Set TOLLGATE_KEY_PEPPER to a random value of at least 32 characters for production."
     )
