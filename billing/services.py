@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from routing.models import CatalogModel, ModelPrice
 
@@ -89,7 +89,12 @@ def usage_record(facts: UsageFacts) -> UsageEvent:
         occurred_at=facts.occurred_at,
     )
     try:
-        with transaction.atomic():
+        if connection.in_atomic_block:
+            # Inside someone's transaction: a savepoint keeps it usable on a conflict.
+            with transaction.atomic():
+                event.save(force_insert=True)
+        else:
+            # Autocommit: one INSERT, committed when it returns.
             event.save(force_insert=True)
     except IntegrityError:
         existing = UsageEvent.objects.filter(

@@ -6,6 +6,8 @@ and closes the current one (routing.services.model_price_set).
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django import forms
 from django.contrib import admin
 from django.db import models
@@ -14,7 +16,12 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from .models import CAPABILITIES, MODALITIES, CatalogModel, ModelPrice, Provider
-from .services import PriceChangeError, model_price_change_check, model_price_set
+from .services import (
+    PriceChangeError,
+    model_price_change_check,
+    model_price_set,
+    price_change_earliest,
+)
 
 UNSET = "unset"
 
@@ -177,6 +184,13 @@ class ModelPriceAdmin(admin.ModelAdmin):
     def has_change_permission(self, request, obj=None) -> bool:
         # Versions are never edited in place; set a new one instead.
         return False
+
+    def get_changeform_initial_data(self, request):
+        initial = super().get_changeform_initial_data(request)
+        # A minute of slack over the earliest allowed start, for filling in the form.
+        start = price_change_earliest() + timedelta(minutes=1)
+        initial.setdefault("effective_from", start.replace(second=0) + timedelta(minutes=1))
+        return initial
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False

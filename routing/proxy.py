@@ -35,7 +35,6 @@ from billing.metering import (
 )
 from billing.models import UsageEvent
 from billing.services import UsageFacts, usage_record
-from routing.selectors import model_price_in_force
 from tenants.models import ApiKey
 from tenants.selectors import model_for_key
 
@@ -79,21 +78,21 @@ class ChatCall:
 
 def chat_target_resolve(*, key: ApiKey, name: str, at: datetime) -> tuple[CatalogModel, ModelPrice]:
     """The catalog model and price version a key's request for `name` is served by."""
-    model, allowed = model_for_key(key=key, public_id=name)
-    if model is None:
+    entry, allowed = model_for_key(key=key, public_id=name)
+    if entry is None:
         raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
     if not allowed:
         raise ModelNotAllowed(
             f"This API key is not allowed to use the model '{name}'.", param="model"
         )
-    price = model_price_in_force(model_id=model.pk, at=at)
+    price = entry.price_at(at)
     if price is None or price.output_per_mtok is None:
         raise ModelNotPriced(
             f"The model '{name}' has no price yet; an administrator must price it before it "
             "can be called.",
             param="model",
         )
-    return model, price
+    return entry.model, price
 
 
 def db_connection_release() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -13,6 +14,13 @@ from .models import CatalogModel, ModelPrice, Provider
 
 class PriceChangeError(ValueError):
     """A price change that would rewrite history."""
+
+
+def price_change_earliest() -> datetime:
+    """The earliest start a new price version may have: now plus the configuration cache
+    lifetime, rounded up to the next whole second."""
+    lead = timedelta(seconds=settings.TOLLGATE_CONFIG_CACHE_SECONDS + 1)
+    return (timezone.now() + lead).replace(microsecond=0)
 
 
 def provider_set(
@@ -49,12 +57,13 @@ def model_price_set(
     cached_input_per_mtok: Decimal | None = None,
     effective_from: datetime | None = None,
 ) -> ModelPrice:
-    """Open a new price version from `effective_from` (default now), closing the current one.
+    """Open a new price version from `effective_from`, closing the current one.
 
-    Refuses a start at or before the current version's start, and a start that would move
-    usage already priced with the current version onto the new one.
+    The start defaults to the earliest allowed, `price_change_earliest()`: just past the
+    gateways' configuration cache lifetime, so that every process knows the new version
+    before it is in force. See `model_price_change_check` for what is refused.
     """
-    effective_from = effective_from or timezone.now()
+    effective_from = effective_from or price_change_earliest()
     for value in (input_per_mtok, output_per_mtok, cached_input_per_mtok):
         if value is not None and (not isinstance(value, Decimal) or value < 0):
             raise PriceChangeError("Prices are non-negative Decimals (USD per 1M tokens).")
@@ -63,8 +72,8 @@ def model_price_set(
         .filter(model=model, effective_to__isnull=True)
         .first()
     )
+    model_price_change_check(model=model, effective_from=effective_from, current=current)
     if current is not None:
-        _price_change_check(current, effective_from)
         current.effective_to = effective_from
         current.save(update_fields=["effective_to"])
     return ModelPrice.objects.create(
@@ -76,14 +85,22 @@ def model_price_set(
     )
 
 
-def model_price_change_check(*, model: CatalogModel, effective_from: datetime) -> None:
-    """Raise PriceChangeError if a new version cannot start at `effective_from`."""
-    current = ModelPrice.objects.filter(model=model, effective_to__isnull=True).first()
-    if current is not None:
-        _price_change_check(current, effective_from)
-
-
-def _price_change_check(current: ModelPrice, effective_from: datetime) -> None:
+def model_price_change_check(
+    *, model: CatalogModel, effective_from: datetime, current: ModelPrice | None = None
+) -> None:
+    """Raise PriceChangeError unless a new version of the model's price may start then:
+    not before `price_change_earliest()`, after the current version's start, and not
+    where usage is already recorded with the current version."""
+    earliest = price_change_earliest()
+    if effective_from < earliest - timedelta(seconds=1):
+        raise PriceChangeError(
+            f"A new price must start at or after {earliest:%Y-%m-%d %H:%M:%S} UTC, so that "
+            "every gateway process prices with it from its first second."
+        )
+    if current is None:
+        current = ModelPrice.objects.filter(model=model, effective_to__isnull=True).first()
+    if current is None:
+        return
     if effective_from <= current.effective_from:
         raise PriceChangeError(
             f"The new price must start after the current one "

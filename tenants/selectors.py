@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from django.db.models import Exists, OuterRef, QuerySet
+from django.db.models import QuerySet
 
+from routing.config_cache import ConfigCache
 from routing.models import CatalogModel
+from routing.selectors import CatalogEntry, catalog_entry
 
 from .models import ApiKey, Tenant
 
@@ -12,39 +14,57 @@ _TenantModels = Tenant.allowed_models.through
 _KeyModels = ApiKey.allowed_models.through
 
 
-def models_for_key(*, key: ApiKey) -> QuerySet[CatalogModel]:
-    """Enabled catalog models in the tenant's allowlist, narrowed by the key's own list."""
-    models = CatalogModel.objects.filter(enabled=True, tenants=key.tenant_id)
-    if _KeyModels.objects.filter(apikey_id=key.pk).exists():
-        models = models.filter(
-            Exists(_KeyModels.objects.filter(apikey_id=key.pk, catalogmodel_id=OuterRef("pk")))
-        )
-    return models.order_by("public_id")
+_allowlists = ConfigCache(maxsize=100_000)
 
 
-def model_for_key(*, key: ApiKey, public_id: str) -> tuple[CatalogModel | None, bool]:
-    """(model, allowed) for a public id, in one query. model is None when the catalog has
-    no enabled model by that id."""
-    model = (
-        CatalogModel.objects.filter(public_id=public_id, enabled=True)
-        .select_related("provider")
-        .annotate(
-            tenant_allows=Exists(
-                _TenantModels.objects.filter(
-                    tenant_id=key.tenant_id, catalogmodel_id=OuterRef("pk")
-                )
-            ),
-            key_narrows=Exists(_KeyModels.objects.filter(apikey_id=key.pk)),
-            key_allows=Exists(
-                _KeyModels.objects.filter(apikey_id=key.pk, catalogmodel_id=OuterRef("pk"))
-            ),
-        )
-        .first()
+def _tenant_model_ids(tenant_id: int) -> frozenset[int]:
+    return _allowlists.get_or_load(
+        ("tenant", tenant_id),
+        lambda: frozenset(
+            _TenantModels.objects.filter(tenant_id=tenant_id).values_list(
+                "catalogmodel_id", flat=True
+            )
+        ),
     )
-    if model is None:
+
+
+def _key_model_ids(key_id: int) -> frozenset[int]:
+    """The key's own narrowing list; empty when the key is not narrowed."""
+    return _allowlists.get_or_load(
+        ("key", key_id),
+        lambda: frozenset(
+            _KeyModels.objects.filter(apikey_id=key_id).values_list("catalogmodel_id", flat=True)
+        ),
+    )
+
+
+def _allows(key: ApiKey, model_id: int) -> bool:
+    if model_id not in _tenant_model_ids(key.tenant_id):
+        return False
+    narrowed = _key_model_ids(key.pk)
+    return not narrowed or model_id in narrowed
+
+
+def allowlist_cache_clear(**kwargs) -> None:
+    """Drop this process's cached allowlists (connected to the m2m_changed signals)."""
+    _allowlists.clear()
+
+
+def model_for_key(*, key: ApiKey, public_id: str) -> tuple[CatalogEntry | None, bool]:
+    """(catalog entry, allowed) for a public id. The entry is None when the catalog has no
+    enabled model by that id. Read from the per-process configuration caches."""
+    entry = catalog_entry(public_id)
+    if entry is None:
         return None, False
-    allowed = model.tenant_allows and (model.key_allows or not model.key_narrows)
-    return model, allowed
+    return entry, _allows(key, entry.model.pk)
+
+
+def models_for_key(*, key: ApiKey) -> list[CatalogModel]:
+    """Enabled catalog models in the tenant's allowlist, narrowed by the key's own list."""
+    candidates = CatalogModel.objects.filter(
+        enabled=True, pk__in=_tenant_model_ids(key.tenant_id)
+    ).order_by("public_id")
+    return [m for m in candidates if _allows(key, m.pk)]
 
 
 def tenants_visible_to(user) -> QuerySet[Tenant]:

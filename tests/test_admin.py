@@ -163,7 +163,7 @@ def test_setting_a_price_in_the_admin_opens_a_new_version(admin_client):
     assert ModelPrice.objects.get(pk=versions[0].pk).output_per_mtok == Decimal("0.25")
 
 
-def test_a_price_that_would_reprice_past_usage_is_refused_in_the_form(admin_client, event):
+def test_a_price_starting_in_the_past_is_refused_in_the_form(admin_client, event):
     model = event.served_model
     before = event.occurred_at - timedelta(seconds=1)
     response = admin_client.post(
@@ -176,7 +176,7 @@ def test_a_price_that_would_reprice_past_usage_is_refused_in_the_form(admin_clie
         },
     )
     assert response.status_code == 200
-    assert "already priced" in response.content.decode()
+    assert "must start at or after" in response.content.decode()
     assert model.prices.count() == 1
 
 

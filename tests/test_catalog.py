@@ -12,7 +12,7 @@ from django.utils import timezone
 from routing.checks import catalog_prices_check
 from routing.models import CatalogModel, ModelPrice, Provider
 from routing.selectors import model_price_in_force
-from routing.services import PriceChangeError, model_price_set
+from routing.services import PriceChangeError, model_price_set, price_change_earliest
 
 pytestmark = pytest.mark.django_db
 
@@ -74,13 +74,9 @@ def test_system_check_flags_unset_input_prices_and_unpriced_models():
 
 
 def test_system_check_is_quiet_once_everything_is_priced():
-    now = timezone.now()
     for model in CatalogModel.objects.all():
         model_price_set(
-            model=model,
-            input_per_mtok=Decimal("0.10"),
-            output_per_mtok=Decimal("0.20"),
-            effective_from=now,
+            model=model, input_per_mtok=Decimal("0.10"), output_per_mtok=Decimal("0.20")
         )
     assert catalog_prices_check() == []
 
@@ -93,7 +89,7 @@ def test_check_command_reports_the_warnings(capsys):
 def test_price_change_closes_the_current_version_and_opens_a_new_one():
     model = CatalogModel.objects.get(public_id="deepseek-v4-flash")
     old = model.prices.get()
-    change_at = timezone.now()
+    change_at = price_change_earliest()
 
     new = model_price_set(
         model=model,
@@ -122,6 +118,59 @@ def test_price_change_cannot_rewrite_history():
         )
     with pytest.raises(PriceChangeError):
         model_price_set(
-            model=model, input_per_mtok=None, output_per_mtok=0.3, effective_from=timezone.now()
+            model=model,
+            input_per_mtok=None,
+            output_per_mtok=0.3,
+            effective_from=price_change_earliest(),
         )
     assert ModelPrice.objects.filter(model=model).count() == 1
+
+
+def test_a_new_price_cannot_start_before_every_process_can_know_it(settings):
+    settings.TOLLGATE_CONFIG_CACHE_SECONDS = 30
+    model = CatalogModel.objects.get(public_id="deepseek-v4-flash")
+    with pytest.raises(PriceChangeError, match="must start at or after"):
+        model_price_set(
+            model=model,
+            input_per_mtok=None,
+            output_per_mtok=Decimal("0.30"),
+            effective_from=timezone.now() + timedelta(seconds=10),
+        )
+    # Without a start, it takes the earliest allowed one.
+    price = model_price_set(model=model, input_per_mtok=None, output_per_mtok=Decimal("0.30"))
+    assert price.effective_from >= timezone.now() + timedelta(seconds=30)
+
+
+def test_a_price_change_never_moves_recorded_usage_to_another_version(settings):
+    from billing.metering import TokenBuckets
+    from billing.models import UsageEvent
+    from billing.services import UsageFacts, usage_record
+    from tenants.services import api_key_issue, tenant_create
+
+    model = CatalogModel.objects.get(public_id="deepseek-v4-flash")
+    tenant = tenant_create(slug="acme", name="Acme", model_ids=[model.public_id])
+    # An event stamped ahead of this host's clock (another host's skew).
+    ahead = timezone.now() + timedelta(hours=1)
+    usage_record(
+        UsageFacts(
+            request_id="req_ahead",
+            tenant_id=tenant.pk,
+            api_key_id=api_key_issue(tenant=tenant).key.pk,
+            requested_model=model.public_id,
+            served_model=model,
+            price=model.prices.get(),
+            buckets=TokenBuckets(output=10),
+            usage_source=UsageEvent.Source.PROVIDER,
+            status=UsageEvent.Status.OK,
+            streamed=False,
+            latency_ms=5,
+            occurred_at=ahead,
+        )
+    )
+    with pytest.raises(PriceChangeError, match="already priced"):
+        model_price_set(
+            model=model,
+            input_per_mtok=None,
+            output_per_mtok=Decimal("0.30"),
+            effective_from=ahead - timedelta(minutes=10),
+        )

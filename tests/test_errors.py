@@ -238,7 +238,9 @@ def test_unpriced_model_is_listed_but_refused(world):
 
 
 def test_unknown_and_disabled_models_are_404(world):
-    CatalogModel.objects.filter(public_id="m-glm").update(enabled=False)
+    glm = CatalogModel.objects.get(public_id="m-glm")
+    glm.enabled = False
+    glm.save()
     for name in ("no-such-model", "m-glm"):
         with pytest.raises(openai.NotFoundError) as caught:
             world.client().chat.completions.create(model=name, messages=MESSAGES)

@@ -88,7 +88,9 @@ def test_deepseek_cache_fields_are_kept_on_the_ledger_row(world):
 
 def test_model_without_input_price_meters_input_as_unpriced(world):
     model = world.models["openai"]
-    model.prices.update(input_per_mtok=None, cached_input_per_mtok=None)
+    price = model.prices.get()
+    price.input_per_mtok = price.cached_input_per_mtok = None
+    price.save()
 
     completion = world.client().chat.completions.create(
         model="m-openai", messages=MESSAGES, extra_body={"mock": {"usage": USAGE}}

@@ -25,7 +25,9 @@ def test_models_lists_the_tenants_allowlist_only(world):
 
 def test_key_narrowing_and_disabled_models_shrink_the_list(world):
     narrow = api_key_issue(tenant=world.tenant, model_ids=["m-qwen", "m-glm"]).secret
-    CatalogModel.objects.filter(public_id="m-glm").update(enabled=False)
+    glm = CatalogModel.objects.get(public_id="m-glm")
+    glm.enabled = False
+    glm.save()
 
     assert [m.id for m in world.client(narrow).models.list()] == ["m-qwen"]
 

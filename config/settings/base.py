@@ -174,6 +174,10 @@ TOLLGATE_KEY_PEPPER = env("TOLLGATE_KEY_PEPPER", default=f"pepper:{SECRET_KEY}")
 # After a client disconnects mid-stream, keep reading the upstream this long to learn the
 # real usage the provider bills; past it, stop and record an estimate.
 TOLLGATE_DISCONNECT_DRAIN_SECONDS = env.float("TOLLGATE_DISCONNECT_DRAIN_SECONDS", default=30.0)
+# How long a gateway process may serve from its snapshot of the catalog, prices and
+# allowlists before reloading them. Saves clear the snapshot in their own process at
+# once; a new price version must start at least this long after it is created.
+TOLLGATE_CONFIG_CACHE_SECONDS = env.float("TOLLGATE_CONFIG_CACHE_SECONDS", default=5.0)
 # Pooled connections per upstream provider, shared by all threads of a process.
 TOLLGATE_UPSTREAM_MAX_CONNECTIONS = env.int("TOLLGATE_UPSTREAM_MAX_CONNECTIONS", default=1000)
 

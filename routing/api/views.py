@@ -77,13 +77,13 @@ class ModelListView(OpenAIView):
 
 class ModelDetailView(OpenAIView):
     def get(self, request, model_id: str):
-        model, allowed = model_for_key(key=request.auth, public_id=model_id)
-        if model is None or not allowed:
+        entry, allowed = model_for_key(key=request.auth, public_id=model_id)
+        if entry is None or not allowed:
             raise ModelNotFound(
                 f"The model '{model_id}' does not exist or you do not have access to it.",
                 param="model",
             )
-        return Response(_model_object(model))
+        return Response(_model_object(entry.model))
 
 
 class ChatCompletionsView(OpenAIView):
