@@ -12,6 +12,7 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 
 from .models import ApiKey, StaffToken, Tenant
+from .selectors import api_key_for_digest
 from .services import key_digest, key_touch
 
 
@@ -45,8 +46,8 @@ class TenantPrincipal:
     is_superuser = False
 
     @property
-    def tenant(self) -> Tenant:
-        return self.key.tenant
+    def tenant_is_active(self) -> bool:
+        return self.key.tenant_status == Tenant.Status.ACTIVE
 
 
 class ApiKeyAuthentication(BaseAuthentication):
@@ -60,7 +61,7 @@ class ApiKeyAuthentication(BaseAuthentication):
         secret = _bearer(request)
         if secret is None:
             return None
-        key = ApiKey.objects.select_related("tenant").filter(digest=key_digest(secret)).first()
+        key = api_key_for_digest(key_digest(secret))
         if key is None:
             raise exceptions.AuthenticationFailed(
                 "Incorrect API key provided. You can find your API key with your administrator.",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import cache
+
+from django.db import connection
 from django.db.models import QuerySet
 
 from routing.config_cache import ConfigCache
@@ -12,6 +15,29 @@ from .models import ApiKey, Tenant
 
 _TenantModels = Tenant.allowed_models.through
 _KeyModels = ApiKey.allowed_models.through
+
+
+@cache
+def _api_key_sql() -> str:
+    quote = connection.ops.quote_name
+    key_columns = ", ".join(f"k.{quote(f.column)}" for f in ApiKey._meta.concrete_fields)
+    # Built from model metadata only; the digest travels as a parameter.
+    return (
+        f"SELECT {key_columns}, t.{quote('status')} AS tenant_status "  # noqa: S608
+        f"FROM {quote(ApiKey._meta.db_table)} k "
+        f"JOIN {quote(Tenant._meta.db_table)} t ON t.{quote('id')} = k.{quote('tenant_id')} "
+        f"WHERE k.{quote('digest')} = %s"
+    )
+
+
+def api_key_for_digest(digest: str) -> ApiKey | None:
+    """The key with this digest, with its tenant's status as `key.tenant_status`.
+
+    Runs on every request and must see revocations at once, so it is not cached; written
+    as one plain statement because building the equivalent ORM query costs three times
+    more CPU than running it.
+    """
+    return next(iter(ApiKey.objects.raw(_api_key_sql(), [digest])), None)
 
 
 _allowlists = ConfigCache(maxsize=100_000)

@@ -32,7 +32,7 @@ class TenantActive(BasePermission):
     def has_permission(self, request, view) -> bool:
         if request.auth is None:
             return False
-        if not request.auth.tenant.is_active:
+        if not request.user.tenant_is_active:
             raise TenantSuspended("This tenant is suspended; its API keys are blocked.")
         return True
 
