@@ -73,6 +73,15 @@ def upstream_client(provider: Provider) -> openai.OpenAI:
         return client
 
 
+def upstream_warm_up() -> None:
+    """Import what the SDK loads lazily on its first call, so a worker can load it all
+    before serving (see platform/gunicorn.conf.py) instead of in its first requests."""
+    client = openai.OpenAI(api_key="warm-up", base_url="http://127.0.0.1:9/v1", max_retries=0)
+    client.chat.completions.with_raw_response  # noqa: B018  (imports on attribute access)
+    client.chat.completions.with_streaming_response  # noqa: B018
+    client.close()
+
+
 def _split(body: Mapping) -> tuple[str, object, dict]:
     """(model, messages, everything else): the SDK takes the first two as arguments and
     the rest verbatim as extra_body, so unknown fields reach the provider unchanged."""
