@@ -84,6 +84,9 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Django's native psycopg pool: a long SSE stream gives its connection back while it
     # relays, so a few connections serve hundreds of concurrent streams.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # With the pool, Django checks each connection as it leaves the pool (one empty
+    # round trip), so that after a database restart no request gets a dead one.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": env.int("DATABASE_POOL_MIN", default=2),
         "max_size": env.int("DATABASE_POOL_MAX", default=20),
