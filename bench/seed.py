@@ -1,0 +1,62 @@
+"""Seed a freshly migrated benchmark database; print the tenant's bearer key as JSON.
+
+Run by bench.stack in a subprocess with the gateway's own environment (settings, database
+URL, key pepper), so that the key digest matches what the gateway computes:
+
+    python -m bench.seed --mock-url http://127.0.0.1:PORT/openai/v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from decimal import Decimal
+
+MODEL_ID = "bench-model"
+TENANT_SLUG = "bench"
+PROVIDER_NAME = "bench-mock"
+
+
+def seed(mock_url: str) -> dict[str, str]:
+    """Provider, priced catalog model, tenant allowed to use it, and one API key."""
+    from django.utils import timezone
+
+    from routing.models import CatalogModel, ModelPrice
+    from routing.services import provider_set
+    from tenants.services import api_key_issue, tenant_create
+
+    provider, _created = provider_set(name=PROVIDER_NAME, base_url=mock_url, api_key_env="")
+    model = CatalogModel.objects.create(
+        public_id=MODEL_ID,
+        display_name="Bench model",
+        family="Bench",
+        developer="Bench Lab",
+        provider=provider,
+        upstream_model_id=MODEL_ID,
+    )
+    ModelPrice.objects.create(
+        model=model,
+        input_per_mtok=Decimal("0.27"),
+        cached_input_per_mtok=Decimal("0.07"),
+        output_per_mtok=Decimal("1.10"),
+        effective_from=timezone.now() - timezone.timedelta(days=1),
+    )
+    tenant = tenant_create(slug=TENANT_SLUG, name="Bench", model_ids=[MODEL_ID])
+    issued = api_key_issue(tenant=tenant, name="bench")
+    return {"secret": issued.secret, "model": MODEL_ID, "tenant_id": str(tenant.pk)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mock-url", required=True, help="the provider base URL, ending in /v1")
+    args = parser.parse_args()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
+    import django
+
+    django.setup()
+    print(json.dumps(seed(args.mock_url)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The stack under test: a fresh PostgreSQL database, the mock upstream and the gateway.
+
+Everything runs as it would in production: `config.settings.production`, gunicorn with
+`platform/gunicorn.conf.py` (or uvicorn on `config.asgi`), real keys issued with the same
+pepper the gateway uses, and the usage ledger in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+import psycopg
+from psycopg import sql
+
+from tests.upstream import MockUpstream, mock_upstream_start
+
+from . import procs
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+DB_NAME = "tollgate_bench"
+SERVERS = ("gthread", "uvicorn")
+GUNICORN_CONF = "platform/gunicorn.conf.py"
+
+
+def _random_secret(length: int = 50) -> str:
+    alphabet = string.ascii_letters + string.digits + "-_"
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def database_url() -> str:
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    return f"{base}/{DB_NAME}"
+
+
+def database_recreate() -> None:
+    """Drop and create the benchmark database (never any other)."""
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        name = sql.Identifier(DB_NAME)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
+
+
+def database_drop() -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        name = sql.Identifier(DB_NAME)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+
+
+@dataclass(frozen=True)
+class LedgerCounts:
+    """Rows of billing_usageevent, by kind."""
+
+    total: int
+    plain_ok: int
+    stream_ok: int
+    stream_ok_full: int  # streamed, ok, and metered with the expected output tokens
+    other: int  # any status other than ok
+
+
+class Ledger:
+    """Read-only look at the usage ledger, straight through psycopg."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def counts(self, expected_stream_tokens: int = 0) -> LedgerCounts:
+        query = """
+            SELECT count(*),
+                   count(*) FILTER (WHERE status = 'ok' AND NOT streamed),
+                   count(*) FILTER (WHERE status = 'ok' AND streamed),
+                   count(*) FILTER (WHERE status = 'ok' AND streamed AND output_tokens = %s),
+                   count(*) FILTER (WHERE status <> 'ok')
+            FROM billing_usageevent
+        """
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute(query, (expected_stream_tokens,)).fetchone()
+        assert row is not None
+        return LedgerCounts(*(int(v) for v in row))
+
+
+@dataclass
+class BenchEnv:
+    """The environment shared by migrate, seed and the gateway (same secret and pepper)."""
+
+    values: dict[str, str]
+
+    @classmethod
+    def create(cls) -> BenchEnv:
+        values = dict(os.environ)
+        values.update(
+            DJANGO_SETTINGS_MODULE="config.settings.production",
+            DJANGO_SECRET_KEY=_random_secret(),
+            TOLLGATE_KEY_PEPPER=_random_secret(),
+            DATABASE_URL=database_url(),
+            DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
+            LOG_LEVEL="WARNING",
+            PYTHONUNBUFFERED="1",
+        )
+        return cls(values)
+
+    def run(self, *args: str) -> str:
+        """Run a Python module or script of the project to completion; its stdout."""
+        result = subprocess.run(  # noqa: S603 (fixed arguments, no shell)
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=self.values,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+
+def database_prepare(env: BenchEnv, mock_url: str) -> str:
+    """Recreate, migrate and seed the database; the bench tenant's bearer key."""
+    database_recreate()
+    env.run("manage.py", "migrate", "--noinput", "-v", "0")
+    seeded = json.loads(env.run("-m", "bench.seed", "--mock-url", mock_url).splitlines()[-1])
+    return str(seeded["secret"])
+
+
+def mock_start() -> MockUpstream:
+    return mock_upstream_start()
+
+
+@dataclass
+class Gateway:
+    """One running gateway server (gunicorn gthread or uvicorn) and its process tree."""
+
+    server: str
+    process: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT
+    log_path: Path
+
+    @property
+    def master_pid(self) -> int:
+        return self.process.pid
+
+    def pids(self) -> list[int]:
+        return procs.tree_pids(self.process.pid)
+
+    def worker_pids(self) -> list[int]:
+        return [pid for pid in self.pids() if pid != self.process.pid]
+
+    def rss_kib(self) -> int:
+        """Sum of the resident memory of the master and its workers."""
+        return sum(procs.rss_kib(pid) for pid in self.pids())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            # uvicorn and gunicorn both stop on SIGTERM; open streams are cut after the
+            # graceful timeout, which the benchmark never relies on.
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=35)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def uvicorn_available() -> bool:
+    return shutil.which("uvicorn", path=str(VENV_BIN)) is not None
+
+
+def gateway_start(
+    env: BenchEnv,
+    *,
+    key: str,
+    server: str = "gthread",
+    workers: int = 2,
+    threads: int = 300,
+    log_dir: Path,
+    gunicorn_conf: str = GUNICORN_CONF,
+    extra_env: dict[str, str] | None = None,
+) -> Gateway:
+    """Start the gateway on a free port and return once /v1/models answers 200."""
+    port = procs.free_port()
+    values = dict(env.values)
+    values.update(
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        GUNICORN_WORKERS=str(workers),
+        GUNICORN_THREADS=str(threads),
+        # The conf cannot switch it off (""'s an error): /dev/null keeps it out of the way.
+        GUNICORN_ACCESSLOG="/dev/null",
+        GUNICORN_LOGLEVEL="warning",
+    )
+    values.update(extra_env or {})
+    if server == "gthread":
+        command = [
+            str(VENV_BIN / "gunicorn"),
+            "-c",
+            gunicorn_conf,
+            "config.wsgi",
+        ]
+    elif server == "uvicorn":
+        command = [
+            str(VENV_BIN / "uvicorn"),
+            "config.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--backlog",
+            "2048",
+        ]
+    else:
+        raise ValueError(f"unknown server {server!r}")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"gateway-{server}-{port}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(  # noqa: S603 (fixed arguments, no shell)
+            command,
+            cwd=ROOT,
+            env=values,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the benchmark, which stops it in order
+        )
+    gateway = Gateway(
+        server=server, process=process, url=f"http://127.0.0.1:{port}", log_path=log_path
+    )
+    try:
+        _wait_ready(gateway, key)
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
+
+
+def _wait_ready(gateway: Gateway, key: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    headers = {"Authorization": f"Bearer {key}"}
+    while time.monotonic() < deadline:
+        if gateway.process.poll() is not None:
+            raise RuntimeError(
+                f"the gateway exited with {gateway.process.returncode}; see {gateway.log_path}:\n"
+                + gateway.log_path.read_text()[-3000:]
+            )
+        try:
+            response = httpx2.get(f"{gateway.url}/v1/models", headers=headers, timeout=2.0)
+        except httpx2.TransportError:
+            time.sleep(0.2)
+            continue
+        if response.status_code == 200:
+            return
+        raise RuntimeError(f"the gateway answered {response.status_code}: {response.text[:500]}")
+    raise RuntimeError(f"the gateway did not answer within {timeout:.0f} s; see {gateway.log_path}")
+
+
+def gateway_warm(gateway: Gateway, key: str, body: bytes, stream_body: bytes) -> None:
+    """A few plain and streamed calls on several connections, so that both workers have
+    imported what they import lazily (the SDK's types, DRF, the pool's connections) and
+    the first measured requests do not pay for it."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    url = f"{gateway.url}/v1/chat/completions"
+
+    def calls() -> None:
+        with httpx2.Client(timeout=30) as client:
+            for _ in range(10):
+                client.post(url, content=body, headers=headers).raise_for_status()
+            client.post(url, content=stream_body, headers=headers).raise_for_status()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for future in [pool.submit(calls) for _ in range(8)]:
+            future.result()
