@@ -737,7 +737,7 @@ def _meta(args: argparse.Namespace, plan: Plan) -> dict:
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "server": args.server,
         "workers": args.workers,
-        "threads": args.threads,
+        "threads": args.threads or "conf",
         "gunicorn_conf": args.gunicorn_conf,
         "quick": args.quick,
         "phases": args.only or list(PHASES),
@@ -757,7 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", choices=("gthread", "uvicorn"), default="gthread")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--threads", type=int, default=300, help="GUNICORN_THREADS (gthread threads per worker)"
+        "--threads",
+        type=int,
+        default=None,
+        help="GUNICORN_THREADS (gthread threads per worker; default: platform/gunicorn.conf.py's)",
     )
     parser.add_argument(
         "--gunicorn-conf",

@@ -184,7 +184,7 @@ def gateway_start(
     key: str,
     server: str = "gthread",
     workers: int = 2,
-    threads: int = 300,
+    threads: int | None = None,
     log_dir: Path,
     gunicorn_conf: str = GUNICORN_CONF,
     extra_env: dict[str, str] | None = None,
@@ -195,11 +195,11 @@ def gateway_start(
     values.update(
         GUNICORN_BIND=f"127.0.0.1:{port}",
         GUNICORN_WORKERS=str(workers),
-        GUNICORN_THREADS=str(threads),
-        # The conf cannot switch it off (""'s an error): /dev/null keeps it out of the way.
-        GUNICORN_ACCESSLOG="/dev/null",
+        GUNICORN_ACCESSLOG="",  # off
         GUNICORN_LOGLEVEL="warning",
     )
+    if threads is not None:
+        values["GUNICORN_THREADS"] = str(threads)
     values.update(extra_env or {})
     if server == "gthread":
         command = [
