@@ -14,7 +14,7 @@ from routing.models import CatalogModel, ModelPrice, Provider
 from tenants.models import Tenant
 from tenants.services import api_key_issue, tenant_create
 
-from .upstream import MockUpstream, mock_upstream_start
+from .upstream import MockUpstream, gunicorn_gateway_start, mock_upstream_start
 
 STYLES = ("openai", "deepseek", "qwen", "kimi", "glm")
 
@@ -29,6 +29,26 @@ def mock_upstream():
     mock = mock_upstream_start()
     yield mock
     mock.stop()
+
+
+@pytest.fixture(scope="session")
+def gunicorn_gateway(django_db_setup, django_db_blocker):
+    """The production server (gunicorn, 2 threaded workers) on the test database.
+
+    Tests that use it need `transactional_db` (the `world` fixture has it), so that what
+    they create is committed and visible to the server's own connections.
+    """
+    from django.conf import settings as django_settings
+
+    db = django_settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        url = f"sqlite:///{db['NAME']}"
+    else:
+        auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+        url = f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    gateway = gunicorn_gateway_start(url)
+    yield gateway
+    gateway.stop()
 
 
 def model_create(

@@ -7,6 +7,7 @@ import asyncio
 from decimal import Decimal
 
 import httpx2
+import openai
 import pytest
 
 from billing.models import UsageEvent
@@ -193,3 +194,19 @@ def test_any_accept_header_gets_an_answer(world, accept):
     )
     assert response.status_code == 200
     assert response.json()["object"] == "chat.completion"
+
+
+def test_the_production_server_serves_plain_and_streamed_chat(world, gunicorn_gateway):
+    client = openai.OpenAI(base_url=gunicorn_gateway.url, api_key=world.secret, max_retries=0)
+
+    completion = client.chat.completions.create(model="m-kimi", messages=MESSAGES)
+    with client.chat.completions.create(
+        model="m-kimi", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    ) as stream:
+        chunks = list(stream)
+        stream_id = stream.response.headers["x-request-id"]
+
+    assert completion.choices[0].message.content == "Mock reply: hello there world"
+    assert chunks[-1].usage.total_tokens == 11
+    assert event_for(completion._request_id).status == UsageEvent.Status.OK
+    assert event_for(stream_id).output_tokens == 5

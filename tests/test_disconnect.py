@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx2
+import pytest
 from django.test import override_settings
 
 from billing.models import UsageEvent
@@ -13,13 +14,13 @@ from billing.models import UsageEvent
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]
 
 
-def stream_and_hang_up(world, mock: dict, *, events_to_read: int) -> str:
+def stream_and_hang_up(url: str, world, mock: dict, *, events_to_read: int) -> str:
     """Start a stream, read a few events, close the socket; return the request id."""
     with (
         httpx2.Client(timeout=30) as http,
         http.stream(
             "POST",
-            f"{world.url}/chat/completions",
+            f"{url}/chat/completions",
             headers={"Authorization": f"Bearer {world.secret}"},
             json={"model": "m-deepseek", "messages": MESSAGES, "stream": True, "mock": mock},
         ) as response,
@@ -49,9 +50,12 @@ def mock_stats(world) -> dict:
     return httpx2.get(f"{world.mock.base}/_mock/stats").json()
 
 
-def test_disconnect_records_the_providers_usage_after_draining(world):
+@pytest.mark.parametrize("server", ["live_server", "gunicorn"])
+def test_disconnect_records_the_providers_usage_after_draining(world, server, request):
+    url = request.getfixturevalue("gunicorn_gateway").url if server == "gunicorn" else world.url
     # 20 chunks, 50 ms apart: the client leaves after 3 events (role + 2 content).
     request_id = stream_and_hang_up(
+        url,
         world,
         {"chunks": 20, "interval_ms": 50, "usage": {"prompt_tokens": 40, "cached_tokens": 8}},
         events_to_read=3,
@@ -70,7 +74,9 @@ def test_disconnect_records_the_providers_usage_after_draining(world):
 def test_disconnect_past_the_drain_limit_records_an_estimate_and_closes_upstream(world):
     httpx2.post(f"{world.mock.base}/_mock/stats/reset")
     with override_settings(TOLLGATE_DISCONNECT_DRAIN_SECONDS=0):
-        request_id = stream_and_hang_up(world, {"chunks": 200, "interval_ms": 50}, events_to_read=4)
+        request_id = stream_and_hang_up(
+            world.url, world, {"chunks": 200, "interval_ms": 50}, events_to_read=4
+        )
         event = wait_for_event(request_id)
 
     assert event.status == UsageEvent.Status.CLIENT_CANCELLED

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,3 +51,55 @@ def mock_upstream_start(*args: str) -> MockUpstream:
             return MockUpstream(process=process, base=base)
     process.wait(timeout=10)
     raise RuntimeError(f"mockupstream exited with {process.returncode} before listening")
+
+
+@dataclass
+class GunicornGateway:
+    process: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT/v1
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def gunicorn_gateway_start(database_url: str, **env_overrides: str) -> GunicornGateway:
+    """The production server (platform/gunicorn.conf.py) on a free port, on a given database."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="config.settings.test",
+        DATABASE_URL=database_url,
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        GUNICORN_WORKERS="2",
+        GUNICORN_THREADS="20",
+        GUNICORN_ACCESSLOG="",
+        GUNICORN_LOGLEVEL="warning",
+        # Each test builds its own catalog: no snapshot may outlive it.
+        TOLLGATE_CONFIG_CACHE_SECONDS="0",
+        **env_overrides,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "platform/gunicorn.conf.py", "config.wsgi"],
+        cwd=ROOT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=1)  # noqa: S310  (our own URL)
+        except urllib.error.HTTPError:
+            return GunicornGateway(process=process, url=url)  # 401: it answers
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("gunicorn did not answer within 30 s")
