@@ -10,6 +10,9 @@ import openai
 import pytest
 from django.utils import timezone
 
+from billing.metering import TokenBuckets
+from billing.models import UsageEvent
+from billing.services import UsageFacts
 from routing.models import CatalogModel, ModelPrice, Provider
 from tenants.models import Tenant
 from tenants.services import api_key_issue, tenant_create
@@ -77,6 +80,26 @@ def model_create(
             effective_from=timezone.now() - timezone.timedelta(days=1),
         )
     return model
+
+
+def usage_facts(key, model: CatalogModel, **overrides) -> UsageFacts:
+    """Facts of one successful call by `key` to `model`, priced with its current version."""
+    values = dict(
+        request_id="req_test",
+        tenant_id=key.tenant_id,
+        api_key_id=key.pk,
+        requested_model=model.public_id,
+        served_model=model,
+        price=model.prices.get(effective_to__isnull=True),
+        buckets=TokenBuckets(input_uncached=10, output=5),
+        usage_source=UsageEvent.Source.PROVIDER,
+        status=UsageEvent.Status.OK,
+        streamed=False,
+        latency_ms=10,
+        occurred_at=timezone.now(),
+    )
+    values.update(overrides)
+    return UsageFacts(**values)
 
 
 @dataclass

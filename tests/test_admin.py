@@ -12,10 +12,12 @@ from django.utils import timezone
 
 from billing.metering import TokenBuckets
 from billing.models import UsageEvent
-from billing.services import UsageFacts, usage_record
+from billing.services import usage_record
 from routing.models import CatalogModel, ModelPrice
 from tenants.models import ApiKey, StaffToken, Tenant
 from tenants.services import api_key_issue, key_digest, tenant_create
+
+from .conftest import usage_facts
 
 pytestmark = pytest.mark.django_db
 
@@ -30,20 +32,14 @@ def event(acme):
     model = CatalogModel.objects.get(public_id="deepseek-v4-flash")
     key = api_key_issue(tenant=acme).key
     return usage_record(
-        UsageFacts(
+        usage_facts(
+            key,
+            model,
             request_id="req_admin",
-            tenant_id=acme.pk,
-            api_key_id=key.pk,
-            requested_model=model.public_id,
-            served_model=model,
-            price=model.prices.get(),
             buckets=TokenBuckets(input_uncached=100, output=40),
-            usage_source=UsageEvent.Source.PROVIDER,
-            status=UsageEvent.Status.OK,
             streamed=True,
             latency_ms=250,
             ttft_ms=40,
-            occurred_at=timezone.now(),
         )
     )
 

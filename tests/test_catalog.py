@@ -143,30 +143,17 @@ def test_a_new_price_cannot_start_before_every_process_can_know_it(settings):
 
 def test_a_price_change_never_moves_recorded_usage_to_another_version(settings):
     from billing.metering import TokenBuckets
-    from billing.models import UsageEvent
-    from billing.services import UsageFacts, usage_record
+    from billing.services import usage_record
     from tenants.services import api_key_issue, tenant_create
+
+    from .conftest import usage_facts
 
     model = CatalogModel.objects.get(public_id="deepseek-v4-flash")
     tenant = tenant_create(slug="acme", name="Acme", model_ids=[model.public_id])
     # An event stamped ahead of this host's clock (another host's skew).
     ahead = timezone.now() + timedelta(hours=1)
-    usage_record(
-        UsageFacts(
-            request_id="req_ahead",
-            tenant_id=tenant.pk,
-            api_key_id=api_key_issue(tenant=tenant).key.pk,
-            requested_model=model.public_id,
-            served_model=model,
-            price=model.prices.get(),
-            buckets=TokenBuckets(output=10),
-            usage_source=UsageEvent.Source.PROVIDER,
-            status=UsageEvent.Status.OK,
-            streamed=False,
-            latency_ms=5,
-            occurred_at=ahead,
-        )
-    )
+    key = api_key_issue(tenant=tenant).key
+    usage_record(usage_facts(key, model, buckets=TokenBuckets(output=10), occurred_at=ahead))
     with pytest.raises(PriceChangeError, match="already priced"):
         model_price_set(
             model=model,

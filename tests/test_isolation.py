@@ -8,17 +8,15 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.utils import timezone
 from rest_framework.test import APIClient
 
-from billing.metering import TokenBuckets
 from billing.models import UsageEvent
-from billing.services import UsageFacts, usage_record
+from billing.services import usage_record
 from routing.models import Provider
 from tenants.models import ApiKey
 from tenants.services import api_key_issue, staff_token_issue, tenant_create
 
-from .conftest import model_create
+from .conftest import model_create, usage_facts
 
 pytestmark = pytest.mark.django_db
 
@@ -33,22 +31,7 @@ def two_tenants():
     key_a = api_key_issue(tenant=a, name="a").key
     key_b = api_key_issue(tenant=b, name="b").key
     for tenant, key in ((a, key_a), (b, key_b)):
-        usage_record(
-            UsageFacts(
-                request_id=f"req_{tenant.slug}",
-                tenant_id=tenant.pk,
-                api_key_id=key.pk,
-                requested_model="shared-model",
-                served_model=shared,
-                price=shared.prices.get(),
-                buckets=TokenBuckets(input_uncached=10, output=5),
-                usage_source=UsageEvent.Source.PROVIDER,
-                status=UsageEvent.Status.OK,
-                streamed=False,
-                latency_ms=12,
-                occurred_at=timezone.now(),
-            )
-        )
+        usage_record(usage_facts(key, shared, request_id=f"req_{tenant.slug}"))
     return {"a": a, "b": b, "key_a": key_a, "key_b": key_b, "only_a": only_a}
 
 

@@ -8,7 +8,6 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection
-from django.utils import timezone
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,7 +17,7 @@ from billing.services import UsageConflictError, UsageFacts, usage_record
 from routing.models import Provider
 from tenants.services import api_key_issue, tenant_create
 
-from .conftest import model_create
+from .conftest import model_create, usage_facts
 
 
 def test_billing_guide_example_splits_into_disjoint_buckets():
@@ -166,22 +165,7 @@ def facts():
     key = api_key_issue(tenant=tenant).key
 
     def make(**overrides) -> UsageFacts:
-        values = dict(
-            request_id="req_1",
-            tenant_id=tenant.pk,
-            api_key_id=key.pk,
-            requested_model="m",
-            served_model=model,
-            price=model.prices.get(),
-            buckets=TokenBuckets(input_uncached=10, output=5),
-            usage_source=UsageEvent.Source.PROVIDER,
-            status=UsageEvent.Status.OK,
-            streamed=False,
-            latency_ms=10,
-            occurred_at=timezone.now(),
-        )
-        values.update(overrides)
-        return UsageFacts(**values)
+        return usage_facts(key, model, request_id="req_1", **overrides)
 
     return make
 
