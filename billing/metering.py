@@ -141,7 +141,8 @@ def usage_charge(
     return Charge(cost=total.scaleb(-6).quantize(COST_PLACES), unpriced_tokens=unpriced)
 
 
-def prompt_tokens_estimate(messages: object) -> int:
-    """A rough count for when no provider usage exists: about four characters a token."""
-    text = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
+def tokens_estimate(content: object) -> int:
+    """A rough token count of messages or output, for when the provider reports none:
+    about four characters a token."""
+    text = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return max(1, (len(text) + 3) // 4)

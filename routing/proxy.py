@@ -29,7 +29,7 @@ from django.db import connection
 
 from billing.metering import (
     TokenBuckets,
-    prompt_tokens_estimate,
+    tokens_estimate,
     usage_normalize,
     usage_openai_shape,
 )
@@ -200,8 +200,8 @@ def chat_complete(call: ChatCall) -> bytes:
         raw_usage = usage
     else:
         buckets = TokenBuckets(
-            input_uncached=prompt_tokens_estimate(call.body["messages"]),
-            output=prompt_tokens_estimate(
+            input_uncached=tokens_estimate(call.body["messages"]),
+            output=tokens_estimate(
                 [c.get("message") for c in completion["choices"] if isinstance(c, dict)]
             ),
         )
@@ -288,7 +288,7 @@ class _StreamState:
         if self.usage is not None:
             return usage_normalize(self.usage), UsageEvent.Source.PROVIDER
         estimate = TokenBuckets(
-            input_uncached=prompt_tokens_estimate(self.call.body["messages"]),
+            input_uncached=tokens_estimate(self.call.body["messages"]),
             output=self.pieces,
         )
         return estimate, UsageEvent.Source.ESTIMATED
@@ -314,49 +314,43 @@ def chat_stream(call: ChatCall) -> Iterator[bytes]:
     provider = call.model.provider
     client = upstream_client(provider)
     db_connection_release()
-    upstream = None
     try:
         upstream = chat_completion_stream(client, _upstream_body(call, stream=True))
-        if "text/event-stream" not in upstream.content_type:
-            raise _NotAStream
-        events = upstream.events()
-        first = next((data for data in events if data != ":"), None)
-        if first is not None:
-            chunk = _json_object(first)
-            if chunk is not None and chunk.get("error"):
-                raise _ErrorEvent(chunk["error"])
-    except (*UPSTREAM_ERRORS, _NotAStream, _ErrorEvent) as exc:
-        if upstream is not None:
-            upstream.close()
-        if isinstance(exc, _NotAStream):
-            failure = UpstreamFailure(
-                UpstreamFailed("The upstream provider answered a stream request without a stream."),
-                200,
-            )
-        elif isinstance(exc, _ErrorEvent):
-            failure = _stream_upstream_error(exc.error)
-        else:
-            failure = upstream_failure(exc, provider)
+    except UPSTREAM_ERRORS as exc:
+        failure = upstream_failure(exc, provider)
         _meter_failure(call, failure, streamed=True)
         raise failure.error from None
+
+    first: str | None = None
+    failure: UpstreamFailure | None = None
+    if "text/event-stream" not in upstream.content_type:
+        failure = UpstreamFailure(
+            UpstreamFailed("The upstream provider answered a stream request without a stream."),
+            200,
+        )
+    else:
+        events = upstream.events()
+        try:
+            first = next((data for data in events if data != ":"), None)
+        except UPSTREAM_ERRORS as exc:
+            failure = upstream_failure(exc, provider)
+        else:
+            chunk = _json_object(first) if first is not None else None
+            if chunk is not None and chunk.get("error"):
+                failure = _stream_upstream_error(chunk["error"])
+    if failure is not None:
+        upstream.close()
+        _meter_failure(call, failure, streamed=True)
+        raise failure.error
     head = [] if first is None else [first]
     return _relay(call, upstream, itertools.chain(head, events))
-
-
-class _NotAStream(Exception):
-    pass
-
-
-class _ErrorEvent(Exception):
-    def __init__(self, error: object):
-        self.error = error
 
 
 def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> Iterator[bytes]:
     state = _StreamState(call=call)
     recorded = False
 
-    def meter(status: str, failure: UpstreamFailure | None = None) -> None:
+    def meter(status: str, failure: UpstreamFailure | None = None) -> TokenBuckets:
         nonlocal recorded
         buckets, source = state.buckets()
         _meter(
@@ -370,6 +364,7 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
             failure=failure,
         )
         recorded = True
+        return buckets
 
     try:
         failure: UpstreamFailure | None = None
@@ -400,9 +395,9 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
             meter(UsageEvent.Status.UPSTREAM_ERROR, failure)
             yield _sse(failure.error.body())
             return
-        meter(UsageEvent.Status.OK)
+        buckets = meter(UsageEvent.Status.OK)
         if call.include_usage:
-            yield _sse(state.usage_chunk(state.buckets()[0]))
+            yield _sse(state.usage_chunk(buckets))
         yield _DONE
     except GeneratorExit:
         if not recorded:
