@@ -59,6 +59,7 @@ class CatalogModelForm(forms.ModelForm):
             "provider",
             "upstream_model_id",
             "context_window",
+            "max_output_tokens",
             "modalities",
             "capabilities",
             "enabled",

@@ -90,6 +90,11 @@ class CatalogModel(models.Model):
         max_length=200, help_text="The id the provider expects in the request body."
     )
     context_window = models.PositiveIntegerField(default=128_000)
+    max_output_tokens = models.PositiveIntegerField(
+        default=8192,
+        help_text="Output cap of one call. Bounds a call's worst-case cost for budgets when the "
+        "client sends no max_tokens (the gateway then sends this one).",
+    )
     modalities = models.JSONField(default=default_modalities, validators=[validate_modalities])
     capabilities = models.JSONField(default=list, blank=True, validators=[validate_capabilities])
     enabled = models.BooleanField(default=True)
