@@ -9,6 +9,7 @@ from datetime import datetime
 from django.db import IntegrityError, connection, transaction
 
 from routing.models import CatalogModel, ModelPrice
+from tenants.budgets import budget_settle, budgets_for_key
 
 from .metering import TokenBuckets, usage_charge
 from .models import UsageEvent
@@ -46,6 +47,7 @@ class UsageFacts:
     streamed: bool
     latency_ms: int
     occurred_at: datetime
+    tenant_timezone: str = "UTC"  # whose calendar month the budgets count in
     ttft_ms: int | None = None
     raw_usage: dict | None = None
     upstream_status: int | None = None
@@ -55,8 +57,10 @@ class UsageFacts:
 def usage_record(facts: UsageFacts) -> UsageEvent:
     """Write one usage event, priced with its price version; committed when this returns.
 
-    The same request id again with the same facts returns the existing row; with other
-    facts it raises UsageConflictError.
+    When budgets cover the call, the same transaction settles them (tenants.budgets), so
+    their counters always equal the ledger. The same request id again with the same
+    facts returns the existing row (and settles nothing twice); with other facts it
+    raises UsageConflictError.
     """
     charge = usage_charge(
         facts.buckets,
@@ -88,11 +92,22 @@ def usage_record(facts: UsageFacts) -> UsageEvent:
         raw_usage=facts.raw_usage,
         occurred_at=facts.occurred_at,
     )
+    budgeted = bool(budgets_for_key(tenant_id=facts.tenant_id, key_id=facts.api_key_id))
     try:
-        if connection.in_atomic_block:
-            # Inside someone's transaction: a savepoint keeps it usable on a conflict.
+        if budgeted or connection.in_atomic_block:
+            # A transaction (or a savepoint inside the caller's) keeps the event and the
+            # budget counters together, and the connection usable after a conflict.
             with transaction.atomic():
                 event.save(force_insert=True)
+                if budgeted:
+                    budget_settle(
+                        tenant_id=facts.tenant_id,
+                        key_id=facts.api_key_id,
+                        tz_name=facts.tenant_timezone,
+                        request_id=facts.request_id,
+                        at=facts.occurred_at,
+                        cost=event.cost,
+                    )
         else:
             # Autocommit: one INSERT, committed when it returns.
             event.save(force_insert=True)

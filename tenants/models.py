@@ -24,7 +24,10 @@ class Tenant(models.Model):
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=64, unique=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
-    contact_email = models.EmailField(blank=True)
+    contact_email = models.EmailField(blank=True, help_text="Budget alerts are emailed here.")
+    alert_webhook_url = models.URLField(
+        max_length=500, blank=True, help_text="Budget alerts are POSTed here, signed."
+    )
     timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
     # Explicit: a tenant with an empty allowlist can call nothing.
     allowed_models = models.ManyToManyField(
@@ -86,6 +89,24 @@ class ApiKey(KeyBase):
     """A tenant's key for the OpenAI-compatible endpoints under /v1/."""
 
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="api_keys")
+    rpm_limit = models.PositiveIntegerField(
+        "requests per minute", null=True, blank=True, help_text="Empty: unlimited."
+    )
+    tpm_limit = models.PositiveIntegerField(
+        "tokens per minute", null=True, blank=True, help_text="Empty: unlimited."
+    )
+    concurrency_limit = models.PositiveIntegerField(
+        "concurrent requests", null=True, blank=True, help_text="Empty: unlimited."
+    )
+    replaced_by = models.ForeignKey(
+        "self",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="replaces",
+        editable=False,
+        help_text="The key issued to rotate this one.",
+    )
     # Empty: every model of the tenant's allowlist. Otherwise only these, within it.
     allowed_models = models.ManyToManyField(
         "routing.CatalogModel",
@@ -108,3 +129,203 @@ class StaffToken(KeyBase):
 
     class Meta:
         ordering = ["user", "-created_at"]
+
+
+# --- budgets ---------------------------------------------------------------------------
+
+# Budget counters count picodollars (1e-12 USD) in integers: the ledger's cost has twelve
+# decimal places, and integer arithmetic is exact in SQL on PostgreSQL and SQLite alike
+# (SQLite would add Decimal columns as floats).
+PICO = 10**12
+
+
+def default_alert_thresholds() -> list[int]:
+    return [50, 80, 100]
+
+
+def validate_thresholds(value: object) -> None:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000 for v in value
+    ):
+        raise ValidationError("Alert thresholds are whole percentages between 1 and 1000.")
+
+
+class Budget(models.Model):
+    """A monthly budget in USD for a tenant, or for one of its keys (both apply).
+
+    The month is the calendar month in the tenant's time zone. A hard budget refuses
+    calls that might not fit; a soft one only alerts.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="budgets")
+    api_key = models.ForeignKey(
+        ApiKey,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="budgets",
+        help_text="Empty: the budget of the whole tenant.",
+    )
+    limit_usd = models.DecimalField("monthly limit (USD)", max_digits=18, decimal_places=6)
+    hard = models.BooleanField(
+        default=True, help_text="Hard budgets refuse calls that might not fit; soft ones alert."
+    )
+    alert_thresholds = models.JSONField(
+        default=default_alert_thresholds,
+        validators=[validate_thresholds],
+        help_text="Percentages of the limit; each alerts once a month (email and webhook).",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["tenant", "api_key"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant"],
+                condition=Q(api_key__isnull=True),
+                name="budget_one_per_tenant",
+            ),
+            models.UniqueConstraint(
+                fields=["api_key"],
+                condition=Q(api_key__isnull=False),
+                name="budget_one_per_key",
+            ),
+            models.CheckConstraint(condition=Q(limit_usd__gt=0), name="budget_limit_positive"),
+        ]
+
+    def __str__(self) -> str:
+        scope = f"key {self.api_key.prefix}" if self.api_key_id else "tenant"
+        return f"{self.tenant.slug} {scope}: ${self.limit_usd}"
+
+    @property
+    def scope(self) -> str:
+        return "key" if self.api_key_id else "tenant"
+
+    @property
+    def limit_pico(self) -> int:
+        return int(self.limit_usd * PICO)
+
+
+class BudgetPeriod(models.Model):
+    """A budget's counters for one month: spent (settled calls) and reserved (calls under
+    way). A new month is a new row, so it starts from zero with no job having to run."""
+
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="periods")
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    spent_pico = models.BigIntegerField(default=0)
+    reserved_pico = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["budget", "-starts_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["budget", "starts_at"], name="budget_period_unique"),
+            models.CheckConstraint(
+                condition=Q(spent_pico__gte=0), name="budget_spent_not_negative"
+            ),
+            models.CheckConstraint(
+                condition=Q(reserved_pico__gte=0), name="budget_reserved_not_negative"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.budget} from {self.starts_at:%Y-%m-%d}"
+
+
+class BudgetReservation(models.Model):
+    """The worst-case cost of one call under way, held against one budget period."""
+
+    period = models.ForeignKey(BudgetPeriod, on_delete=models.CASCADE, related_name="reservations")
+    request_id = models.CharField(max_length=64)
+    amount_pico = models.BigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["period", "request_id"], name="budget_reservation_unique"
+            ),
+        ]
+        indexes = [models.Index(fields=["request_id"], name="budget_reservation_request")]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} holds {self.amount_pico} p$"
+
+
+class BudgetAlert(models.Model):
+    """A threshold crossed in a period: one row, so each alert fires once."""
+
+    period = models.ForeignKey(BudgetPeriod, on_delete=models.CASCADE, related_name="alerts")
+    threshold = models.PositiveSmallIntegerField()
+    spent_pico = models.BigIntegerField(help_text="Spent when the threshold was crossed.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    emailed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["period", "threshold"], name="budget_alert_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.threshold}% of {self.period}"
+
+
+class WebhookDelivery(models.Model):
+    """One attempt to deliver a webhook, with its result."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="webhook_deliveries")
+    alert = models.ForeignKey(
+        BudgetAlert, on_delete=models.CASCADE, null=True, related_name="deliveries"
+    )
+    url = models.URLField(max_length=500)
+    event = models.CharField(max_length=64)
+    payload = models.JSONField()
+    attempt = models.PositiveSmallIntegerField()
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+    succeeded = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "webhook deliveries"
+
+    def __str__(self) -> str:
+        return f"{self.event} to {self.url} (attempt {self.attempt})"
+
+
+# --- rate limits -------------------------------------------------------------------------
+
+
+class RateWindow(models.Model):
+    """Requests and tokens of one key in one minute, shared by every gateway process."""
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="+")
+    window_start = models.DateTimeField()
+    requests = models.PositiveIntegerField(default=0)
+    tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["api_key", "window_start"], name="rate_window_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"key {self.api_key_id} at {self.window_start:%H:%M}"
+
+
+class KeyLease(models.Model):
+    """One call under way for a key with a concurrency limit. Leases of crashed processes
+    expire on their own."""
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="+")
+    request_id = models.CharField(max_length=64, unique=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["api_key", "expires_at"], name="key_lease_live")]
+
+    def __str__(self) -> str:
+        return self.request_id

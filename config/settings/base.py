@@ -167,6 +167,11 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_TIMEZONE = "UTC"
 CELERY_TASK_ACKS_LATE = True
+CELERY_BEAT_SCHEDULE = {
+    # Holds and leases of processes that died mid-call: released, never left behind.
+    "budget-holds-expire": {"task": "tenants.tasks.budget_holds_expire_task", "schedule": 60.0},
+    "key-leases-expire": {"task": "tenants.tasks.key_leases_expire_task", "schedule": 60.0},
+}
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 
 # --- Tollgate -------------------------------------------------------------------------

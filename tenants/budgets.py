@@ -1,0 +1,289 @@
+"""Monthly budgets: reserve before the upstream call, settle after it, alert on thresholds.
+
+Invariant: the spent amount of a hard budget never exceeds its limit, whatever the
+concurrency. Before a call, `budget_reserve` adds the call's worst-case cost to the
+period's reserved amount in one conditional UPDATE that matches no row when it does not
+fit (PostgreSQL re-checks the condition against the row a concurrent transaction just
+committed; SQLite runs write transactions one at a time). After the call,
+`budget_settle`, in the transaction that writes the usage event, moves the actual cost
+to spent and releases the rest. Spent therefore always equals the sum of the ledger's
+costs for the period, and `budget_rebuild` can recompute it from there.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from django.db import transaction
+from django.db.models import F, Sum
+from django.utils import timezone
+
+from routing.config_cache import ConfigCache
+
+from .models import PICO, ApiKey, Budget, BudgetAlert, BudgetPeriod, BudgetReservation, Tenant
+
+_budgets = ConfigCache(maxsize=100_000)
+
+
+class BudgetExceeded(Exception):
+    """A call whose worst-case cost does not fit a hard budget."""
+
+    def __init__(self, budget: Budget, period: BudgetPeriod, needed_pico: int):
+        self.budget = budget
+        self.period = period
+        self.needed_pico = needed_pico
+        self.remaining = pico_to_usd(
+            max(budget.limit_pico - period.spent_pico - period.reserved_pico, 0)
+        )
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        scope = (
+            f"API key {self.budget.api_key.prefix}…" if self.budget.api_key_id else "this tenant"
+        )
+        return (
+            f"The monthly budget of {scope} is exhausted: limit "
+            f"{usd_format(self.budget.limit_usd)}, {usd_format(self.remaining)} left until "
+            f"{self.period.ends_at:%Y-%m-%d %H:%M} UTC, and this request may cost up to "
+            f"{usd_format(pico_to_usd(self.needed_pico))}."
+        )
+
+
+def usd_format(amount: Decimal) -> str:
+    """$12.50, $3.00, $0.000042: cents at least, every significant digit kept."""
+    amount = amount.normalize()
+    if amount.as_tuple().exponent > -2:
+        amount = amount.quantize(Decimal("0.01"))
+    return f"${amount:,f}"
+
+
+def pico_to_usd(pico: int) -> Decimal:
+    return Decimal(pico).scaleb(-12)
+
+
+def usd_to_pico(amount: Decimal) -> int:
+    """Whole picodollars, rounded up: a reservation never falls short."""
+    return math.ceil(amount * PICO)
+
+
+def budget_month(at: datetime, tz_name: str) -> tuple[datetime, datetime]:
+    """[start, end) of the calendar month holding `at` in the time zone, in UTC."""
+    tz = ZoneInfo(tz_name)
+    local = at.astimezone(tz)
+    start = datetime(local.year, local.month, 1, tzinfo=tz)
+    days = calendar.monthrange(local.year, local.month)[1]
+    end = (start.replace(tzinfo=None) + timedelta(days=days)).replace(tzinfo=tz)
+    return start.astimezone(UTC), end.astimezone(UTC)
+
+
+def budgets_for_key(*, tenant_id: int, key_id: int) -> tuple[Budget, ...]:
+    """The budgets that apply to a key's calls: its tenant's, then its own (cached)."""
+
+    def load() -> tuple[Budget, ...]:
+        budgets = Budget.objects.filter(tenant_id=tenant_id, api_key__isnull=True) | (
+            Budget.objects.filter(api_key_id=key_id)
+        )
+        return tuple(sorted(budgets.select_related("api_key"), key=lambda b: b.api_key_id or 0))
+
+    return _budgets.get_or_load((tenant_id, key_id), load)
+
+
+def budget_cache_clear(**kwargs) -> None:
+    _budgets.clear()
+
+
+def budget_period(budget: Budget, at: datetime, tz_name: str) -> BudgetPeriod:
+    starts_at, ends_at = budget_month(at, tz_name)
+    period, _ = BudgetPeriod.objects.get_or_create(
+        budget=budget, starts_at=starts_at, defaults={"ends_at": ends_at}
+    )
+    return period
+
+
+def budget_reserve(
+    *, key: ApiKey, tz_name: str, request_id: str, at: datetime, amount: Decimal
+) -> bool:
+    """Hold `amount` against every hard budget of the key's calls, or none of them.
+
+    Raises BudgetExceeded (holding nothing) when it does not fit one of them. Returns
+    whether anything was held.
+    """
+    hard = [b for b in budgets_for_key(tenant_id=key.tenant_id, key_id=key.pk) if b.hard]
+    if not hard:
+        return False
+    needed = usd_to_pico(amount)
+    with transaction.atomic():
+        for budget in hard:
+            period = budget_period(budget, at, tz_name)
+            fits = BudgetPeriod.objects.filter(
+                pk=period.pk, spent_pico__lte=budget.limit_pico - needed - F("reserved_pico")
+            )
+            if not fits.update(reserved_pico=F("reserved_pico") + needed):
+                period.refresh_from_db()
+                raise BudgetExceeded(budget, period, needed)
+            BudgetReservation.objects.create(
+                period=period, request_id=request_id, amount_pico=needed
+            )
+    return True
+
+
+def budget_settle(
+    *, tenant_id: int, key_id: int, tz_name: str, request_id: str, at: datetime, cost: Decimal
+) -> None:
+    """Move a finished call's cost into spent on every budget that covers it, releasing
+    its holds. Call it inside the transaction that writes the call's usage event."""
+    cost_pico = int(cost * PICO)  # costs have twelve decimal places: exact
+    for budget in budgets_for_key(tenant_id=tenant_id, key_id=key_id):
+        period = budget_period(budget, at, tz_name)
+        holds = BudgetReservation.objects.filter(period=period, request_id=request_id)
+        held = sum(h.amount_pico for h in holds)
+        if not held and not cost_pico:
+            continue
+        BudgetPeriod.objects.filter(pk=period.pk).update(
+            reserved_pico=F("reserved_pico") - held, spent_pico=F("spent_pico") + cost_pico
+        )
+        if held:
+            holds.delete()
+        if cost_pico:
+            spent = BudgetPeriod.objects.values_list("spent_pico", flat=True).get(pk=period.pk)
+            budget_alerts_fire(budget=budget, period=period, before=spent - cost_pico, after=spent)
+
+
+def budget_release(*, request_id: str) -> None:
+    """Release the holds of a call that never reached the ledger."""
+    with transaction.atomic():
+        for hold in BudgetReservation.objects.filter(request_id=request_id):
+            BudgetPeriod.objects.filter(pk=hold.period_id).update(
+                reserved_pico=F("reserved_pico") - hold.amount_pico
+            )
+            hold.delete()
+
+
+def budget_alerts_fire(*, budget: Budget, period: BudgetPeriod, before: int, after: int) -> None:
+    """Record (and notify, after commit) each threshold that spent crossed."""
+    from .tasks import budget_alert_notify
+
+    for threshold in sorted(set(budget.alert_thresholds)):
+        mark = budget.limit_pico * threshold // 100
+        if not before < mark <= after:
+            continue
+        alert, created = BudgetAlert.objects.get_or_create(
+            period=period, threshold=threshold, defaults={"spent_pico": after}
+        )
+        if created:
+            transaction.on_commit(lambda pk=alert.pk: budget_alert_notify.delay(pk))
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    budget: Budget
+    period_start: datetime
+    period_end: datetime
+    spent: Decimal
+    reserved: Decimal
+
+    @property
+    def remaining(self) -> Decimal:
+        return max(self.budget.limit_usd - self.spent - self.reserved, Decimal(0))
+
+    @property
+    def used_percent(self) -> Decimal:
+        return (self.spent * 100 / self.budget.limit_usd).quantize(Decimal("0.1"))
+
+
+def budget_status(
+    budget: Budget, *, at: datetime | None = None, tz_name: str | None = None
+) -> BudgetStatus:
+    """The budget's counters for the month holding `at` (default now)."""
+    at = at or timezone.now()
+    starts_at, ends_at = budget_month(at, tz_name or budget.tenant.timezone)
+    period = BudgetPeriod.objects.filter(budget=budget, starts_at=starts_at).first()
+    return BudgetStatus(
+        budget=budget,
+        period_start=starts_at,
+        period_end=ends_at,
+        spent=pico_to_usd(period.spent_pico if period else 0),
+        reserved=pico_to_usd(period.reserved_pico if period else 0),
+    )
+
+
+@transaction.atomic
+def budget_set(
+    *,
+    tenant: Tenant,
+    limit_usd: Decimal,
+    key: ApiKey | None = None,
+    hard: bool = True,
+    alert_thresholds: list[int] | None = None,
+) -> Budget:
+    """Create or change the monthly budget of a tenant or of one of its keys."""
+    if key is not None and key.tenant_id != tenant.pk:
+        raise ValueError("The key belongs to another tenant.")
+    budget = Budget.objects.filter(tenant=tenant, api_key=key).first() or Budget(
+        tenant=tenant, api_key=key
+    )
+    budget.limit_usd = limit_usd
+    budget.hard = hard
+    if alert_thresholds is not None:
+        budget.alert_thresholds = sorted(set(alert_thresholds))
+    budget.full_clean()
+    budget.save()
+    # Thresholds the current spent already passes under the new limit alert now.
+    status = budget_status(budget)
+    period = BudgetPeriod.objects.filter(budget=budget, starts_at=status.period_start).first()
+    if period is not None and period.spent_pico:
+        budget_alerts_fire(budget=budget, period=period, before=0, after=period.spent_pico)
+    return budget
+
+
+@dataclass(frozen=True)
+class BudgetDrift:
+    period: BudgetPeriod
+    live_pico: int
+    ledger_pico: int
+
+
+def budget_rebuild(*, fix: bool = False) -> list[BudgetDrift]:
+    """Recompute every period's spent from the usage ledger; report (and optionally fix)
+    the periods whose live counter differs."""
+    from billing.models import UsageEvent
+
+    drifts = []
+    for period in BudgetPeriod.objects.select_related("budget"):
+        events = UsageEvent.objects.filter(
+            tenant_id=period.budget.tenant_id,
+            occurred_at__gte=period.starts_at,
+            occurred_at__lt=period.ends_at,
+        )
+        if period.budget.api_key_id:
+            events = events.filter(api_key_id=period.budget.api_key_id)
+        # Summed as Decimals in Python: exact on every database.
+        ledger_pico = sum(int(cost * PICO) for cost in events.values_list("cost", flat=True))
+        if ledger_pico != period.spent_pico:
+            drifts.append(BudgetDrift(period, period.spent_pico, ledger_pico))
+            if fix:
+                BudgetPeriod.objects.filter(pk=period.pk).update(spent_pico=ledger_pico)
+    return drifts
+
+
+def budget_holds_expire(*, older_than: timedelta) -> int:
+    """Release holds of calls that never settled (their process died). Returns how many."""
+    cutoff = timezone.now() - older_than
+    released = 0
+    for request_id in set(
+        BudgetReservation.objects.filter(created_at__lt=cutoff).values_list("request_id", flat=True)
+    ):
+        budget_release(request_id=request_id)
+        released += 1
+    return released
+
+
+def reserved_total_pico() -> int:
+    """All money currently held, across every budget (0 when no call is under way)."""
+    return BudgetPeriod.objects.aggregate(total=Sum("reserved_pico"))["total"] or 0
