@@ -87,6 +87,24 @@ class UpstreamRateLimited(GatewayError):
     code = "upstream_rate_limited"
 
 
+class RateLimitExceeded(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class BudgetExhausted(GatewayError):
+    """A hard budget the call may not fit. Waiting cannot fix it: the SDK must not retry."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, **kwargs):
+        super().__init__(message, **kwargs)
+        self.headers = {**self.headers, "x-should-retry": "false"}
+
+
 class UpstreamFailed(GatewayError):
     """The provider failed, refused the gateway, or answered something unusable."""
 

@@ -21,11 +21,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 import httpx2
 import openai
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 
 from billing.metering import (
     TokenBuckets,
@@ -35,10 +37,27 @@ from billing.metering import (
 )
 from billing.models import UsageEvent
 from billing.services import UsageFacts, usage_record
+from tenants.budgets import BudgetExceeded, budget_reserve
+from tenants.limits import (
+    LEASE_TTL,
+    RateLimited,
+    RateState,
+    key_lease_renew,
+    rate_limit_admit,
+    rate_limit_release,
+)
 from tenants.models import ApiKey
 from tenants.selectors import model_for_key
 
-from .errors import ModelNotAllowed, ModelNotFound, ModelNotPriced, UpstreamFailed
+from .errors import (
+    BudgetExhausted,
+    GatewayError,
+    ModelNotAllowed,
+    ModelNotFound,
+    ModelNotPriced,
+    RateLimitExceeded,
+    UpstreamFailed,
+)
 from .models import CatalogModel, ModelPrice
 from .upstream import (
     UpstreamFailure,
@@ -66,6 +85,12 @@ class ChatCall:
     body: dict
     model: CatalogModel
     price: ModelPrice
+    rate: RateState | None = None
+    budget_held: bool = False
+
+    @property
+    def tz_name(self) -> str:
+        return self.key.tenant_timezone
 
     @property
     def include_usage(self) -> bool:
@@ -95,6 +120,49 @@ def chat_target_resolve(*, key: ApiKey, name: str, at: datetime) -> tuple[Catalo
     return entry.model, price
 
 
+def chat_cost_bound(call: ChatCall) -> tuple[Decimal, int]:
+    """(worst-case cost, output tokens it assumes) of a call, for budget reservations.
+
+    Input: the UTF-8 size of the messages, since a token is at least one byte, at the
+    dearer of the input and cached input prices. Output: the client's max_tokens (or
+    max_completion_tokens), else the model's output cap, times n, at the output price.
+    """
+    body = call.body
+    prompt_bound = len(json.dumps(body["messages"], ensure_ascii=False).encode())
+    output_bound = (
+        body.get("max_completion_tokens") or body.get("max_tokens") or call.model.max_output_tokens
+    ) * (body.get("n") or 1)
+    price = call.price
+    input_unit = max(
+        (p for p in (price.input_per_mtok, price.cached_input_per_mtok) if p is not None),
+        default=Decimal(0),
+    )
+    cost = (prompt_bound * input_unit + output_bound * price.output_per_mtok).scaleb(-6)
+    return cost, output_bound
+
+
+def chat_admit(call: ChatCall) -> None:
+    """Rate limits, then the budget: refuse with a 429 before anything reaches a provider."""
+    try:
+        call.rate = rate_limit_admit(key=call.key, request_id=call.request_id, at=call.received_at)
+    except RateLimited as exc:
+        headers = exc.state.headers(timezone.now()) if exc.state else {}
+        headers["Retry-After"] = str(exc.retry_after)
+        raise RateLimitExceeded(exc.message, headers=headers) from None
+    cost, _ = chat_cost_bound(call)
+    try:
+        call.budget_held = budget_reserve(
+            key=call.key,
+            tz_name=call.tz_name,
+            request_id=call.request_id,
+            at=call.received_at,
+            amount=cost,
+        )
+    except BudgetExceeded as exc:
+        rate_limit_release(key=call.key, request_id=call.request_id, at=call.received_at, tokens=0)
+        raise BudgetExhausted(exc.message) from None
+
+
 def db_connection_release() -> None:
     """Give a pooled database connection back while waiting on the upstream, so that a few
     connections serve hundreds of slow calls. The next query takes one again."""
@@ -105,6 +173,9 @@ def db_connection_release() -> None:
 def _upstream_body(call: ChatCall, *, stream: bool) -> dict:
     body = dict(call.body)
     body["model"] = call.model.upstream_model_id
+    if call.budget_held and not (body.get("max_tokens") or body.get("max_completion_tokens")):
+        # The reservation assumed the model's output cap: make the provider keep to it.
+        body["max_tokens"] = call.model.max_output_tokens
     if stream:
         # Always ask for usage, whatever the client asked: the ledger needs it.
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -137,6 +208,7 @@ def _meter(
         ttft_ms=ttft_ms,
         raw_usage=raw_usage,
         occurred_at=call.received_at,
+        tenant_timezone=call.tz_name,
         upstream_status=failure.upstream_status if failure else None,
         error_code=(failure.error.code or "") if failure else "",
     )
@@ -146,6 +218,19 @@ def _meter(
         # The ledger is the product: leave everything needed to replay the row.
         logger.exception("Could not record usage: %r", facts)
         raise
+    finally:
+        rate_limit_release(
+            key=call.key,
+            request_id=call.request_id,
+            at=call.received_at,
+            tokens=buckets.prompt + buckets.completion,
+        )
+
+
+def _failure(exc: Exception, provider) -> UpstreamFailure:
+    if isinstance(exc, GatewayError):  # e.g. the provider has no key configured
+        return UpstreamFailure(exc, None)
+    return upstream_failure(exc, provider)
 
 
 def _meter_failure(call: ChatCall, failure: UpstreamFailure, *, streamed: bool) -> None:
@@ -165,12 +250,12 @@ def _meter_failure(call: ChatCall, failure: UpstreamFailure, *, streamed: bool) 
 def chat_complete(call: ChatCall) -> bytes:
     """Forward a non-streaming call; return the JSON the client gets."""
     provider = call.model.provider
-    client = upstream_client(provider)
-    db_connection_release()
     try:
+        client = upstream_client(provider)
+        db_connection_release()
         content = chat_completion(client, _upstream_body(call, stream=False))
-    except UPSTREAM_ERRORS as exc:
-        failure = upstream_failure(exc, provider)
+    except (*UPSTREAM_ERRORS, GatewayError) as exc:
+        failure = _failure(exc, provider)
         _meter_failure(call, failure, streamed=False)
         raise failure.error from None
     completion = _json_object(content)
@@ -312,12 +397,12 @@ def chat_stream(call: ChatCall) -> Iterator[bytes]:
     exception; later ones travel inside the stream as an error event.
     """
     provider = call.model.provider
-    client = upstream_client(provider)
-    db_connection_release()
     try:
+        client = upstream_client(provider)
+        db_connection_release()
         upstream = chat_completion_stream(client, _upstream_body(call, stream=True))
-    except UPSTREAM_ERRORS as exc:
-        failure = upstream_failure(exc, provider)
+    except (*UPSTREAM_ERRORS, GatewayError) as exc:
+        failure = _failure(exc, provider)
         _meter_failure(call, failure, streamed=True)
         raise failure.error from None
 
@@ -366,10 +451,18 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
         recorded = True
         return buckets
 
+    renew_every = LEASE_TTL / 4
+    renewed = time.monotonic()
     try:
         failure: UpstreamFailure | None = None
         try:
             for data in events:
+                if call.key.concurrency_limit is not None and (
+                    time.monotonic() - renewed > renew_every.total_seconds()
+                ):
+                    # A long stream keeps its concurrency lease alive.
+                    key_lease_renew(request_id=call.request_id, now=timezone.now())
+                    renewed = time.monotonic()
                 if data == ":":
                     yield _KEEPALIVE
                     continue

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from routing.models import CatalogModel
 
-from .models import ApiKey, KeyBase, StaffToken, Tenant
+from .models import ApiKey, Budget, KeyBase, StaffToken, Tenant
 
 API_KEY_MARK = "tg-"
 STAFF_TOKEN_MARK = "tgs-"  # noqa: S105  (a prefix, not a secret)
@@ -117,6 +117,41 @@ def api_key_issue(
     issued = _issue(ApiKey, API_KEY_MARK, tenant=tenant, name=name, expires_at=expires_at)
     if narrowed:
         issued.key.allowed_models.set(narrowed)
+    return issued
+
+
+@transaction.atomic
+def api_key_rotate(*, key: ApiKey, grace: timedelta) -> IssuedKey[ApiKey]:
+    """Issue a replacement for a key: same tenant, name, model list, limits and budget.
+
+    The old key keeps working for `grace`, then expires (sooner if it was due to).
+    """
+    if not key.is_usable():
+        raise ValueError("Only a usable key can be rotated.")
+    now = timezone.now()
+    issued = _issue(
+        ApiKey,
+        API_KEY_MARK,
+        tenant=key.tenant,
+        name=key.name,
+        expires_at=key.expires_at,
+        rpm_limit=key.rpm_limit,
+        tpm_limit=key.tpm_limit,
+        concurrency_limit=key.concurrency_limit,
+    )
+    issued.key.allowed_models.set(key.allowed_models.all())
+    for budget in Budget.objects.filter(api_key=key):
+        Budget.objects.create(
+            tenant=budget.tenant,
+            api_key=issued.key,
+            limit_usd=budget.limit_usd,
+            hard=budget.hard,
+            alert_thresholds=budget.alert_thresholds,
+        )
+    ends = now + grace
+    key.expires_at = min(key.expires_at, ends) if key.expires_at else ends
+    key.replaced_by = issued.key
+    key.save(update_fields=["expires_at", "replaced_by"])
     return issued
 
 

@@ -5,6 +5,7 @@ from . import views
 urlpatterns = [
     path("chat/completions", views.ChatCompletionsView.as_view(), name="v1-chat-completions"),
     path("models", views.ModelListView.as_view(), name="v1-models"),
+    path("budget", views.BudgetView.as_view(), name="v1-budget"),
     # <path:> because catalog ids contain "/" (Qwen/Qwen3-32B); %2F arrives decoded.
     path("models/<path:model_id>", views.ModelDetailView.as_view(), name="v1-model"),
     re_path(r"^(?P<path>.*)$", views.unknown_endpoint),

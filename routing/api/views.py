@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.permissions import BasePermission
@@ -12,6 +13,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from tenants.auth import ApiKeyAuthentication
+from tenants.budgets import budget_status, budgets_for_key
 from tenants.selectors import model_for_key, models_for_key
 
 from ..errors import (
@@ -22,7 +24,7 @@ from ..errors import (
     openai_exception_handler,
 )
 from ..models import CatalogModel
-from ..proxy import ChatCall, chat_complete, chat_stream, chat_target_resolve
+from ..proxy import ChatCall, chat_admit, chat_complete, chat_stream, chat_target_resolve
 from ..validation import chat_request_parse
 
 
@@ -106,12 +108,37 @@ class ChatCompletionsView(OpenAIView):
             model=model,
             price=price,
         )
+        chat_admit(call)
         if body.get("stream"):
             response = StreamingHttpResponse(chat_stream(call), content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"  # nginx: relay each event as it comes
-            return response
-        return HttpResponse(chat_complete(call), content_type="application/json")
+        else:
+            response = HttpResponse(chat_complete(call), content_type="application/json")
+        if call.rate is not None:
+            for name, value in call.rate.headers(timezone.now()).items():
+                response[name] = value
+        return response
+
+
+class BudgetView(OpenAIView):
+    """GET /v1/budget: what the key and its tenant have left this month."""
+
+    def get(self, request):
+        key = request.auth
+        statuses = {"tenant": None, "key": None}
+        for budget in budgets_for_key(tenant_id=key.tenant_id, key_id=key.pk):
+            status = budget_status(budget, tz_name=key.tenant_timezone)
+            statuses[budget.scope] = {
+                "limit_usd": str(budget.limit_usd),
+                "spent_usd": str(status.spent),
+                "reserved_usd": str(status.reserved),
+                "remaining_usd": str(status.remaining),
+                "hard": budget.hard,
+                "period_start": status.period_start.isoformat(),
+                "period_end": status.period_end.isoformat(),
+            }
+        return Response({"object": "budget", **statuses})
 
 
 @csrf_exempt

@@ -1,0 +1,147 @@
+"""Per-key rate limits, shared by every gateway process through the database.
+
+- Requests per minute and tokens per minute count in fixed one-minute windows
+  (`RateWindow`). A request is admitted by one conditional UPDATE that matches no row
+  once the minute's requests or tokens have reached their limit. Tokens are counted when
+  a call finishes, with its real usage, so a burst of concurrent calls can end a minute
+  somewhat over its token limit; the next calls are then refused until the window turns.
+- Concurrent requests are leases (`KeyLease`), taken under a lock on the key's row and
+  given back when the call ends; a lease of a process that died expires on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from .models import ApiKey, KeyLease, RateWindow
+
+WINDOW = timedelta(minutes=1)
+# Streams renew their lease while they run; a dead process's lease lapses after this.
+LEASE_TTL = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class RateState:
+    """What the x-ratelimit-* headers report after admitting (or refusing) a call."""
+
+    window_start: datetime
+    requests: int
+    tokens: int
+    rpm_limit: int | None
+    tpm_limit: int | None
+
+    def reset_seconds(self, now: datetime) -> int:
+        return max(1, int((self.window_start + WINDOW - now).total_seconds() + 0.999))
+
+    def headers(self, now: datetime) -> dict[str, str]:
+        reset = f"{self.reset_seconds(now)}s"
+        headers = {}
+        if self.rpm_limit is not None:
+            headers["x-ratelimit-limit-requests"] = str(self.rpm_limit)
+            headers["x-ratelimit-remaining-requests"] = str(max(self.rpm_limit - self.requests, 0))
+            headers["x-ratelimit-reset-requests"] = reset
+        if self.tpm_limit is not None:
+            headers["x-ratelimit-limit-tokens"] = str(self.tpm_limit)
+            headers["x-ratelimit-remaining-tokens"] = str(max(self.tpm_limit - self.tokens, 0))
+            headers["x-ratelimit-reset-tokens"] = reset
+        return headers
+
+
+class RateLimited(Exception):
+    def __init__(self, message: str, *, retry_after: int, state: RateState | None):
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.state = state
+
+
+def _window_start(at: datetime) -> datetime:
+    return at.replace(second=0, microsecond=0)
+
+
+def rate_limit_admit(*, key: ApiKey, request_id: str, at: datetime) -> RateState | None:
+    """Count the call against the key's limits, or raise RateLimited. Returns the state
+    for the headers (None for a key without per-minute limits)."""
+    state = None
+    if key.rpm_limit is not None or key.tpm_limit is not None:
+        state = _minute_admit(key, at)
+    if key.concurrency_limit is not None:
+        _lease_take(key, request_id, at, state)
+    return state
+
+
+@transaction.atomic  # the count read back is this call's own: the row stays locked
+def _minute_admit(key: ApiKey, at: datetime) -> RateState:
+    window_start = _window_start(at)
+    window = RateWindow.objects.filter(api_key_id=key.pk, window_start=window_start)
+    room = Q()
+    if key.rpm_limit is not None:
+        room &= Q(requests__lt=key.rpm_limit)
+    if key.tpm_limit is not None:
+        room &= Q(tokens__lt=key.tpm_limit)
+    admitted = window.filter(room).update(requests=F("requests") + 1) == 1
+    if not admitted:
+        # No room, or no window yet (or one another process opened after our UPDATE).
+        try:
+            with transaction.atomic():  # a savepoint: a lost race leaves the outer one usable
+                RateWindow.objects.create(api_key_id=key.pk, window_start=window_start, requests=1)
+            admitted = True
+        except IntegrityError:  # the window exists: count in it if there is room
+            admitted = window.filter(room).update(requests=F("requests") + 1) == 1
+    requests, tokens = window.values_list("requests", "tokens").get()
+    state = RateState(window_start, requests, tokens, key.rpm_limit, key.tpm_limit)
+    if not admitted:
+        over_requests = key.rpm_limit is not None and requests >= key.rpm_limit
+        what = (
+            f"{key.rpm_limit} requests per minute"
+            if over_requests
+            else f"{key.tpm_limit} tokens per minute"
+        )
+        raise RateLimited(
+            f"Rate limit reached for this API key: {what}. Retry after the window resets.",
+            retry_after=state.reset_seconds(at),
+            state=state,
+        )
+    return state
+
+
+def _lease_take(key: ApiKey, request_id: str, at: datetime, state: RateState | None) -> None:
+    with transaction.atomic():
+        # The lock on the key's row makes count-then-insert atomic across processes.
+        ApiKey.objects.select_for_update().filter(pk=key.pk).values_list("pk").first()
+        live = KeyLease.objects.filter(api_key_id=key.pk, expires_at__gt=at).count()
+        if live >= key.concurrency_limit:
+            raise RateLimited(
+                f"Too many concurrent requests for this API key: the limit is "
+                f"{key.concurrency_limit}.",
+                retry_after=1,
+                state=state,
+            )
+        KeyLease.objects.create(api_key_id=key.pk, request_id=request_id, expires_at=at + LEASE_TTL)
+
+
+def key_lease_renew(*, request_id: str, now: datetime) -> None:
+    KeyLease.objects.filter(request_id=request_id).update(expires_at=now + LEASE_TTL)
+
+
+def rate_limit_release(*, key: ApiKey, request_id: str, at: datetime, tokens: int) -> None:
+    """A call has ended: count its tokens in its window and give its lease back."""
+    if key.tpm_limit is not None and tokens:
+        RateWindow.objects.filter(api_key_id=key.pk, window_start=_window_start(at)).update(
+            tokens=F("tokens") + tokens
+        )
+    if key.concurrency_limit is not None:
+        KeyLease.objects.filter(request_id=request_id).delete()
+
+
+def key_leases_expire() -> int:
+    """Delete expired leases and windows older than an hour. Returns the leases deleted."""
+    now = timezone.now()
+    RateWindow.objects.filter(window_start__lt=now - timedelta(hours=1)).delete()
+    deleted, _ = KeyLease.objects.filter(expires_at__lte=now).delete()
+    return deleted
