@@ -1,0 +1,215 @@
+"""Monthly budgets: reservations before the call, settlement after it, refusals the SDK
+does not retry, alerts once per threshold, counters that equal the ledger."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import httpx2
+import openai
+import pytest
+from django.core import mail
+from django.core.management import call_command
+
+from billing.models import UsageEvent
+from tenants.budgets import budget_month, budget_rebuild, budget_set, budget_status
+from tenants.models import ApiKey, BudgetAlert, BudgetPeriod, BudgetReservation
+from tenants.services import api_key_issue
+
+from .conftest import model_create
+
+# Output at $1.00 per 1M and no input price: a call of max_tokens=10 costs exactly what it
+# reserves, $0.00001.
+CALL = Decimal("0.00001")
+MESSAGES = [{"role": "user", "content": "hello there world"}]
+
+
+@pytest.fixture
+def metered(world):
+    model = model_create(
+        "m-budget",
+        provider=world.providers["openai"],
+        input_=None,
+        cached=None,
+        output=Decimal("1"),
+    )
+    world.tenant.allowed_models.add(model)
+    world.tenant.contact_email = "finance@acme.test"
+    world.tenant.save()
+    return world
+
+
+def call(world, secret=None, **mock):
+    return world.client(secret).chat.completions.create(
+        model="m-budget",
+        messages=MESSAGES,
+        max_tokens=10,
+        extra_body={"mock": {"chunks": 20, **mock}},
+    )
+
+
+def test_month_boundaries_follow_the_tenants_time_zone():
+    # 2026-11-01 is the day New York leaves daylight time.
+    oct_start, oct_end = budget_month(datetime(2026, 10, 31, 23, 59, tzinfo=UTC), "UTC")
+    assert (oct_start, oct_end) == (
+        datetime(2026, 10, 1, tzinfo=UTC),
+        datetime(2026, 11, 1, tzinfo=UTC),
+    )
+    # 03:59:59 UTC on Nov 1 is still October 31 in New York (EDT, UTC-4)...
+    start, end = budget_month(datetime(2026, 11, 1, 3, 59, 59, tzinfo=UTC), "America/New_York")
+    assert (start, end) == (
+        datetime(2026, 10, 1, 4, tzinfo=UTC),
+        datetime(2026, 11, 1, 4, tzinfo=UTC),
+    )
+    # ...and November there ends at midnight EST (UTC-5).
+    start, end = budget_month(datetime(2026, 11, 1, 4, tzinfo=UTC), "America/New_York")
+    assert (start, end) == (
+        datetime(2026, 11, 1, 4, tzinfo=UTC),
+        datetime(2026, 12, 1, 5, tzinfo=UTC),
+    )
+
+
+def test_a_call_reserves_its_worst_case_and_settles_to_its_cost(metered):
+    budget = budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
+    completion = call(metered)
+
+    event = UsageEvent.objects.get(request_id=completion._request_id)
+    assert event.cost == CALL
+    status = budget_status(budget)
+    assert (status.spent, status.reserved) == (CALL, 0)
+    assert not BudgetReservation.objects.exists()
+
+
+def test_over_budget_is_a_429_the_sdk_does_not_retry(metered):
+    budget_set(tenant=metered.tenant, limit_usd=CALL * 2)
+    sent = []
+    client = openai.OpenAI(
+        base_url=metered.url,
+        api_key=metered.secret,
+        max_retries=2,
+        http_client=httpx2.Client(event_hooks={"request": [sent.append]}),
+    )
+    body = {"model": "m-budget", "messages": MESSAGES, "max_tokens": 10}
+    for _ in range(2):
+        client.chat.completions.create(**body, extra_body={"mock": {"chunks": 20}})
+
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(**body, extra_body={"mock": {"chunks": 20}})
+
+    assert len(sent) == 3  # no retry of the refusal
+    error = caught.value
+    assert error.code == "insufficient_quota"
+    assert error.body["type"] == "insufficient_quota"
+    assert error.response.headers["x-should-retry"] == "false"
+    assert "The monthly budget of this tenant is exhausted" in error.message
+    assert "limit $0.00002, $0.00 left until" in error.message
+    assert "may cost up to $0.00001." in error.message
+    assert UsageEvent.objects.count() == 2  # nothing reached the provider
+
+
+def test_key_budget_applies_inside_the_tenant_budget(metered):
+    budget_set(tenant=metered.tenant, limit_usd=CALL * 3)
+    small = api_key_issue(tenant=metered.tenant, name="small").secret
+    budget_set(tenant=metered.tenant, key=ApiKey.objects.get(name="small"), limit_usd=CALL * 1)
+
+    call(metered, small)
+    with pytest.raises(openai.RateLimitError, match="API key tg-"):
+        call(metered, small)
+    call(metered)
+    call(metered)
+    with pytest.raises(openai.RateLimitError, match="this tenant"):
+        call(metered)
+
+
+def test_soft_budget_never_refuses_but_alerts(metered):
+    budget = budget_set(tenant=metered.tenant, limit_usd=CALL * 2, hard=False)
+    for _ in range(3):
+        call(metered)
+    status = budget_status(budget)
+    assert status.spent == CALL * 3
+    assert sorted(BudgetAlert.objects.values_list("threshold", flat=True)) == [50, 80, 100]
+
+
+def test_alerts_fire_once_per_threshold_per_period(metered):
+    budget_set(tenant=metered.tenant, limit_usd=CALL * 10, alert_thresholds=[30, 50])
+    for _ in range(2):
+        call(metered)
+    assert not BudgetAlert.objects.exists()
+    call(metered)  # 30 %
+    assert list(BudgetAlert.objects.values_list("threshold", flat=True)) == [30]
+    call(metered)
+    call(metered)  # 50 %
+    for _ in range(3):
+        call(metered)  # 80 %: no threshold left
+    assert sorted(BudgetAlert.objects.values_list("threshold", flat=True)) == [30, 50]
+    assert [m.subject for m in mail.outbox] == [
+        "[Tollgate] tenant acme has used 30% of its monthly budget",
+        "[Tollgate] tenant acme has used 50% of its monthly budget",
+    ]
+    assert mail.outbox[0].to == ["finance@acme.test"]
+
+
+def test_upstream_failures_and_refusals_release_everything(metered):
+    budget = budget_set(tenant=metered.tenant, limit_usd=CALL * 2)
+    for _ in range(3):
+        with pytest.raises(openai.InternalServerError):
+            call(metered, status=503)
+    call(metered)
+    call(metered)
+    with pytest.raises(openai.RateLimitError):
+        call(metered)
+
+    status = budget_status(budget)
+    assert (status.spent, status.reserved) == (CALL * 2, 0)
+    assert not BudgetReservation.objects.exists()
+
+
+def test_the_gateway_caps_output_when_the_client_sets_none(metered):
+    budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
+    completion = metered.client().chat.completions.create(
+        model="m-budget",
+        messages=MESSAGES,
+        extra_body={"mock": {"chunks": 50, "echo_request": True}},
+    )
+    # The reservation assumed the model's cap (8192): the provider is told so.
+    assert completion.model_extra["mock_request"]["max_tokens"] == 8192
+
+
+def test_budget_endpoint_tells_a_key_what_is_left(metered):
+    budget_set(tenant=metered.tenant, limit_usd=Decimal("0.5"))
+    call(metered)
+    response = httpx2.get(
+        f"{metered.url}/budget", headers={"Authorization": f"Bearer {metered.secret}"}
+    )
+    body = response.json()
+    assert response.status_code == 200
+    assert body["object"] == "budget"
+    assert body["key"] is None
+    tenant = body["tenant"]
+    assert Decimal(tenant["limit_usd"]) == Decimal("0.5")
+    assert Decimal(tenant["spent_usd"]) == CALL
+    assert Decimal(tenant["reserved_usd"]) == 0
+    assert Decimal(tenant["remaining_usd"]) == Decimal("0.5") - CALL
+    assert tenant["period_end"] > tenant["period_start"]
+
+
+def test_counters_rebuilt_from_the_ledger_equal_the_live_ones(metered):
+    budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
+    for _ in range(5):
+        call(metered)
+    assert budget_rebuild() == []
+
+    BudgetPeriod.objects.update(spent_pico=1)  # a drifted counter
+    drifts = budget_rebuild(fix=True)
+    assert len(drifts) == 1 and drifts[0].ledger_pico == 5 * 10_000_000
+    assert budget_rebuild() == []
+
+
+def test_budget_set_command(metered, capsys):
+    key = ApiKey.objects.get(tenant=metered.tenant)
+    call_command("budget_set", "acme", "12.50", "--soft", "--alerts", "25,75")
+    call_command("budget_set", "acme", "3", "--key", key.prefix)
+    out = capsys.readouterr().out
+    assert "Budget of tenant acme: $12.50 a month (soft), alerts at 25%, 75%" in out
+    assert f"Budget of key {key.prefix}…: $3.00 a month (hard)" in out
