@@ -17,7 +17,12 @@ from routing.models import CatalogModel, ModelPrice, Provider
 from tenants.models import Tenant
 from tenants.services import api_key_issue, tenant_create
 
-from .upstream import MockUpstream, gunicorn_gateway_start, mock_upstream_start
+from .upstream import (
+    MockUpstream,
+    celery_worker_start,
+    gunicorn_gateway_start,
+    mock_upstream_start,
+)
 
 STYLES = ("openai", "deepseek", "qwen", "kimi", "glm")
 
@@ -34,24 +39,45 @@ def mock_upstream():
     mock.stop()
 
 
-@pytest.fixture(scope="session")
-def gunicorn_gateway(django_db_setup, django_db_blocker):
-    """The production server (gunicorn, 2 threaded workers) on the test database.
-
-    Tests that use it need `transactional_db` (the `world` fixture has it), so that what
-    they create is committed and visible to the server's own connections.
-    """
+def test_database_url() -> str:
+    """DATABASE_URL of the test database, for the servers and workers tests start."""
     from django.conf import settings as django_settings
 
     db = django_settings.DATABASES["default"]
     if db["ENGINE"].endswith("sqlite3"):
-        url = f"sqlite:///{db['NAME']}"
-    else:
-        auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-        url = f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-    gateway = gunicorn_gateway_start(url)
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def gunicorn_gateway(django_db_setup):
+    """The production server (gunicorn, 2 threaded workers) on the test database, with
+    Celery tasks run in-process.
+
+    Tests that use it need `transactional_db` (the `world` fixture has it), so that what
+    they create is committed and visible to the server's own connections.
+    """
+    gateway = gunicorn_gateway_start(test_database_url())
     yield gateway
     gateway.stop()
+
+
+# A Redis database of its own, emptied first, so that no earlier run's tasks linger.
+TEST_BROKER_URL = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture(scope="module")
+def gateway_with_worker(django_db_setup):
+    """gunicorn enqueueing tasks on a real Redis broker, and a real Celery worker."""
+    import redis
+
+    redis.Redis.from_url(TEST_BROKER_URL).flushdb()
+    worker = celery_worker_start(test_database_url(), TEST_BROKER_URL)
+    gateway = gunicorn_gateway_start(test_database_url(), CELERY_BROKER_URL=TEST_BROKER_URL)
+    yield gateway
+    gateway.stop()
+    worker.stop()
 
 
 def model_create(

@@ -103,3 +103,33 @@ def gunicorn_gateway_start(database_url: str, **env_overrides: str) -> GunicornG
             time.sleep(0.1)
     process.kill()
     raise RuntimeError("gunicorn did not answer within 30 s")
+
+
+@dataclass
+class CeleryWorker:
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def celery_worker_start(database_url: str, broker_url: str) -> CeleryWorker:
+    """A real Celery worker (solo pool) on a real broker, on a given database."""
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="config.settings.test",
+        DATABASE_URL=database_url,
+        CELERY_BROKER_URL=broker_url,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo",
+         "--loglevel", "warning", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+        cwd=ROOT,
+        env=env,
+    )  # fmt: skip
+    return CeleryWorker(process=process)

@@ -1,0 +1,110 @@
+"""Budget alerts end to end: the gateway enqueues on a real Redis broker, a real Celery
+worker emails and POSTs the signed webhook, and a receiver that fails at first gets the
+delivery on a retry."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import openai
+import pytest
+
+from tenants.alerts import webhook_signing_secret
+from tenants.budgets import budget_set
+from tenants.models import BudgetAlert, WebhookDelivery
+
+from .conftest import model_create
+
+
+class Receiver:
+    """A webhook endpoint that answers 500 to the first `failures` deliveries."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.received: list[tuple[dict, bytes, int]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = 500 if len(receiver.received) < receiver.failures else 200
+                receiver.received.append((dict(self.headers), body, status))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/tollgate"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def receiver():
+    receiver = Receiver(failures=1)
+    yield receiver
+    receiver.stop()
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_a_failing_webhook_receiver_gets_the_alert_after_a_retry(
+    world, gateway_with_worker, receiver
+):
+    model = model_create(
+        "m-alert", provider=world.providers["openai"], input_=None, cached=None, output=Decimal("1")
+    )
+    world.tenant.allowed_models.add(model)
+    world.tenant.alert_webhook_url = receiver.url
+    world.tenant.contact_email = "finance@acme.test"
+    world.tenant.save()
+    budget_set(tenant=world.tenant, limit_usd=Decimal("0.00002"), alert_thresholds=[50])
+    client = openai.OpenAI(base_url=gateway_with_worker.url, api_key=world.secret, max_retries=0)
+
+    client.chat.completions.create(  # $0.00001: half the budget
+        model="m-alert",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=10,
+        extra_body={"mock": {"chunks": 20}},
+    )
+
+    wait_until(lambda: WebhookDelivery.objects.filter(succeeded=True).exists())
+    deliveries = list(WebhookDelivery.objects.order_by("attempt"))
+    assert [(d.attempt, d.status_code, d.succeeded) for d in deliveries] == [
+        (1, 500, False),
+        (2, 200, True),
+    ]
+    alert = BudgetAlert.objects.get()
+    assert alert.threshold == 50
+    wait_until(lambda: BudgetAlert.objects.get().emailed_at is not None)
+
+    headers, body, _ = receiver.received[-1]
+    payload = json.loads(body)
+    assert payload["type"] == "budget.threshold_crossed"
+    assert payload["data"]["threshold_percent"] == 50
+    assert payload["data"]["spent_usd"] == "0.000010000000"
+    assert payload["data"]["tenant"] == "acme"
+    # The signature verifies with the tenant's secret, as a receiver would check it.
+    stamp, signature = (part.split("=", 1)[1] for part in headers["Tollgate-Signature"].split(","))
+    expected = hmac.new(
+        webhook_signing_secret(world.tenant).encode(), f"{stamp}.".encode() + body, hashlib.sha256
+    ).hexdigest()
+    assert hmac.compare_digest(signature, expected)
+    assert len(receiver.received) == 2  # and nothing after the success
