@@ -48,6 +48,7 @@ class UsageFacts:
     latency_ms: int
     occurred_at: datetime
     tenant_timezone: str = "UTC"  # whose calendar month the budgets count in
+    budget_version: int | None = None  # the tenant's, as read with the key (None: look it up)
     ttft_ms: int | None = None
     raw_usage: dict | None = None
     upstream_status: int | None = None
@@ -92,17 +93,18 @@ def usage_record(facts: UsageFacts) -> UsageEvent:
         raw_usage=facts.raw_usage,
         occurred_at=facts.occurred_at,
     )
-    budgeted = bool(budgets_for_key(tenant_id=facts.tenant_id, key_id=facts.api_key_id))
+    budgets = budgets_for_key(
+        tenant_id=facts.tenant_id, key_id=facts.api_key_id, version=facts.budget_version
+    )
     try:
-        if budgeted or connection.in_atomic_block:
+        if budgets or connection.in_atomic_block:
             # A transaction (or a savepoint inside the caller's) keeps the event and the
             # budget counters together, and the connection usable after a conflict.
             with transaction.atomic():
                 event.save(force_insert=True)
-                if budgeted:
+                if budgets:
                     budget_settle(
-                        tenant_id=facts.tenant_id,
-                        key_id=facts.api_key_id,
+                        budgets=budgets,
                         tz_name=facts.tenant_timezone,
                         request_id=facts.request_id,
                         at=facts.occurred_at,

@@ -209,6 +209,7 @@ def _meter(
         raw_usage=raw_usage,
         occurred_at=call.received_at,
         tenant_timezone=call.tz_name,
+        budget_version=call.key.tenant_budget_version,
         upstream_status=failure.upstream_status if failure else None,
         error_code=(failure.error.code or "") if failure else "",
     )

@@ -3,21 +3,52 @@ next page, once; nothing stores it (not the database, not the session, not a coo
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ActionForm
+from django.db import models
 from django.db.models import Count, Q
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
-from .models import ApiKey, StaffToken, Tenant
+from .alerts import webhook_signing_secret
+from .budgets import budget_set, budget_status, usd_format
+from .models import ApiKey, Budget, BudgetAlert, StaffToken, Tenant, WebhookDelivery
 from .services import (
     api_key_issue,
+    api_key_rotate,
     key_revoke,
     staff_token_issue,
     tenant_resume,
     tenant_suspend,
 )
+
+
+def budget_bar(budget: Budget | None) -> str:
+    """This month's spent and reserved against the limit, with a bar."""
+    if budget is None:
+        return "No budget."
+    status = budget_status(budget)
+    percent = min(float(status.used_percent), 100.0)  # display width only
+    colour = "#ba2121" if status.used_percent >= 100 else "#417690"
+    return format_html(
+        '<div style="width:22em;background:#eee;border-radius:3px">'
+        '<div style="width:{}%;background:{};height:0.9em;border-radius:3px"></div></div>'
+        "{} of {} spent ({}%), {} reserved, {} left until {} UTC ({} budget)",
+        f"{percent:.1f}",
+        colour,
+        usd_format(status.spent),
+        usd_format(budget.limit_usd),
+        status.used_percent,
+        usd_format(status.reserved),
+        usd_format(status.remaining),
+        status.period_end.strftime("%Y-%m-%d %H:%M"),
+        "hard" if budget.hard else "soft",
+    )
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -53,11 +84,18 @@ class TenantAdmin(admin.ModelAdmin):
     search_fields = ("slug", "name", "contact_email")
     prepopulated_fields = {"slug": ("name",)}
     filter_horizontal = ("allowed_models", "members")
-    readonly_fields = ("created_at",)
+    readonly_fields = ("created_at", "budget_this_month", "webhook_secret")
+    # A URL typed without a scheme means https (Django 6's default, adopted now).
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     inlines = [ApiKeyInline]
     actions = ["suspend", "resume"]
     fieldsets = (
         (None, {"fields": ("name", "slug", "status", "contact_email", "timezone", "created_at")}),
+        ("Budget", {"fields": ("budget_this_month",)}),
+        (
+            "Budget alerts",
+            {"fields": ("alert_webhook_url", "webhook_secret"), "classes": ["collapse"]},
+        ),
         ("Models this tenant may call", {"fields": ("allowed_models",)}),
         ("Users who manage it through the API", {"fields": ("members",), "classes": ["collapse"]}),
     )
@@ -74,6 +112,22 @@ class TenantAdmin(admin.ModelAdmin):
                 usable_key_count=Count("api_keys", filter=usable, distinct=True),
                 allowed_count=Count("allowed_models", distinct=True),
             )
+        )
+
+    @admin.display(description="this month")
+    def budget_this_month(self, tenant: Tenant) -> str:
+        if tenant.pk is None:
+            return "Save the tenant first, then set a budget."
+        return budget_bar(Budget.objects.filter(tenant=tenant, api_key__isnull=True).first())
+
+    @admin.display(description="webhook signing secret")
+    def webhook_secret(self, tenant: Tenant) -> str:
+        if tenant.pk is None:
+            return "-"
+        return format_html(
+            "<code>{}</code><br>Receivers check the <code>Tollgate-Signature</code> header: "
+            't=timestamp, v1=HMAC-SHA256 of "timestamp.body" under this secret.',
+            webhook_signing_secret(tenant),
         )
 
     @admin.display(description="usable keys", ordering="usable_key_count")
@@ -95,6 +149,17 @@ class TenantAdmin(admin.ModelAdmin):
         for tenant in queryset:
             tenant_resume(tenant=tenant)
         self.message_user(request, f"Resumed {queryset.count()} tenant(s).")
+
+
+class RotateActionForm(ActionForm):
+    grace_hours = forms.DecimalField(
+        label="grace period (hours, for rotation)",
+        required=False,
+        initial=24,
+        min_value=0,
+        max_digits=6,
+        decimal_places=2,
+    )
 
 
 class KeyAdminBase(admin.ModelAdmin):
@@ -175,17 +240,57 @@ class ApiKeyAdmin(KeyAdminBase):
     search_fields = ("prefix", "name", "tenant__slug")
     list_select_related = ("tenant",)
     filter_horizontal = ("allowed_models",)
-    fields = (
-        "tenant",
-        "name",
-        "expires_at",
-        "allowed_models",
-        "prefix",
-        "created_at",
-        "revoked_at",
-        "last_used_at",
+    fieldsets = (
+        (None, {"fields": ("tenant", "name", "expires_at", "allowed_models")}),
+        ("Rate limits", {"fields": ("rpm_limit", "tpm_limit", "concurrency_limit")}),
+        ("Budget", {"fields": ("budget_this_month",)}),
+        (
+            "History",
+            {"fields": ("prefix", "created_at", "revoked_at", "last_used_at", "replaced_by")},
+        ),
     )
+    readonly_fields = (*KeyAdminBase.readonly_fields, "replaced_by", "budget_this_month")
     owner_fields = ("tenant",)
+    action_form = RotateActionForm
+    actions = ["revoke", "rotate"]
+
+    @admin.display(description="this month")
+    def budget_this_month(self, key: ApiKey) -> str:
+        if key.pk is None:
+            return "Issue the key first, then set a budget."
+        return budget_bar(Budget.objects.filter(api_key=key).first())
+
+    @admin.action(description="Rotate selected keys (new secrets shown once)")
+    def rotate(self, request, queryset):
+        try:
+            grace = timedelta(hours=float(request.POST.get("grace_hours") or 24))
+        except ValueError:
+            self.message_user(request, "The grace period is a number of hours.", messages.ERROR)
+            return None
+        rotated, skipped = [], 0
+        for key in queryset.select_related("tenant"):
+            if not key.is_usable():
+                skipped += 1
+                continue
+            rotated.append((key, api_key_rotate(key=key, grace=grace)))
+        if skipped:
+            self.message_user(request, f"Skipped {skipped} revoked or expired key(s).")
+        if not rotated:
+            return None
+        response = TemplateResponse(
+            request,
+            "admin/tenants/keys_rotated.html",
+            {
+                **self.admin_site.each_context(request),
+                "opts": self.model._meta,
+                "title": "Keys rotated",
+                "rotated": rotated,
+                "grace": grace,
+                "changelist_url": reverse("admin:tenants_apikey_changelist"),
+            },
+        )
+        response["Cache-Control"] = "no-store"
+        return response
 
     def issue(self, request, obj, form):
         narrowed = form.cleaned_data.get("allowed_models") or []
@@ -194,6 +299,9 @@ class ApiKeyAdmin(KeyAdminBase):
             name=obj.name,
             expires_at=obj.expires_at,
             model_ids=[m.public_id for m in narrowed],
+            rpm_limit=obj.rpm_limit,
+            tpm_limit=obj.tpm_limit,
+            concurrency_limit=obj.concurrency_limit,
         )
 
 
@@ -207,3 +315,81 @@ class StaffTokenAdmin(KeyAdminBase):
 
     def issue(self, request, obj, form):
         return staff_token_issue(user=obj.user, name=obj.name, expires_at=obj.expires_at)
+
+
+class BudgetForm(forms.ModelForm):
+    class Meta:
+        model = Budget
+        fields = ("tenant", "api_key", "limit_usd", "hard", "alert_thresholds")
+
+    def clean(self):
+        data = super().clean()
+        key, tenant = data.get("api_key"), data.get("tenant")
+        if key is not None and tenant is not None and key.tenant_id != tenant.pk:
+            self.add_error("api_key", "This key belongs to another tenant.")
+        return data
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    form = BudgetForm
+    list_display = ("tenant", "scope_label", "limit_usd", "hard", "this_month")
+    list_filter = ("hard", "tenant")
+    list_select_related = ("tenant", "api_key")
+    readonly_fields = ("this_month", "created_at", "updated_at")
+    fields = ("tenant", "api_key", "limit_usd", "hard", "alert_thresholds", "this_month")
+
+    def save_model(self, request, obj, form, change):
+        # Through the service: a lower limit alerts at once for thresholds already passed.
+        saved = budget_set(
+            tenant=obj.tenant,
+            key=obj.api_key,
+            limit_usd=obj.limit_usd,
+            hard=obj.hard,
+            alert_thresholds=obj.alert_thresholds,
+        )
+        obj.pk = saved.pk
+
+    @admin.display(description="scope")
+    def scope_label(self, budget: Budget) -> str:
+        return f"key {budget.api_key.prefix}…" if budget.api_key_id else "whole tenant"
+
+    @admin.display(description="this month")
+    def this_month(self, budget: Budget) -> str:
+        return budget_bar(budget) if budget.pk else "-"
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(BudgetAlert)
+class BudgetAlertAdmin(ReadOnlyAdmin):
+    list_display = ("period", "threshold", "spent", "created_at", "emailed_at", "webhooks")
+    list_select_related = ("period__budget__tenant", "period__budget__api_key")
+    list_filter = ("threshold",)
+
+    @admin.display(description="spent")
+    def spent(self, alert: BudgetAlert) -> str:
+        from .budgets import pico_to_usd
+
+        return usd_format(pico_to_usd(alert.spent_pico))
+
+    @admin.display(description="webhook attempts")
+    def webhooks(self, alert: BudgetAlert) -> str:
+        return format_html_join(
+            ", ",
+            "#{} {}",
+            ((d.attempt, d.status_code or d.error or "-") for d in alert.deliveries.all()),
+        )
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    list_display = ("created_at", "tenant", "event", "attempt", "status_code", "succeeded", "url")
+    list_filter = ("succeeded", "event", "tenant")
+    list_select_related = ("tenant",)

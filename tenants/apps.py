@@ -9,7 +9,7 @@ class TenantsConfig(AppConfig):
         from django.db.models.signals import m2m_changed, post_delete, post_save
 
         from . import schema  # noqa: F401  (registers the OpenAPI auth description)
-        from .budgets import budget_cache_clear
+        from .budgets import budget_version_bump
         from .models import ApiKey, Budget, Tenant
         from .selectors import allowlist_cache_clear
 
@@ -22,4 +22,4 @@ class TenantsConfig(AppConfig):
             allowlist_cache_clear, sender=Tenant, dispatch_uid="allowlist-tenant-delete"
         )
         for signal, name in ((post_save, "save"), (post_delete, "delete")):
-            signal.connect(budget_cache_clear, sender=Budget, dispatch_uid=f"budgets-{name}")
+            signal.connect(budget_version_bump, sender=Budget, dispatch_uid=f"budgets-{name}")

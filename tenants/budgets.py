@@ -82,8 +82,17 @@ def budget_month(at: datetime, tz_name: str) -> tuple[datetime, datetime]:
     return start.astimezone(UTC), end.astimezone(UTC)
 
 
-def budgets_for_key(*, tenant_id: int, key_id: int) -> tuple[Budget, ...]:
-    """The budgets that apply to a key's calls: its tenant's, then its own (cached)."""
+def budgets_for_key(*, tenant_id: int, key_id: int, version: int | None) -> tuple[Budget, ...]:
+    """The budgets that apply to a key's calls: its tenant's, then its own.
+
+    Cached per tenant budget version (`Tenant.budget_version`, which the key lookup
+    reads on every request), so a change applies from the next request everywhere. A
+    tenant that never had a budget costs no query at all. `version=None` reads it.
+    """
+    if version is None:
+        version = Tenant.objects.values_list("budget_version", flat=True).get(pk=tenant_id)
+    if version == 0:
+        return ()
 
     def load() -> tuple[Budget, ...]:
         budgets = Budget.objects.filter(tenant_id=tenant_id, api_key__isnull=True) | (
@@ -91,11 +100,12 @@ def budgets_for_key(*, tenant_id: int, key_id: int) -> tuple[Budget, ...]:
         )
         return tuple(sorted(budgets.select_related("api_key"), key=lambda b: b.api_key_id or 0))
 
-    return _budgets.get_or_load((tenant_id, key_id), load)
+    return _budgets.get_or_load((tenant_id, key_id, version), load)
 
 
-def budget_cache_clear(**kwargs) -> None:
-    _budgets.clear()
+def budget_version_bump(*, sender, instance: Budget, **kwargs) -> None:
+    """Connected to Budget's post_save and post_delete signals."""
+    Tenant.objects.filter(pk=instance.tenant_id).update(budget_version=F("budget_version") + 1)
 
 
 def budget_period(budget: Budget, at: datetime, tz_name: str) -> BudgetPeriod:
@@ -114,7 +124,10 @@ def budget_reserve(
     Raises BudgetExceeded (holding nothing) when it does not fit one of them. Returns
     whether anything was held.
     """
-    hard = [b for b in budgets_for_key(tenant_id=key.tenant_id, key_id=key.pk) if b.hard]
+    budgets = budgets_for_key(
+        tenant_id=key.tenant_id, key_id=key.pk, version=key.tenant_budget_version
+    )
+    hard = [b for b in budgets if b.hard]
     if not hard:
         return False
     needed = usd_to_pico(amount)
@@ -134,12 +147,12 @@ def budget_reserve(
 
 
 def budget_settle(
-    *, tenant_id: int, key_id: int, tz_name: str, request_id: str, at: datetime, cost: Decimal
+    *, budgets: tuple[Budget, ...], tz_name: str, request_id: str, at: datetime, cost: Decimal
 ) -> None:
     """Move a finished call's cost into spent on every budget that covers it, releasing
     its holds. Call it inside the transaction that writes the call's usage event."""
     cost_pico = int(cost * PICO)  # costs have twelve decimal places: exact
-    for budget in budgets_for_key(tenant_id=tenant_id, key_id=key_id):
+    for budget in budgets:
         period = budget_period(budget, at, tz_name)
         holds = BudgetReservation.objects.filter(period=period, request_id=request_id)
         held = sum(h.amount_pico for h in holds)
@@ -234,12 +247,29 @@ def budget_set(
         budget.alert_thresholds = sorted(set(alert_thresholds))
     budget.full_clean()
     budget.save()
-    # Thresholds the current spent already passes under the new limit alert now.
-    status = budget_status(budget)
-    period = BudgetPeriod.objects.filter(budget=budget, starts_at=status.period_start).first()
-    if period is not None and period.spent_pico:
+    # A new budget counts the month's usage so far, as `budget_rebuild` would.
+    starts_at, ends_at = budget_month(timezone.now(), tenant.timezone)
+    period, _ = BudgetPeriod.objects.get_or_create(
+        budget=budget,
+        starts_at=starts_at,
+        defaults={"ends_at": ends_at, "spent_pico": _ledger_spent_pico(budget, starts_at, ends_at)},
+    )
+    # Thresholds the month's spending already passes under this limit alert now.
+    if period.spent_pico:
         budget_alerts_fire(budget=budget, period=period, before=0, after=period.spent_pico)
     return budget
+
+
+def _ledger_spent_pico(budget: Budget, starts_at: datetime, ends_at: datetime) -> int:
+    from billing.models import UsageEvent
+
+    events = UsageEvent.objects.filter(
+        tenant_id=budget.tenant_id, occurred_at__gte=starts_at, occurred_at__lt=ends_at
+    )
+    if budget.api_key_id:
+        events = events.filter(api_key_id=budget.api_key_id)
+    # Summed as Decimals in Python: exact on every database.
+    return sum(int(cost * PICO) for cost in events.values_list("cost", flat=True))
 
 
 @dataclass(frozen=True)
@@ -252,19 +282,9 @@ class BudgetDrift:
 def budget_rebuild(*, fix: bool = False) -> list[BudgetDrift]:
     """Recompute every period's spent from the usage ledger; report (and optionally fix)
     the periods whose live counter differs."""
-    from billing.models import UsageEvent
-
     drifts = []
     for period in BudgetPeriod.objects.select_related("budget"):
-        events = UsageEvent.objects.filter(
-            tenant_id=period.budget.tenant_id,
-            occurred_at__gte=period.starts_at,
-            occurred_at__lt=period.ends_at,
-        )
-        if period.budget.api_key_id:
-            events = events.filter(api_key_id=period.budget.api_key_id)
-        # Summed as Decimals in Python: exact on every database.
-        ledger_pico = sum(int(cost * PICO) for cost in events.values_list("cost", flat=True))
+        ledger_pico = _ledger_spent_pico(period.budget, period.starts_at, period.ends_at)
         if ledger_pico != period.spent_pico:
             drifts.append(BudgetDrift(period, period.spent_pico, ledger_pico))
             if fix:

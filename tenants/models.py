@@ -33,6 +33,9 @@ class Tenant(models.Model):
     allowed_models = models.ManyToManyField(
         "routing.CatalogModel", blank=True, related_name="tenants"
     )
+    # Bumped whenever one of the tenant's budgets changes. The key lookup reads it with
+    # the key, so every process knows of a new or changed budget from its next request.
+    budget_version = models.PositiveIntegerField(default=0, editable=False)
     # Users who may manage this tenant through /api/ without being superusers.
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="tenants")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -24,7 +24,8 @@ def _api_key_sql() -> str:
     # Built from model metadata only; the digest travels as a parameter.
     return (
         f"SELECT {key_columns}, t.{quote('status')} AS tenant_status, "  # noqa: S608
-        f"t.{quote('timezone')} AS tenant_timezone "
+        f"t.{quote('timezone')} AS tenant_timezone, "
+        f"t.{quote('budget_version')} AS tenant_budget_version "
         f"FROM {quote(ApiKey._meta.db_table)} k "
         f"JOIN {quote(Tenant._meta.db_table)} t ON t.{quote('id')} = k.{quote('tenant_id')} "
         f"WHERE k.{quote('digest')} = %s"
@@ -32,8 +33,8 @@ def _api_key_sql() -> str:
 
 
 def api_key_for_digest(digest: str) -> ApiKey | None:
-    """The key with this digest, with its tenant's status and time zone as
-    `key.tenant_status` and `key.tenant_timezone`.
+    """The key with this digest, with its tenant's status, time zone and budget version
+    as `key.tenant_status`, `key.tenant_timezone` and `key.tenant_budget_version`.
 
     Runs on every request and must see revocations at once, so it is not cached; written
     as one plain statement because building the equivalent ORM query costs three times

@@ -111,10 +111,22 @@ def api_key_issue(
     name: str = "",
     expires_at: datetime | None = None,
     model_ids: list[str] | None = None,
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
+    concurrency_limit: int | None = None,
 ) -> IssuedKey[ApiKey]:
     """Issue a key for a tenant; the secret is in the result and nowhere else."""
     narrowed = catalog_models_resolve(model_ids) if model_ids else []
-    issued = _issue(ApiKey, API_KEY_MARK, tenant=tenant, name=name, expires_at=expires_at)
+    issued = _issue(
+        ApiKey,
+        API_KEY_MARK,
+        tenant=tenant,
+        name=name,
+        expires_at=expires_at,
+        rpm_limit=rpm_limit,
+        tpm_limit=tpm_limit,
+        concurrency_limit=concurrency_limit,
+    )
     if narrowed:
         issued.key.allowed_models.set(narrowed)
     return issued

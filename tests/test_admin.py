@@ -197,3 +197,62 @@ def test_usage_ledger_is_filterable_and_read_only(admin_client, event):
     )
     assert response.status_code == 403
     assert UsageEvent.objects.get(pk=event.pk).output_tokens == 40
+
+
+def test_budget_status_shows_on_the_tenant_and_key_pages(admin_client, event, acme):
+    from tenants.budgets import budget_set
+
+    budget_set(tenant=acme, limit_usd=Decimal("0.0001"))
+    key = ApiKey.objects.get(pk=event.api_key_id)
+    budget_set(tenant=acme, key=key, limit_usd=Decimal("5"), hard=False)
+
+    tenant_page = admin_client.get(reverse("admin:tenants_tenant_change", args=[acme.pk]))
+    # 40 output tokens at $0.25 per 1M: $0.00001 of $0.0001.
+    assert "$0.00001 of $0.0001 spent (10.0%)" in tenant_page.content.decode()
+    key_page = admin_client.get(reverse("admin:tenants_apikey_change", args=[key.pk]))
+    content = key_page.content.decode()
+    assert "$0.00001 of $5.00 spent (0.0%)" in content
+    assert "soft budget" in content
+    assert "Requests per minute" in content
+
+
+def test_rotating_keys_in_the_admin_shows_the_new_secrets_once(admin_client, acme):
+    old = api_key_issue(tenant=acme, name="ci", rpm_limit=60).key
+    response = admin_client.post(
+        reverse("admin:tenants_apikey_changelist"),
+        {"action": "rotate", "_selected_action": [old.pk], "grace_hours": "2"},
+    )
+    assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"]
+    ((_, issued),) = response.context["rotated"]
+    assert issued.secret in response.content.decode()
+    old.refresh_from_db()
+    assert old.replaced_by == issued.key
+    assert abs(old.expires_at - (timezone.now() + timedelta(hours=2))) < timedelta(minutes=1)
+    assert (issued.key.name, issued.key.rpm_limit) == ("ci", 60)
+    assert key_digest(issued.secret) == issued.key.digest
+
+
+def test_budgets_are_set_through_the_admin(admin_client, acme):
+    other = tenant_create(slug="other", name="Other")
+    foreign_key = api_key_issue(tenant=other).key
+    url = reverse("admin:tenants_budget_add")
+    refused = admin_client.post(
+        url,
+        {"tenant": acme.pk, "api_key": foreign_key.pk, "limit_usd": "10", "hard": "on",
+         "alert_thresholds": "[50, 80, 100]"},
+    )  # fmt: skip
+    assert "belongs to another tenant" in refused.content.decode()
+    saved = admin_client.post(
+        url,
+        {"tenant": acme.pk, "limit_usd": "10", "hard": "on", "alert_thresholds": "[50, 90]"},
+    )
+    assert saved.status_code == 302
+    budget = acme.budgets.get()
+    assert (budget.limit_usd, budget.hard, budget.alert_thresholds) == (
+        Decimal("10"),
+        True,
+        [50, 90],
+    )
+    for name in ("tenants_budget", "tenants_budgetalert", "tenants_webhookdelivery"):
+        assert admin_client.get(reverse(f"admin:{name}_changelist")).status_code == 200

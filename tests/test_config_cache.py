@@ -79,3 +79,27 @@ def test_price_versions_in_the_snapshot_price_by_instant(short_lived_cache, key)
     assert entry.price_at(start - timedelta(microseconds=1)).output_per_mtok == Decimal("1.10")
     assert entry.price_at(start) == new
     assert entry.price_at(entry.prices[0].effective_from - timedelta(seconds=1)) is None
+
+
+def test_a_budget_change_applies_on_the_next_request_whatever_the_cache(settings, key):
+    from decimal import Decimal
+
+    from tenants.budgets import budget_set, budgets_for_key
+    from tenants.selectors import api_key_for_digest
+
+    settings.TOLLGATE_CONFIG_CACHE_SECONDS = 3600
+    catalog_cache_clear()
+
+    def seen_by_next_request():
+        fresh = api_key_for_digest(key.digest)  # what the next request's key lookup reads
+        return budgets_for_key(
+            tenant_id=fresh.tenant_id, key_id=fresh.pk, version=fresh.tenant_budget_version
+        )
+
+    assert seen_by_next_request() == ()
+    budget_set(tenant=key.tenant, limit_usd=Decimal("5"))
+    assert [b.limit_usd for b in seen_by_next_request()] == [Decimal("5")]
+    budget_set(tenant=key.tenant, limit_usd=Decimal("7"), key=key)
+    assert [b.limit_usd for b in seen_by_next_request()] == [Decimal("5"), Decimal("7")]
+    key.tenant.budgets.get(api_key__isnull=True).delete()
+    assert [b.limit_usd for b in seen_by_next_request()] == [Decimal("7")]

@@ -127,7 +127,9 @@ class BudgetView(OpenAIView):
     def get(self, request):
         key = request.auth
         statuses = {"tenant": None, "key": None}
-        for budget in budgets_for_key(tenant_id=key.tenant_id, key_id=key.pk):
+        for budget in budgets_for_key(
+            tenant_id=key.tenant_id, key_id=key.pk, version=key.tenant_budget_version
+        ):
             status = budget_status(budget, tz_name=key.tenant_timezone)
             statuses[budget.scope] = {
                 "limit_usd": str(budget.limit_usd),
