@@ -3,11 +3,12 @@
 from rest_framework.routers import DefaultRouter
 
 from billing.api.views import UsageEventViewSet
-from tenants.api.views import ApiKeyViewSet, TenantViewSet
+from tenants.api.views import ApiKeyViewSet, BudgetViewSet, TenantViewSet
 
 router = DefaultRouter()
 router.register("tenants", TenantViewSet, basename="tenant")
 router.register("keys", ApiKeyViewSet, basename="apikey")
+router.register("budgets", BudgetViewSet, basename="budget")
 router.register("usage", UsageEventViewSet, basename="usage")
 
 urlpatterns = router.urls

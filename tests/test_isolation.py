@@ -185,3 +185,68 @@ def test_openapi_schema_is_published(superuser_token):
     assert "/api/keys/{prefix}/revoke/" in paths
     assert "/api/tenants/{slug}/models/" in paths
     assert "/v1/chat/completions" not in paths
+
+
+def test_budgets_and_limits_through_the_management_api(two_tenants, superuser_token):
+    client = api(token=superuser_token)
+    key_a = two_tenants["key_a"]
+
+    created = client.post(
+        "/api/budgets/",
+        {"tenant": "alpha", "limit_usd": "25.00", "alert_thresholds": [50, 90]},
+        format="json",
+    )
+    assert created.status_code == 201, created.content
+    body = created.json()
+    assert (body["limit_usd"], body["hard"], body["alert_thresholds"]) == (
+        "25.000000",
+        True,
+        [50, 90],
+    )
+    # The month's usage so far already counts: 10 input tokens at $0.27 and 5 output
+    # tokens at $1.10 per 1M.
+    assert body["spent_usd"] == "0.000008200000"
+    again = client.post("/api/budgets/", {"tenant": "alpha", "limit_usd": "30"}, format="json")
+    assert again.json()["id"] == body["id"]  # the tenant's budget, changed in place
+    refused = client.post(
+        "/api/budgets/",
+        {"tenant": "alpha", "api_key": two_tenants["key_b"].prefix, "limit_usd": "1"},
+        format="json",
+    )
+    assert refused.status_code == 400 and "another tenant" in str(refused.json())
+
+    limits = client.patch(
+        f"/api/keys/{key_a.prefix}/",
+        {"rpm_limit": 60, "tpm_limit": 10000, "concurrency_limit": 4, "tenant": "beta"},
+        format="json",
+    )
+    assert limits.status_code == 200, limits.content
+    key_a.refresh_from_db()
+    assert (key_a.rpm_limit, key_a.tpm_limit, key_a.concurrency_limit) == (60, 10000, 4)
+    assert key_a.tenant.slug == "alpha"  # a key never changes tenant
+
+    rotated = client.post(f"/api/keys/{key_a.prefix}/rotate/", {"grace_seconds": 60}, format="json")
+    assert rotated.status_code == 201
+    new = rotated.json()
+    assert new["secret"].startswith("tg-") and new["rpm_limit"] == 60
+    assert client.get(f"/api/keys/{key_a.prefix}/").json()["replaced_by"] == new["prefix"]
+
+    secret = client.get("/api/tenants/alpha/webhook-secret/").json()["secret"]
+    assert secret.startswith("whsec_")
+
+
+def test_members_read_but_do_not_set_budgets_and_never_see_other_tenants(
+    two_tenants, member_of_a, superuser_token
+):
+    admin = api(token=superuser_token)
+    for slug in ("alpha", "beta"):
+        admin.post("/api/budgets/", {"tenant": slug, "limit_usd": "10"}, format="json")
+    client = api(member_of_a)
+
+    listed = client.get("/api/budgets/").json()["results"]
+    assert [b["tenant"] for b in listed] == ["alpha"]
+    beta_budget = two_tenants["b"].budgets.get()
+    assert client.get(f"/api/budgets/{beta_budget.pk}/").status_code == 404
+    assert client.post("/api/budgets/", {"tenant": "alpha", "limit_usd": "99"}).status_code == 403
+    assert client.get("/api/tenants/beta/webhook-secret/").status_code == 404
+    assert client.post(f"/api/keys/{two_tenants['key_b'].prefix}/rotate/").status_code == 404

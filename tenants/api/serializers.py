@@ -5,7 +5,8 @@ from rest_framework import serializers
 
 from routing.models import CatalogModel
 
-from ..models import ApiKey, Tenant, validate_timezone
+from ..budgets import budget_status
+from ..models import ApiKey, Budget, Tenant, validate_timezone
 from .scoping import VisibleTenantField
 
 
@@ -27,7 +28,16 @@ class TenantSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Tenant
-        fields = ("slug", "name", "status", "contact_email", "timezone", "models", "created_at")
+        fields = (
+            "slug",
+            "name",
+            "status",
+            "contact_email",
+            "alert_webhook_url",
+            "timezone",
+            "models",
+            "created_at",
+        )
         read_only_fields = ("status", "created_at")
 
 
@@ -44,6 +54,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
         help_text="Narrows the tenant's allowlist for this key; empty means the whole list.",
     )
     state = serializers.SerializerMethodField()
+    replaced_by = serializers.SlugRelatedField(slug_field="prefix", read_only=True)
 
     class Meta:
         model = ApiKey
@@ -52,13 +63,17 @@ class ApiKeySerializer(serializers.ModelSerializer):
             "tenant",
             "name",
             "models",
+            "rpm_limit",
+            "tpm_limit",
+            "concurrency_limit",
             "state",
             "created_at",
             "expires_at",
             "revoked_at",
             "last_used_at",
+            "replaced_by",
         )
-        read_only_fields = ("prefix", "created_at", "revoked_at", "last_used_at")
+        read_only_fields = ("prefix", "created_at", "revoked_at", "last_used_at", "replaced_by")
 
     def get_state(self, key: ApiKey) -> str:
         if key.revoked_at is not None:
@@ -80,3 +95,89 @@ class IssuedApiKeySerializer(ApiKeySerializer):
 
     class Meta(ApiKeySerializer.Meta):
         fields = (*ApiKeySerializer.Meta.fields, "secret")
+
+
+class ApiKeyUpdateSerializer(ApiKeySerializer):
+    """What may change on an issued key: never its tenant."""
+
+    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+
+
+class WebhookSecretSerializer(serializers.Serializer):
+    secret = serializers.CharField(read_only=True)
+
+
+class RotateSerializer(serializers.Serializer):
+    grace_seconds = serializers.IntegerField(
+        min_value=0,
+        max_value=90 * 24 * 3600,
+        default=24 * 3600,
+        help_text="How long the old key keeps working.",
+    )
+
+
+class BudgetSerializer(serializers.ModelSerializer):
+    tenant = VisibleTenantField()
+    api_key = serializers.SlugRelatedField(
+        slug_field="prefix",
+        queryset=ApiKey.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="Prefix of a key of the tenant; empty for the whole tenant.",
+    )
+    alert_thresholds = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=1000), required=False
+    )
+    spent_usd = serializers.SerializerMethodField()
+    reserved_usd = serializers.SerializerMethodField()
+    remaining_usd = serializers.SerializerMethodField()
+    period_start = serializers.SerializerMethodField()
+    period_end = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Budget
+        fields = (
+            "id",
+            "tenant",
+            "api_key",
+            "limit_usd",
+            "hard",
+            "alert_thresholds",
+            "spent_usd",
+            "reserved_usd",
+            "remaining_usd",
+            "period_start",
+            "period_end",
+        )
+        # Uniqueness per scope is the service's business (it updates in place).
+        validators = []
+
+    def _status(self, budget: Budget):
+        cache = self.context.setdefault("_status", {})
+        if budget.pk not in cache:
+            cache[budget.pk] = budget_status(budget)
+        return cache[budget.pk]
+
+    def get_spent_usd(self, budget) -> str:
+        return str(self._status(budget).spent)
+
+    def get_reserved_usd(self, budget) -> str:
+        return str(self._status(budget).reserved)
+
+    def get_remaining_usd(self, budget) -> str:
+        return str(self._status(budget).remaining)
+
+    def get_period_start(self, budget) -> str:
+        return self._status(budget).period_start.isoformat()
+
+    def get_period_end(self, budget) -> str:
+        return self._status(budget).period_end.isoformat()
+
+    def validate(self, data):
+        key = data.get("api_key")
+        tenant = data.get("tenant") or getattr(self.instance, "tenant", None)
+        if key is not None and tenant is not None and key.tenant_id != tenant.pk:
+            raise serializers.ValidationError({"api_key": "This key belongs to another tenant."})
+        if data.get("limit_usd") is not None and data["limit_usd"] <= 0:
+            raise serializers.ValidationError({"limit_usd": "Must be positive."})
+        return data

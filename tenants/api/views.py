@@ -1,15 +1,22 @@
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
-from ..models import ApiKey, Tenant
+from ..alerts import webhook_signing_secret
+from ..budgets import budget_set
+from ..models import ApiKey, Budget, Tenant
 from ..services import (
     UnknownModelsError,
     api_key_issue,
+    api_key_rotate,
     key_revoke,
     tenant_allowlist_set,
     tenant_create,
@@ -20,8 +27,12 @@ from .scoping import IsSuperuser, SuperuserWritesMembersRead, TenantScopedViewSe
 from .serializers import (
     AllowlistSerializer,
     ApiKeySerializer,
+    ApiKeyUpdateSerializer,
+    BudgetSerializer,
     IssuedApiKeySerializer,
+    RotateSerializer,
     TenantSerializer,
+    WebhookSecretSerializer,
 )
 
 
@@ -64,6 +75,12 @@ class TenantViewSet(
         tenant_resume(tenant=tenant)
         return Response(TenantSerializer(tenant, context={"request": request}).data)
 
+    @extend_schema(request=None, responses={200: WebhookSecretSerializer})
+    @action(detail=True, methods=["get"], url_path="webhook-secret")
+    def webhook_secret(self, request, slug=None):
+        """The secret that signs this tenant's budget alert webhooks."""
+        return Response({"secret": webhook_signing_secret(self.get_object())})
+
     @extend_schema(request=AllowlistSerializer, responses=AllowlistSerializer)
     @action(
         detail=True,
@@ -92,9 +109,11 @@ class ApiKeyViewSet(
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
     mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
     TenantScopedViewSet,
 ):
-    """API keys of the tenants you manage. Creating one returns its secret, once."""
+    """API keys of the tenants you manage. Creating one returns its secret, once; so does
+    rotating one. Name, models, rate limits and expiry can change; the tenant cannot."""
 
     queryset = (
         ApiKey.objects.select_related("tenant")
@@ -104,6 +123,11 @@ class ApiKeyViewSet(
     serializer_class = ApiKeySerializer
     lookup_field = "prefix"
     lookup_value_regex = "[^/]+"
+
+    def get_serializer_class(self):
+        if self.action in ("update", "partial_update"):
+            return ApiKeyUpdateSerializer
+        return ApiKeySerializer
 
     def get_queryset(self):
         queryset = super().get_queryset()
@@ -121,12 +145,34 @@ class ApiKeyViewSet(
                 name=data.get("name", ""),
                 expires_at=data.get("expires_at"),
                 model_ids=[m.public_id for m in data.get("allowed_models", [])],
+                rpm_limit=data.get("rpm_limit"),
+                tpm_limit=data.get("tpm_limit"),
+                concurrency_limit=data.get("concurrency_limit"),
             )
+        return self._issued_response(issued, status.HTTP_201_CREATED)
+
+    def _issued_response(self, issued, code: int) -> Response:
         issued.key.secret = issued.secret
         body = IssuedApiKeySerializer(issued.key, context=self.get_serializer_context()).data
-        response = Response(body, status=status.HTTP_201_CREATED)
+        response = Response(body, status=code)
         response["Cache-Control"] = "no-store"
         return response
+
+    @extend_schema(request=RotateSerializer, responses={201: IssuedApiKeySerializer})
+    @action(detail=True, methods=["post"])
+    def rotate(self, request, prefix=None):
+        """Issue a replacement key; the old one keeps working for the grace period."""
+        key = self.get_object()
+        body = RotateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        if not key.is_usable():
+            return Response(
+                {"detail": "Only a usable key can be rotated."}, status=status.HTTP_409_CONFLICT
+            )
+        issued = api_key_rotate(
+            key=key, grace=timedelta(seconds=body.validated_data["grace_seconds"])
+        )
+        return self._issued_response(issued, status.HTTP_201_CREATED)
 
     @extend_schema(request=None, responses=ApiKeySerializer)
     @action(detail=True, methods=["post"])
@@ -135,3 +181,44 @@ class ApiKeyViewSet(
         key = self.get_object()
         key_revoke(key=key)
         return Response(self.get_serializer(key).data)
+
+
+class BudgetViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
+    mixins.DestroyModelMixin,
+    TenantScopedViewSet,
+):
+    """Monthly budgets of the tenants you manage, with this month's counters. Members
+    read them; superusers set them (setting a scope's budget again changes it)."""
+
+    queryset = Budget.objects.select_related("tenant", "api_key").order_by("tenant__slug", "id")
+    serializer_class = BudgetSerializer
+    permission_classes = [SuperuserWritesMembersRead]
+
+    def perform_create(self, serializer):
+        serializer.instance = self._set(serializer.validated_data)
+
+    def perform_update(self, serializer):
+        data = {
+            "tenant": serializer.instance.tenant,
+            "api_key": serializer.instance.api_key,
+            "limit_usd": serializer.instance.limit_usd,
+            "hard": serializer.instance.hard,
+            **serializer.validated_data,
+        }
+        serializer.instance = self._set(data)
+
+    def _set(self, data) -> Budget:
+        try:
+            return budget_set(
+                tenant=data["tenant"],
+                key=data.get("api_key"),
+                limit_usd=data["limit_usd"],
+                hard=data.get("hard", True),
+                alert_thresholds=data.get("alert_thresholds"),
+            )
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from None
