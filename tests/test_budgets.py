@@ -213,3 +213,32 @@ def test_budget_set_command(metered, capsys):
     out = capsys.readouterr().out
     assert "Budget of tenant acme: $12.50 a month (soft), alerts at 25%, 75%" in out
     assert f"Budget of key {key.prefix}…: $3.00 a month (hard)" in out
+
+
+def test_holds_and_leases_of_dead_processes_are_released(metered):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tenants.budgets import budget_holds_expire, budget_reserve
+    from tenants.limits import key_leases_expire
+    from tenants.models import KeyLease
+    from tenants.selectors import api_key_for_digest
+    from tenants.services import key_digest
+    from tenants.tasks import budget_holds_expire_task, key_leases_expire_task
+
+    budget = budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
+    key = api_key_for_digest(key_digest(metered.secret))
+    budget_reserve(
+        key=key, tz_name="UTC", request_id="req_dead", at=timezone.now(), amount=Decimal("0.4")
+    )
+    KeyLease.objects.create(api_key=key, request_id="req_dead", expires_at=timezone.now())
+    assert budget_status(budget).reserved == Decimal("0.4")
+
+    assert budget_holds_expire(older_than=timedelta(hours=1)) == 0  # still young
+    BudgetReservation.objects.update(created_at=timezone.now() - timedelta(hours=2))
+    assert budget_holds_expire_task.delay().get() == 1
+    assert key_leases_expire_task.delay().get() == 1
+    assert budget_status(budget).reserved == 0
+    assert not BudgetReservation.objects.exists() and not KeyLease.objects.exists()
+    assert key_leases_expire() == 0
