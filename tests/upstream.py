@@ -15,6 +15,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def process_stop(process: subprocess.Popen, timeout: float = 15) -> None:
+    """Terminate a child process, and kill it if it does not exit in time."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class MockUpstream:
     process: subprocess.Popen
@@ -25,12 +35,7 @@ class MockUpstream:
         return f"{self.base}/{style}/v1"
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        process_stop(self.process)
 
 
 def mock_upstream_start(*args: str) -> MockUpstream:
@@ -59,12 +64,7 @@ class GunicornGateway:
     url: str  # http://127.0.0.1:PORT/v1
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        process_stop(self.process)
 
 
 def gunicorn_gateway_start(database_url: str, **env_overrides: str) -> GunicornGateway:
@@ -110,12 +110,7 @@ class CeleryWorker:
     process: subprocess.Popen
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        process_stop(self.process)
 
 
 def celery_worker_start(database_url: str, broker_url: str) -> CeleryWorker:
