@@ -108,11 +108,18 @@ def budget_version_bump(*, sender, instance: Budget, **kwargs) -> None:
     Tenant.objects.filter(pk=instance.tenant_id).update(budget_version=F("budget_version") + 1)
 
 
-def budget_period(budget: Budget, at: datetime, tz_name: str) -> BudgetPeriod:
+def budget_period(
+    budget: Budget, at: datetime, tz_name: str, *, in_flight: str | None = None
+) -> BudgetPeriod:
+    """The budget's counters for the month holding `at`, created on first use with what
+    the ledger already holds for that month (but the call `in_flight`, settled next)."""
     starts_at, ends_at = budget_month(at, tz_name)
-    period, _ = BudgetPeriod.objects.get_or_create(
-        budget=budget, starts_at=starts_at, defaults={"ends_at": ends_at}
-    )
+    period = BudgetPeriod.objects.filter(budget=budget, starts_at=starts_at).first()
+    if period is None:
+        spent = _ledger_spent_pico(budget, starts_at, ends_at, excluding=in_flight)
+        period, _ = BudgetPeriod.objects.get_or_create(
+            budget=budget, starts_at=starts_at, defaults={"ends_at": ends_at, "spent_pico": spent}
+        )
     return period
 
 
@@ -153,7 +160,7 @@ def budget_settle(
     its holds. Call it inside the transaction that writes the call's usage event."""
     cost_pico = int(cost * PICO)  # costs have twelve decimal places: exact
     for budget in budgets:
-        period = budget_period(budget, at, tz_name)
+        period = budget_period(budget, at, tz_name, in_flight=request_id)
         holds = BudgetReservation.objects.filter(period=period, request_id=request_id)
         held = sum(h.amount_pico for h in holds)
         if not held and not cost_pico:
@@ -248,19 +255,16 @@ def budget_set(
     budget.full_clean()
     budget.save()
     # A new budget counts the month's usage so far, as `budget_rebuild` would.
-    starts_at, ends_at = budget_month(timezone.now(), tenant.timezone)
-    period, _ = BudgetPeriod.objects.get_or_create(
-        budget=budget,
-        starts_at=starts_at,
-        defaults={"ends_at": ends_at, "spent_pico": _ledger_spent_pico(budget, starts_at, ends_at)},
-    )
+    period = budget_period(budget, timezone.now(), tenant.timezone)
     # Thresholds the month's spending already passes under this limit alert now.
     if period.spent_pico:
         budget_alerts_fire(budget=budget, period=period, before=0, after=period.spent_pico)
     return budget
 
 
-def _ledger_spent_pico(budget: Budget, starts_at: datetime, ends_at: datetime) -> int:
+def _ledger_spent_pico(
+    budget: Budget, starts_at: datetime, ends_at: datetime, *, excluding: str | None = None
+) -> int:
     from billing.models import UsageEvent
 
     events = UsageEvent.objects.filter(
@@ -268,6 +272,8 @@ def _ledger_spent_pico(budget: Budget, starts_at: datetime, ends_at: datetime) -
     )
     if budget.api_key_id:
         events = events.filter(api_key_id=budget.api_key_id)
+    if excluding:
+        events = events.exclude(request_id=excluding)
     # Summed as Decimals in Python: exact on every database.
     return sum(int(cost * PICO) for cost in events.values_list("cost", flat=True))
 

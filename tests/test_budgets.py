@@ -242,3 +242,14 @@ def test_holds_and_leases_of_dead_processes_are_released(metered):
     assert budget_status(budget).reserved == 0
     assert not BudgetReservation.objects.exists() and not KeyLease.objects.exists()
     assert key_leases_expire() == 0
+
+
+def test_a_budget_made_without_the_service_still_counts_the_month_so_far(metered):
+    from tenants.models import Budget
+
+    call(metered)
+    call(metered)
+    budget = Budget.objects.create(tenant=metered.tenant, limit_usd=Decimal("1"))
+    call(metered)
+    assert budget_status(budget).spent == CALL * 3
+    assert budget_rebuild() == []

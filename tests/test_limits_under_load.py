@@ -194,7 +194,8 @@ def test_concurrency_limit_holds_across_two_processes(gateway):
     key.concurrency_limit = 3
     key.save()
 
-    results = fire(gateway.extra["url"], [(gateway.secret, body(latency_ms=1500))] * 12)
+    # Five seconds each: all twelve arrive while the first three are still running.
+    results = fire(gateway.extra["url"], [(gateway.secret, body(latency_ms=5000))] * 12)
 
     assert len(codes(results, 200)) == 3
     refused = codes(results, 429)
