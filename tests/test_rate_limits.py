@@ -75,12 +75,12 @@ def test_unlimited_keys_get_no_rate_headers(world):
 
 def test_the_sdk_retries_a_rate_limit_after_retry_after(world):
     limited(world, concurrency_limit=1)
-    # Another call holds the key's only slot for one more second. The refusal says
+    # Another call holds the key's only slot for 0.8 s more. The refusal says
     # "retry after 1 s", and the SDK's own retry then gets through.
     KeyLease.objects.create(
         api_key=ApiKey.objects.get(tenant=world.tenant),
         request_id="req_other",
-        expires_at=timezone.now() + timedelta(seconds=1),
+        expires_at=timezone.now() + timedelta(seconds=0.8),
     )
     sent = []
     client = world.client(
