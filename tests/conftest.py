@@ -63,6 +63,14 @@ def gunicorn_gateway(django_db_setup):
     gateway.stop()
 
 
+@pytest.fixture(scope="session")
+def second_gunicorn_gateway(django_db_setup):
+    """Another gunicorn on its own port: with `gunicorn_gateway`, two separate servers."""
+    gateway = gunicorn_gateway_start(test_database_url())
+    yield gateway
+    gateway.stop()
+
+
 # A Redis database of its own, emptied first, so that no earlier run's tasks linger.
 TEST_BROKER_URL = "redis://127.0.0.1:6379/15"
 

@@ -253,3 +253,56 @@ def test_a_budget_made_without_the_service_still_counts_the_month_so_far(metered
     call(metered)
     assert budget_status(budget).spent == CALL * 3
     assert budget_rebuild() == []
+
+
+def test_a_new_month_starts_from_zero_by_itself(metered):
+    from datetime import timedelta
+
+    from tenants.budgets import budget_reserve, budget_settle, budgets_for_key
+    from tenants.selectors import api_key_for_digest
+    from tenants.services import key_digest
+
+    budget = budget_set(tenant=metered.tenant, limit_usd=CALL * 2)
+    call(metered)
+    call(metered)
+    with pytest.raises(openai.RateLimitError):
+        call(metered)
+
+    # The first call of next month: a period of its own, empty, with no job having run.
+    key = api_key_for_digest(key_digest(metered.secret))
+    _, next_month = budget_month(datetime.now(UTC), "UTC")
+    at = next_month + timedelta(minutes=1)
+    assert budget_reserve(key=key, tz_name="UTC", request_id="req_next", at=at, amount=CALL)
+    budgets = budgets_for_key(tenant_id=key.tenant_id, key_id=key.pk, version=None)
+    budget_settle(budgets=budgets, tz_name="UTC", request_id="req_next", at=at, cost=CALL)
+    assert budget_status(budget, at=at).spent == CALL
+    assert budget_status(budget).spent == CALL * 2  # this month's stays as it was
+    assert BudgetPeriod.objects.filter(budget=budget).count() == 2
+
+
+def test_budget_rebuild_command_reports_drift_and_fixes_it(metered, capsys):
+    budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
+    call(metered)
+    call_command("budget_rebuild")
+    assert "0 period(s) drifted" in capsys.readouterr().out
+
+    BudgetPeriod.objects.update(spent_pico=0)
+    with pytest.raises(SystemExit) as exited:
+        call_command("budget_rebuild")
+    assert exited.value.code == 1
+    assert "live $0.00, ledger $0.00001" in capsys.readouterr().out
+    call_command("budget_rebuild", "--fix")
+    assert "(fixed)" in capsys.readouterr().out
+    assert budget_rebuild() == []
+
+
+def test_budget_endpoint_shows_the_keys_own_budget(metered):
+    key = ApiKey.objects.get(tenant=metered.tenant)
+    budget_set(tenant=metered.tenant, key=key, limit_usd=Decimal("2"), hard=False)
+    call(metered)
+    body = httpx2.get(
+        f"{metered.url}/budget", headers={"Authorization": f"Bearer {metered.secret}"}
+    ).json()
+    assert body["tenant"] is None
+    assert (body["key"]["limit_usd"], body["key"]["hard"]) == ("2.000000", False)
+    assert Decimal(body["key"]["spent_usd"]) == CALL

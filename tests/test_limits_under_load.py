@@ -1,6 +1,6 @@
 """Budgets, rate limits and key lifecycle hammered concurrently through the production
-server: gunicorn with two worker processes, on the test database (PostgreSQL in CI's
-second run)."""
+server: two gunicorn servers with two worker processes each, on the test database
+(PostgreSQL in CI's second run). Requests alternate between the two servers."""
 
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ MESSAGES = [{"role": "user", "content": "hello there world"}]
 
 
 @pytest.fixture
-def gateway(world, gunicorn_gateway):
+def gateway(world, gunicorn_gateway, second_gunicorn_gateway):
     model = model_create(
         "m-load", provider=world.providers["openai"], input_=None, cached=None, output=Decimal("1")
     )
     world.tenant.allowed_models.add(model)
-    world.extra["url"] = gunicorn_gateway.url
+    world.extra["urls"] = [gunicorn_gateway.url, second_gunicorn_gateway.url]
     return world
 
 
@@ -45,13 +45,14 @@ def body(**mock) -> dict:
     }
 
 
-def fire(url: str, requests: list[tuple[str, dict]], *, hang_up_after: int | None = None):
-    """Send all requests at once (one thread and connection each); return the responses
-    as (status, json body or None, headers)."""
+def fire(urls: list[str], requests: list[tuple[str, dict]], *, hang_up_after: int | None = None):
+    """Send all requests at once, alternating between the servers (one thread and
+    connection each); return the responses as (status, json body or None, headers)."""
     barrier = threading.Barrier(len(requests))
 
-    def send(item):
-        secret, payload = item
+    def send(numbered):
+        number, (secret, payload) = numbered
+        url = urls[number % len(urls)]
         with httpx2.Client(timeout=60) as http:
             barrier.wait()
             if payload.get("stream") and hang_up_after is not None:
@@ -76,7 +77,7 @@ def fire(url: str, requests: list[tuple[str, dict]], *, hang_up_after: int | Non
             return response.status_code, response.json(), response.headers
 
     with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        return list(pool.map(send, requests))
+        return list(pool.map(send, enumerate(requests)))
 
 
 def codes(results, status):
@@ -106,7 +107,7 @@ def assert_budget_holds(budget, limit: Decimal) -> None:
 def test_hard_budget_holds_under_100_concurrent_requests(gateway):
     budget = budget_set(tenant=gateway.tenant, limit_usd=CALL * 7)
 
-    results = fire(gateway.extra["url"], [(gateway.secret, body())] * 100)
+    results = fire(gateway.extra["urls"], [(gateway.secret, body())] * 100)
 
     assert len(codes(results, 200)) == 7
     refused = codes(results, 429)
@@ -122,7 +123,7 @@ def test_hard_budget_holds_when_the_upstream_fails_for_some(gateway):
     budget = budget_set(tenant=gateway.tenant, limit_usd=CALL * 7)
     requests = [(gateway.secret, body(status=500) if i % 3 == 0 else body()) for i in range(100)]
 
-    results = fire(gateway.extra["url"], requests)
+    results = fire(gateway.extra["urls"], requests)
 
     served = codes(results, 200)
     assert 1 <= len(served) <= 7
@@ -136,7 +137,7 @@ def test_hard_budget_holds_when_clients_hang_up_mid_stream(gateway):
     budget = budget_set(tenant=gateway.tenant, limit_usd=CALL * 7)
     stream = {**body(interval_ms=20), "stream": True}
 
-    results = fire(gateway.extra["url"], [(gateway.secret, stream)] * 60, hang_up_after=3)
+    results = fire(gateway.extra["urls"], [(gateway.secret, stream)] * 60, hang_up_after=3)
 
     assert len(codes(results, 200)) <= 7
     settled()
@@ -154,7 +155,7 @@ def test_key_budget_inside_tenant_budget_across_two_processes(gateway):
     key_budget = budget_set(tenant=gateway.tenant, key=small, limit_usd=CALL * 3)
 
     requests = [(small_secret, body())] * 20 + [(gateway.secret, body())] * 20
-    results = fire(gateway.extra["url"], requests)
+    results = fire(gateway.extra["urls"], requests)
 
     small_served = len(codes(results[:20], 200))
     assert small_served <= 3
@@ -177,7 +178,7 @@ def test_requests_per_minute_hold_across_two_processes(gateway):
     key.save()
     wait_for_a_fresh_minute()
 
-    results = fire(gateway.extra["url"], [(gateway.secret, body())] * 20)
+    results = fire(gateway.extra["urls"], [(gateway.secret, body())] * 20)
 
     ok = codes(results, 200)
     refused = codes(results, 429)
@@ -195,7 +196,7 @@ def test_concurrency_limit_holds_across_two_processes(gateway):
     key.save()
 
     # Five seconds each: all twelve arrive while the first three are still running.
-    results = fire(gateway.extra["url"], [(gateway.secret, body(latency_ms=5000))] * 12)
+    results = fire(gateway.extra["urls"], [(gateway.secret, body(latency_ms=5000))] * 12)
 
     assert len(codes(results, 200)) == 3
     refused = codes(results, 429)
@@ -203,27 +204,38 @@ def test_concurrency_limit_holds_across_two_processes(gateway):
     assert "concurrent" in refused[0][1]["error"]["message"]
     settled()
     # Once the three are done, the key is free again.
-    assert fire(gateway.extra["url"], [(gateway.secret, body())])[0][0] == 200
+    assert fire(gateway.extra["urls"], [(gateway.secret, body())])[0][0] == 200
 
 
 def test_revoked_key_is_refused_by_the_other_process_at_once(gateway):
-    url = gateway.extra["url"]
-    assert {r[0] for r in fire(url, [(gateway.secret, body())] * 4)} == {200}
+    urls = gateway.extra["urls"]
+    assert {r[0] for r in fire(urls, [(gateway.secret, body())] * 4)} == {200}
 
     key_revoke(key=ApiKey.objects.get(tenant=gateway.tenant))
 
-    results = fire(url, [(gateway.secret, body())] * 4)  # spread over both workers
+    results = fire(urls, [(gateway.secret, body())] * 4)  # both servers, both workers
     assert {r[0] for r in results} == {401}
 
 
+def test_suspended_tenant_is_refused_by_every_process_at_once(gateway):
+    from tenants.services import tenant_suspend
+
+    urls = gateway.extra["urls"]
+    assert {r[0] for r in fire(urls, [(gateway.secret, body())] * 4)} == {200}
+    tenant_suspend(tenant=gateway.tenant)
+    results = fire(urls, [(gateway.secret, body())] * 4)
+    assert {r[0] for r in results} == {403}
+    assert {r[1]["error"]["code"] for r in results} == {"tenant_suspended"}
+
+
 def test_rotated_key_works_during_its_grace_period_and_not_after(gateway):
-    url = gateway.extra["url"]
+    urls = gateway.extra["urls"]
     old = ApiKey.objects.get(tenant=gateway.tenant)
     new_secret = api_key_rotate(key=old, grace=timedelta(seconds=2)).secret
 
-    assert {r[0] for r in fire(url, [(gateway.secret, body()), (new_secret, body())])} == {200}
+    assert {r[0] for r in fire(urls, [(gateway.secret, body()), (new_secret, body())])} == {200}
     time.sleep(2.2)
-    after = fire(url, [(gateway.secret, body()), (new_secret, body())])
+    after = fire(urls, [(gateway.secret, body()), (new_secret, body())])
     assert [r[0] for r in after] == [401, 200]
     assert "expired" in after[0][1]["error"]["message"]
 
@@ -232,14 +244,14 @@ def test_expired_key_is_refused(gateway):
     key = ApiKey.objects.get(tenant=gateway.tenant)
     key.expires_at = timezone.now() - timedelta(seconds=1)
     key.save()
-    assert fire(gateway.extra["url"], [(gateway.secret, body())])[0][0] == 401
+    assert fire(gateway.extra["urls"], [(gateway.secret, body())])[0][0] == 401
 
 
 def test_ledger_and_counters_agree_after_a_load_test(gateway):
     from tenants.budgets import budget_rebuild
 
     budget = budget_set(tenant=gateway.tenant, limit_usd=Decimal("1"), hard=True)
-    fire(gateway.extra["url"], [(gateway.secret, body())] * 50)
+    fire(gateway.extra["urls"], [(gateway.secret, body())] * 50)
     settled()
     assert budget_rebuild() == []
     assert budget_status(budget).spent == CALL * 50

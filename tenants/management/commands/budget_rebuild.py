@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from tenants.budgets import budget_rebuild, pico_to_usd
+from tenants.budgets import budget_rebuild, pico_to_usd, usd_format
 
 
 class Command(BaseCommand):
@@ -13,8 +13,8 @@ class Command(BaseCommand):
         drifts = budget_rebuild(fix=fix)
         for drift in drifts:
             self.stdout.write(
-                f"{drift.period}: live ${pico_to_usd(drift.live_pico)}, "
-                f"ledger ${pico_to_usd(drift.ledger_pico)}" + (" (fixed)" if fix else "")
+                f"{drift.period}: live {usd_format(pico_to_usd(drift.live_pico))}, "
+                f"ledger {usd_format(pico_to_usd(drift.ledger_pico))}" + (" (fixed)" if fix else "")
             )
         self.stdout.write(f"{len(drifts)} period(s) drifted from the ledger.")
         if drifts and not fix:
