@@ -135,7 +135,7 @@ class ModelPrice(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["model", "-effective_from"]
+        ordering = ["model_id", "-effective_from"]
         constraints = [
             models.UniqueConstraint(
                 fields=["model"],

@@ -65,17 +65,29 @@ def _window_start(at: datetime) -> datetime:
 
 
 def rate_limit_admit(*, key: ApiKey, request_id: str, at: datetime) -> RateState | None:
-    """Count the call against the key's limits, or raise RateLimited. Returns the state
-    for the headers (None for a key without per-minute limits)."""
-    state = None
-    if key.rpm_limit is not None or key.tpm_limit is not None:
-        state = _minute_admit(key, at)
-    if key.concurrency_limit is not None:
-        _lease_take(key, request_id, at, state)
+    """Count the call against the key's limits, or raise RateLimited (counting nothing).
+    Returns the state for the headers (None for a key without per-minute limits)."""
+    per_minute = key.rpm_limit is not None or key.tpm_limit is not None
+    if not per_minute and key.concurrency_limit is None:
+        return None
+    # One transaction (the caller's, if any): the count read back is this call's own,
+    # the row staying locked until it commits.
+    with transaction.atomic(savepoint=False):
+        if key.concurrency_limit is not None:
+            # Serialises the lease count of this key across processes. Taken first, so
+            # every transaction takes its locks in one order (no deadlock); "no key"
+            # so that rows referencing the key can still be inserted meanwhile.
+            list(
+                ApiKey.objects.select_for_update(no_key=True)
+                .filter(pk=key.pk)
+                .values_list("pk", flat=True)
+            )
+        state = _minute_admit(key, at) if per_minute else None
+        if key.concurrency_limit is not None:
+            _lease_take(key, request_id, at, state)
     return state
 
 
-@transaction.atomic  # the count read back is this call's own: the row stays locked
 def _minute_admit(key: ApiKey, at: datetime) -> RateState:
     window_start = _window_start(at)
     window = RateWindow.objects.filter(api_key_id=key.pk, window_start=window_start)
@@ -111,18 +123,15 @@ def _minute_admit(key: ApiKey, at: datetime) -> RateState:
 
 
 def _lease_take(key: ApiKey, request_id: str, at: datetime, state: RateState | None) -> None:
-    with transaction.atomic():
-        # The lock on the key's row makes count-then-insert atomic across processes.
-        ApiKey.objects.select_for_update().filter(pk=key.pk).values_list("pk").first()
-        live = KeyLease.objects.filter(api_key_id=key.pk, expires_at__gt=at).count()
-        if live >= key.concurrency_limit:
-            raise RateLimited(
-                f"Too many concurrent requests for this API key: the limit is "
-                f"{key.concurrency_limit}.",
-                retry_after=1,
-                state=state,
-            )
-        KeyLease.objects.create(api_key_id=key.pk, request_id=request_id, expires_at=at + LEASE_TTL)
+    """Count then insert, under the lock on the key's row that the caller holds."""
+    live = KeyLease.objects.filter(api_key_id=key.pk, expires_at__gt=at).count()
+    if live >= key.concurrency_limit:
+        raise RateLimited(
+            f"Too many concurrent requests for this API key: the limit is {key.concurrency_limit}.",
+            retry_after=1,
+            state=state,
+        )
+    KeyLease.objects.create(api_key_id=key.pk, request_id=request_id, expires_at=at + LEASE_TTL)
 
 
 def key_lease_renew(*, request_id: str, now: datetime) -> None:
@@ -136,7 +145,8 @@ def rate_limit_release(*, key: ApiKey, request_id: str, at: datetime, tokens: in
             tokens=F("tokens") + tokens
         )
     if key.concurrency_limit is not None:
-        KeyLease.objects.filter(request_id=request_id).delete()
+        # Expired at once (one UPDATE, no transaction); the beat task deletes the row.
+        KeyLease.objects.filter(request_id=request_id).update(expires_at=timezone.now())
 
 
 def key_leases_expire() -> int:

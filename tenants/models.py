@@ -119,7 +119,8 @@ class ApiKey(KeyBase):
     )
 
     class Meta:
-        ordering = ["tenant", "-created_at"]
+        # Columns of this table only: ordering by "tenant" would join it into every query.
+        ordering = ["tenant_id", "-created_at"]
         verbose_name = "API key"
 
 
@@ -131,7 +132,7 @@ class StaffToken(KeyBase):
     )
 
     class Meta:
-        ordering = ["user", "-created_at"]
+        ordering = ["user_id", "-created_at"]
 
 
 # --- budgets ---------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class Budget(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        ordering = ["tenant", "api_key"]
+        ordering = ["tenant_id", "api_key_id"]
         constraints = [
             models.UniqueConstraint(
                 fields=["tenant"],
@@ -221,7 +222,7 @@ class BudgetPeriod(models.Model):
     reserved_pico = models.BigIntegerField(default=0)
 
     class Meta:
-        ordering = ["budget", "-starts_at"]
+        ordering = ["budget_id", "-starts_at"]
         constraints = [
             models.UniqueConstraint(fields=["budget", "starts_at"], name="budget_period_unique"),
             models.CheckConstraint(
