@@ -49,6 +49,7 @@ class UsageFacts:
     occurred_at: datetime
     tenant_timezone: str = "UTC"  # whose calendar month the budgets count in
     budget_version: int | None = None  # the tenant's, as read with the key (None: look it up)
+    budget_holds: dict[int, int] | None = None  # as budget_reserve returned them (None: look up)
     ttft_ms: int | None = None
     raw_usage: dict | None = None
     upstream_status: int | None = None
@@ -109,6 +110,7 @@ def usage_record(facts: UsageFacts) -> UsageEvent:
                         request_id=facts.request_id,
                         at=facts.occurred_at,
                         cost=event.cost,
+                        holds=facts.budget_holds,
                     )
         else:
             # Autocommit: one INSERT, committed when it returns.

@@ -19,14 +19,14 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
 import httpx2
 import openai
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from billing.metering import (
@@ -86,7 +86,7 @@ class ChatCall:
     model: CatalogModel
     price: ModelPrice
     rate: RateState | None = None
-    budget_held: bool = False
+    budget_holds: dict[int, int] = field(default_factory=dict)  # period id -> picodollars
 
     @property
     def tz_name(self) -> str:
@@ -142,24 +142,26 @@ def chat_cost_bound(call: ChatCall) -> tuple[Decimal, int]:
 
 
 def chat_admit(call: ChatCall) -> None:
-    """Rate limits, then the budget: refuse with a 429 before anything reaches a provider."""
+    """Rate limits, then the budget, in one transaction: refuse with a 429 before anything
+    reaches a provider, and leave nothing counted or held for a refused call."""
+    cost, _ = chat_cost_bound(call)
     try:
-        call.rate = rate_limit_admit(key=call.key, request_id=call.request_id, at=call.received_at)
+        with transaction.atomic():
+            call.rate = rate_limit_admit(
+                key=call.key, request_id=call.request_id, at=call.received_at
+            )
+            call.budget_holds = budget_reserve(
+                key=call.key,
+                tz_name=call.tz_name,
+                request_id=call.request_id,
+                at=call.received_at,
+                amount=cost,
+            )
     except RateLimited as exc:
         headers = exc.state.headers(timezone.now()) if exc.state else {}
         headers["Retry-After"] = str(exc.retry_after)
         raise RateLimitExceeded(exc.message, headers=headers) from None
-    cost, _ = chat_cost_bound(call)
-    try:
-        call.budget_held = budget_reserve(
-            key=call.key,
-            tz_name=call.tz_name,
-            request_id=call.request_id,
-            at=call.received_at,
-            amount=cost,
-        )
     except BudgetExceeded as exc:
-        rate_limit_release(key=call.key, request_id=call.request_id, at=call.received_at, tokens=0)
         raise BudgetExhausted(exc.message) from None
 
 
@@ -173,7 +175,7 @@ def db_connection_release() -> None:
 def _upstream_body(call: ChatCall, *, stream: bool) -> dict:
     body = dict(call.body)
     body["model"] = call.model.upstream_model_id
-    if call.budget_held and not (body.get("max_tokens") or body.get("max_completion_tokens")):
+    if call.budget_holds and not (body.get("max_tokens") or body.get("max_completion_tokens")):
         # The reservation assumed the model's output cap: make the provider keep to it.
         body["max_tokens"] = call.model.max_output_tokens
     if stream:
@@ -210,6 +212,7 @@ def _meter(
         occurred_at=call.received_at,
         tenant_timezone=call.tz_name,
         budget_version=call.key.tenant_budget_version,
+        budget_holds=call.budget_holds,
         upstream_status=failure.upstream_status if failure else None,
         error_code=(failure.error.code or "") if failure else "",
     )

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import calendar
 import math
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from cachetools import LRUCache
 from django.db import transaction
 from django.db.models import F, Sum
 from django.utils import timezone
@@ -108,6 +110,10 @@ def budget_version_bump(*, sender, instance: Budget, **kwargs) -> None:
     Tenant.objects.filter(pk=instance.tenant_id).update(budget_version=F("budget_version") + 1)
 
 
+_period_ids: LRUCache = LRUCache(maxsize=100_000)
+_period_ids_lock = threading.Lock()
+
+
 def budget_period(
     budget: Budget, at: datetime, tz_name: str, *, in_flight: str | None = None
 ) -> BudgetPeriod:
@@ -123,56 +129,91 @@ def budget_period(
     return period
 
 
+def _period_id(budget: Budget, at: datetime, tz_name: str, *, in_flight: str | None = None) -> int:
+    """`budget_period(...).pk`, remembered: a period row never changes its identity."""
+    slot = (budget.pk, budget_month(at, tz_name)[0])
+    with _period_ids_lock:
+        period_id = _period_ids.get(slot)
+    if period_id is None:
+        period_id = budget_period(budget, at, tz_name, in_flight=in_flight).pk
+        with _period_ids_lock:
+            _period_ids[slot] = period_id
+    return period_id
+
+
 def budget_reserve(
     *, key: ApiKey, tz_name: str, request_id: str, at: datetime, amount: Decimal
-) -> bool:
+) -> dict[int, int]:
     """Hold `amount` against every hard budget of the key's calls, or none of them.
 
-    Raises BudgetExceeded (holding nothing) when it does not fit one of them. Returns
-    whether anything was held.
+    Raises BudgetExceeded (holding nothing) when it does not fit one of them. Returns the
+    holds, {period id: picodollars}, for `budget_settle`; empty when nothing was held.
     """
     budgets = budgets_for_key(
         tenant_id=key.tenant_id, key_id=key.pk, version=key.tenant_budget_version
     )
     hard = [b for b in budgets if b.hard]
     if not hard:
-        return False
+        return {}
     needed = usd_to_pico(amount)
-    with transaction.atomic():
+    holds = {}
+    with transaction.atomic(savepoint=False):  # the caller's transaction, if any
         for budget in hard:
-            period = budget_period(budget, at, tz_name)
+            period_id = _period_id(budget, at, tz_name)
             fits = BudgetPeriod.objects.filter(
-                pk=period.pk, spent_pico__lte=budget.limit_pico - needed - F("reserved_pico")
+                pk=period_id, spent_pico__lte=budget.limit_pico - needed - F("reserved_pico")
             )
             if not fits.update(reserved_pico=F("reserved_pico") + needed):
-                period.refresh_from_db()
-                raise BudgetExceeded(budget, period, needed)
-            BudgetReservation.objects.create(
-                period=period, request_id=request_id, amount_pico=needed
-            )
-    return True
+                raise BudgetExceeded(budget, BudgetPeriod.objects.get(pk=period_id), needed)
+            holds[period_id] = needed
+        BudgetReservation.objects.bulk_create(
+            BudgetReservation(period_id=period_id, request_id=request_id, amount_pico=amount)
+            for period_id, amount in holds.items()
+        )
+    return holds
 
 
 def budget_settle(
-    *, budgets: tuple[Budget, ...], tz_name: str, request_id: str, at: datetime, cost: Decimal
+    *,
+    budgets: tuple[Budget, ...],
+    tz_name: str,
+    request_id: str,
+    at: datetime,
+    cost: Decimal,
+    holds: dict[int, int] | None = None,
 ) -> None:
     """Move a finished call's cost into spent on every budget that covers it, releasing
-    its holds. Call it inside the transaction that writes the call's usage event."""
+    its holds (as `budget_reserve` returned them; None: look them up). Call it inside the
+    transaction that writes the call's usage event."""
     cost_pico = int(cost * PICO)  # costs have twelve decimal places: exact
-    for budget in budgets:
-        period = budget_period(budget, at, tz_name, in_flight=request_id)
-        holds = BudgetReservation.objects.filter(period=period, request_id=request_id)
-        held = sum(h.amount_pico for h in holds)
-        if not held and not cost_pico:
-            continue
-        BudgetPeriod.objects.filter(pk=period.pk).update(
-            reserved_pico=F("reserved_pico") - held, spent_pico=F("spent_pico") + cost_pico
+    if holds is None:
+        holds = dict(
+            BudgetReservation.objects.filter(request_id=request_id).values_list(
+                "period_id", "amount_pico"
+            )
         )
-        if held:
-            holds.delete()
+    charged = {}
+    for budget in budgets:
+        period_id = _period_id(budget, at, tz_name, in_flight=request_id)
+        held = holds.get(period_id, 0)
+        if held or cost_pico:
+            BudgetPeriod.objects.filter(pk=period_id).update(
+                reserved_pico=F("reserved_pico") - held, spent_pico=F("spent_pico") + cost_pico
+            )
         if cost_pico:
-            spent = BudgetPeriod.objects.values_list("spent_pico", flat=True).get(pk=period.pk)
-            budget_alerts_fire(budget=budget, period=period, before=spent - cost_pico, after=spent)
+            charged[period_id] = budget
+    if holds:
+        BudgetReservation.objects.filter(request_id=request_id).delete()
+    if charged:
+        for period_id, spent in BudgetPeriod.objects.filter(pk__in=charged).values_list(
+            "pk", "spent_pico"
+        ):
+            budget_alerts_fire(
+                budget=charged[period_id],
+                period_id=period_id,
+                before=spent - cost_pico,
+                after=spent,
+            )
 
 
 def budget_release(*, request_id: str) -> None:
@@ -182,10 +223,10 @@ def budget_release(*, request_id: str) -> None:
             BudgetPeriod.objects.filter(pk=hold.period_id).update(
                 reserved_pico=F("reserved_pico") - hold.amount_pico
             )
-            hold.delete()
+        BudgetReservation.objects.filter(request_id=request_id).delete()
 
 
-def budget_alerts_fire(*, budget: Budget, period: BudgetPeriod, before: int, after: int) -> None:
+def budget_alerts_fire(*, budget: Budget, period_id: int, before: int, after: int) -> None:
     """Record (and notify, after commit) each threshold that spent crossed."""
     from .tasks import budget_alert_notify
 
@@ -194,7 +235,7 @@ def budget_alerts_fire(*, budget: Budget, period: BudgetPeriod, before: int, aft
         if not before < mark <= after:
             continue
         alert, created = BudgetAlert.objects.get_or_create(
-            period=period, threshold=threshold, defaults={"spent_pico": after}
+            period_id=period_id, threshold=threshold, defaults={"spent_pico": after}
         )
         if created:
             transaction.on_commit(lambda pk=alert.pk: budget_alert_notify.delay(pk))
@@ -258,7 +299,7 @@ def budget_set(
     period = budget_period(budget, timezone.now(), tenant.timezone)
     # Thresholds the month's spending already passes under this limit alert now.
     if period.spent_pico:
-        budget_alerts_fire(budget=budget, period=period, before=0, after=period.spent_pico)
+        budget_alerts_fire(budget=budget, period_id=period.pk, before=0, after=period.spent_pico)
     return budget
 
 

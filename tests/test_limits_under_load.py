@@ -88,7 +88,8 @@ def settled(timeout: float = 30.0) -> None:
     """Wait until no call is under way (streams cut by their client drain first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not BudgetReservation.objects.exists() and not KeyLease.objects.exists():
+        live_leases = KeyLease.objects.filter(expires_at__gt=timezone.now())
+        if not BudgetReservation.objects.exists() and not live_leases.exists():
             return
         time.sleep(0.1)
     raise AssertionError("reservations or leases were left behind")
@@ -256,3 +257,17 @@ def test_ledger_and_counters_agree_after_a_load_test(gateway):
     assert budget_rebuild() == []
     assert budget_status(budget).spent == CALL * 50
     assert int(budget_status(budget).spent * PICO) == 50 * 10 * 10**6
+
+
+def test_every_limit_and_budget_at_once_under_load_never_deadlocks(gateway):
+    key = ApiKey.objects.get(tenant=gateway.tenant)
+    key.rpm_limit, key.tpm_limit, key.concurrency_limit = 10_000, 10_000_000, 1_000
+    key.save()
+    budget_set(tenant=gateway.tenant, limit_usd=Decimal("100"))
+    budget_set(tenant=gateway.tenant, key=key, limit_usd=Decimal("100"))
+
+    results = fire(gateway.extra["urls"], [(gateway.secret, body())] * 60)
+
+    assert [r[0] for r in results] == [200] * 60
+    settled()
+    assert budget_status(key.budgets.get()).spent == CALL * 60
