@@ -737,6 +737,7 @@ def _meta(args: argparse.Namespace, plan: Plan) -> dict:
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "server": args.server,
         "workers": args.workers,
+        "limits": args.limits,
         "threads": args.threads or "conf",
         "gunicorn_conf": args.gunicorn_conf,
         "quick": args.quick,
@@ -753,6 +754,11 @@ def _meta(args: argparse.Namespace, plan: Plan) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="give the tenant and key hard budgets and rate limits (never reached)",
+    )
     parser.add_argument("--only", action="append", choices=PHASES, help="run only this phase")
     parser.add_argument("--server", choices=("gthread", "uvicorn"), default="gthread")
     parser.add_argument("--workers", type=int, default=2)
@@ -805,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         mock = mock_start()
         stack.callback(mock.stop)
         mock_url = mock.url("openai")
-        key = database_prepare(env, mock_url)
+        key = database_prepare(env, mock_url, limits=args.limits)
         ledger = Ledger(env.values["DATABASE_URL"])
         gateway = gateway_start(
             env,

@@ -18,8 +18,13 @@ TENANT_SLUG = "bench"
 PROVIDER_NAME = "bench-mock"
 
 
-def seed(mock_url: str) -> dict[str, str]:
-    """Provider, priced catalog model, tenant allowed to use it, and one API key."""
+def seed(mock_url: str, *, limits: bool = False) -> dict[str, str]:
+    """Provider, priced catalog model, tenant allowed to use it, and one API key.
+
+    With `limits`, the tenant and the key get hard budgets and the key rate limits, all
+    far above what the benchmark uses: every call then pays for the checks, none is
+    refused.
+    """
     from django.utils import timezone
 
     from routing.models import CatalogModel, ModelPrice
@@ -44,18 +49,28 @@ def seed(mock_url: str) -> dict[str, str]:
     )
     tenant = tenant_create(slug=TENANT_SLUG, name="Bench", model_ids=[MODEL_ID])
     issued = api_key_issue(tenant=tenant, name="bench")
+    if limits:
+        from tenants.budgets import budget_set
+
+        issued.key.rpm_limit = 1_000_000
+        issued.key.tpm_limit = 1_000_000_000
+        issued.key.concurrency_limit = 10_000
+        issued.key.save()
+        budget_set(tenant=tenant, limit_usd=Decimal("1000000"))
+        budget_set(tenant=tenant, key=issued.key, limit_usd=Decimal("1000000"))
     return {"secret": issued.secret, "model": MODEL_ID, "tenant_id": str(tenant.pk)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mock-url", required=True, help="the provider base URL, ending in /v1")
+    parser.add_argument("--limits", action="store_true", help="budgets and rate limits on")
     args = parser.parse_args()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
     import django
 
     django.setup()
-    print(json.dumps(seed(args.mock_url)))
+    print(json.dumps(seed(args.mock_url, limits=args.limits)))
 
 
 if __name__ == "__main__":

@@ -127,11 +127,12 @@ class BenchEnv:
         return result.stdout
 
 
-def database_prepare(env: BenchEnv, mock_url: str) -> str:
+def database_prepare(env: BenchEnv, mock_url: str, *, limits: bool = False) -> str:
     """Recreate, migrate and seed the database; the bench tenant's bearer key."""
     database_recreate()
     env.run("manage.py", "migrate", "--noinput", "-v", "0")
-    seeded = json.loads(env.run("-m", "bench.seed", "--mock-url", mock_url).splitlines()[-1])
+    args = ["-m", "bench.seed", "--mock-url", mock_url] + (["--limits"] if limits else [])
+    seeded = json.loads(env.run(*args).splitlines()[-1])
     return str(seeded["secret"])
 
 
