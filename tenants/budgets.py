@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from routing.config_cache import ConfigCache
 
+from . import statements
 from .models import PICO, ApiKey, Budget, BudgetAlert, BudgetPeriod, BudgetReservation, Tenant
 
 _budgets = ConfigCache(maxsize=100_000)
@@ -160,16 +161,12 @@ def budget_reserve(
     with transaction.atomic(savepoint=False):  # the caller's transaction, if any
         for budget in hard:
             period_id = _period_id(budget, at, tz_name)
-            fits = BudgetPeriod.objects.filter(
-                pk=period_id, spent_pico__lte=budget.limit_pico - needed - F("reserved_pico")
-            )
-            if not fits.update(reserved_pico=F("reserved_pico") + needed):
+            if not statements.period_reserve(
+                period_id=period_id, amount_pico=needed, limit_pico=budget.limit_pico
+            ):
                 raise BudgetExceeded(budget, BudgetPeriod.objects.get(pk=period_id), needed)
             holds[period_id] = needed
-        BudgetReservation.objects.bulk_create(
-            BudgetReservation(period_id=period_id, request_id=request_id, amount_pico=amount)
-            for period_id, amount in holds.items()
-        )
+        statements.reservations_insert(request_id=request_id, holds=holds, at=timezone.now())
     return holds
 
 
@@ -192,28 +189,18 @@ def budget_settle(
                 "period_id", "amount_pico"
             )
         )
-    charged = {}
     for budget in budgets:
         period_id = _period_id(budget, at, tz_name, in_flight=request_id)
         held = holds.get(period_id, 0)
-        if held or cost_pico:
-            BudgetPeriod.objects.filter(pk=period_id).update(
-                reserved_pico=F("reserved_pico") - held, spent_pico=F("spent_pico") + cost_pico
-            )
+        if not held and not cost_pico:
+            continue
+        spent = statements.period_settle(period_id=period_id, held_pico=held, cost_pico=cost_pico)
         if cost_pico:
-            charged[period_id] = budget
-    if holds:
-        BudgetReservation.objects.filter(request_id=request_id).delete()
-    if charged:
-        for period_id, spent in BudgetPeriod.objects.filter(pk__in=charged).values_list(
-            "pk", "spent_pico"
-        ):
             budget_alerts_fire(
-                budget=charged[period_id],
-                period_id=period_id,
-                before=spent - cost_pico,
-                after=spent,
+                budget=budget, period_id=period_id, before=spent - cost_pico, after=spent
             )
+    if holds:
+        statements.reservations_delete(request_id=request_id)
 
 
 def budget_release(*, request_id: str) -> None:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
 from django.utils import timezone
 
+from . import statements
 from .models import ApiKey, KeyLease, RateWindow
 
 WINDOW = timedelta(minutes=1)
@@ -75,13 +75,8 @@ def rate_limit_admit(*, key: ApiKey, request_id: str, at: datetime) -> RateState
     with transaction.atomic(savepoint=False):
         if key.concurrency_limit is not None:
             # Serialises the lease count of this key across processes. Taken first, so
-            # every transaction takes its locks in one order (no deadlock); "no key"
-            # so that rows referencing the key can still be inserted meanwhile.
-            list(
-                ApiKey.objects.select_for_update(no_key=True)
-                .filter(pk=key.pk)
-                .values_list("pk", flat=True)
-            )
+            # every transaction takes its locks in one order (no deadlock).
+            statements.key_lock(key_id=key.pk)
         state = _minute_admit(key, at) if per_minute else None
         if key.concurrency_limit is not None:
             _lease_take(key, request_id, at, state)
@@ -90,22 +85,29 @@ def rate_limit_admit(*, key: ApiKey, request_id: str, at: datetime) -> RateState
 
 def _minute_admit(key: ApiKey, at: datetime) -> RateState:
     window_start = _window_start(at)
-    window = RateWindow.objects.filter(api_key_id=key.pk, window_start=window_start)
-    room = Q()
-    if key.rpm_limit is not None:
-        room &= Q(requests__lt=key.rpm_limit)
-    if key.tpm_limit is not None:
-        room &= Q(tokens__lt=key.tpm_limit)
-    admitted = window.filter(room).update(requests=F("requests") + 1) == 1
-    if not admitted:
+
+    def admit():
+        return statements.window_admit(
+            key_id=key.pk, window_start=window_start, rpm=key.rpm_limit, tpm=key.tpm_limit
+        )
+
+    counts = admit()
+    if counts is None:
         # No room, or no window yet (or one another process opened after our UPDATE).
         try:
             with transaction.atomic():  # a savepoint: a lost race leaves the outer one usable
                 RateWindow.objects.create(api_key_id=key.pk, window_start=window_start, requests=1)
-            admitted = True
+            counts = (1, 0)
         except IntegrityError:  # the window exists: count in it if there is room
-            admitted = window.filter(room).update(requests=F("requests") + 1) == 1
-    requests, tokens = window.values_list("requests", "tokens").get()
+            counts = admit()
+    admitted = counts is not None
+    if counts is None:
+        counts = (
+            RateWindow.objects.filter(api_key_id=key.pk, window_start=window_start)
+            .values_list("requests", "tokens")
+            .get()
+        )
+    requests, tokens = counts
     state = RateState(window_start, requests, tokens, key.rpm_limit, key.tpm_limit)
     if not admitted:
         over_requests = key.rpm_limit is not None and requests >= key.rpm_limit
@@ -124,14 +126,13 @@ def _minute_admit(key: ApiKey, at: datetime) -> RateState:
 
 def _lease_take(key: ApiKey, request_id: str, at: datetime, state: RateState | None) -> None:
     """Count then insert, under the lock on the key's row that the caller holds."""
-    live = KeyLease.objects.filter(api_key_id=key.pk, expires_at__gt=at).count()
-    if live >= key.concurrency_limit:
+    if statements.leases_live(key_id=key.pk, at=at) >= key.concurrency_limit:
         raise RateLimited(
             f"Too many concurrent requests for this API key: the limit is {key.concurrency_limit}.",
             retry_after=1,
             state=state,
         )
-    KeyLease.objects.create(api_key_id=key.pk, request_id=request_id, expires_at=at + LEASE_TTL)
+    statements.lease_insert(key_id=key.pk, request_id=request_id, expires_at=at + LEASE_TTL)
 
 
 def key_lease_renew(*, request_id: str, now: datetime) -> None:
@@ -141,12 +142,10 @@ def key_lease_renew(*, request_id: str, now: datetime) -> None:
 def rate_limit_release(*, key: ApiKey, request_id: str, at: datetime, tokens: int) -> None:
     """A call has ended: count its tokens in its window and give its lease back."""
     if key.tpm_limit is not None and tokens:
-        RateWindow.objects.filter(api_key_id=key.pk, window_start=_window_start(at)).update(
-            tokens=F("tokens") + tokens
-        )
+        statements.window_tokens_add(key_id=key.pk, window_start=_window_start(at), tokens=tokens)
     if key.concurrency_limit is not None:
         # Expired at once (one UPDATE, no transaction); the beat task deletes the row.
-        KeyLease.objects.filter(request_id=request_id).update(expires_at=timezone.now())
+        statements.lease_expire(request_id=request_id, at=timezone.now())
 
 
 def key_leases_expire() -> int:
