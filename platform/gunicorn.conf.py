@@ -31,11 +31,13 @@ loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 
 
 def post_worker_init(worker):
-    """Load what the first requests would import lazily, then freeze the heap.
+    """Load what the first requests would import lazily, freeze the heap, collect less.
 
-    With hundreds of threads holding streams, Python's full garbage collections walk
-    every object of the app: `make bench` measured pauses of 150-200 ms, which landed on
-    the first tokens of new streams. Frozen objects are never scanned again.
+    With hundreds of threads holding streams, Python's garbage collections walk every
+    object of the app: `make bench` measured pauses of 150-200 ms, which landed on the
+    first tokens of new streams. Frozen objects are never scanned again, and a larger
+    first generation makes collections rarer (added time to first token at p99 went from
+    19-165 ms over four runs to 19-23 ms over three).
     """
     from django.urls import get_resolver
 
@@ -45,3 +47,4 @@ def post_worker_init(worker):
     upstream_warm_up()
     gc.collect()
     gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
