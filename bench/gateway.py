@@ -238,16 +238,17 @@ def _run_json(command: list[str], timeout: float) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def bench_rps_level(
-    gateway: Gateway, mock_pid: int, key: str, ledger: Ledger, plan: Plan, concurrency: int
-) -> dict:
-    command = [
+def plain_load_command(
+    gateway_url: str, key: str, *, concurrency: int, warmup: float, duration: float
+) -> list[str]:
+    """The command line of a plain-completion load generator (bench.load plain)."""
+    return [
         sys.executable,
         "-m",
         "bench.load",
         "plain",
         "--url",
-        f"{gateway.url}/v1/chat/completions",
+        f"{gateway_url}/v1/chat/completions",
         "--key",
         key,
         "--body",
@@ -255,10 +256,22 @@ def bench_rps_level(
         "--concurrency",
         str(concurrency),
         "--warmup",
-        str(plan.rps_warmup_s),
+        str(warmup),
         "--duration",
-        str(plan.rps_duration_s),
+        str(duration),
     ]
+
+
+def bench_rps_level(
+    gateway: Gateway, mock_pid: int, key: str, ledger: Ledger, plan: Plan, concurrency: int
+) -> dict:
+    command = plain_load_command(
+        gateway.url,
+        key,
+        concurrency=concurrency,
+        warmup=plan.rps_warmup_s,
+        duration=plan.rps_duration_s,
+    )
     before = ledger.counts()
     meter = procs.CpuMeter(_cpu_groups(gateway, mock_pid))
     outcome: dict[str, Any] = {}

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import procs
-from .gateway import RESULTS_DIR, plain_body
+from .gateway import RESULTS_DIR, plain_load_command
 from .stack import (
     GUNICORN_CONF,
     ROOT,
@@ -163,24 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         stack.callback(gateway.stop)
         load = subprocess.Popen(  # noqa: S603 (our own module, fixed arguments)
-            [
-                sys.executable,
-                "-m",
-                "bench.load",
-                "plain",
-                "--url",
-                f"{gateway.url}/v1/chat/completions",
-                "--key",
+            plain_load_command(
+                gateway.url,
                 key,
-                "--body",
-                json.dumps(plain_body()),
-                "--concurrency",
-                str(args.concurrency),
-                "--warmup",
-                str(warmup),
-                "--duration",
-                str(args.seconds + 2.0),
-            ],
+                concurrency=args.concurrency,
+                warmup=warmup,
+                duration=args.seconds + 2.0,
+            ),
             stdout=subprocess.PIPE,
             text=True,
         )
