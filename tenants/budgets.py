@@ -130,10 +130,20 @@ def budget_period(
     return period
 
 
-def _period_id(budget: Budget, at: datetime, tz_name: str, *, in_flight: str | None = None) -> int:
-    """`budget_period(...).pk`, remembered: a period row never changes its identity."""
+def _period_id(
+    budget: Budget,
+    at: datetime,
+    tz_name: str,
+    *,
+    in_flight: str | None = None,
+    forget: bool = False,
+) -> int:
+    """`budget_period(...).pk`, remembered: a period row never changes its identity.
+    `forget` drops the remembered id first (its row was deleted by hand)."""
     slot = (budget.pk, budget_month(at, tz_name)[0])
     with _period_ids_lock:
+        if forget:
+            _period_ids.pop(slot, None)
         period_id = _period_ids.get(slot)
     if period_id is None:
         period_id = budget_period(budget, at, tz_name, in_flight=in_flight).pk
@@ -161,10 +171,19 @@ def budget_reserve(
     with transaction.atomic(savepoint=False):  # the caller's transaction, if any
         for budget in hard:
             period_id = _period_id(budget, at, tz_name)
-            if not statements.period_reserve(
+            reserved = statements.period_reserve(
                 period_id=period_id, amount_pico=needed, limit_pico=budget.limit_pico
-            ):
-                raise BudgetExceeded(budget, BudgetPeriod.objects.get(pk=period_id), needed)
+            )
+            if not reserved:
+                period = BudgetPeriod.objects.filter(pk=period_id).first()
+                if period is None:  # deleted since we remembered it: find it again
+                    period_id = _period_id(budget, at, tz_name, forget=True)
+                    reserved = statements.period_reserve(
+                        period_id=period_id, amount_pico=needed, limit_pico=budget.limit_pico
+                    )
+                    period = BudgetPeriod.objects.get(pk=period_id)
+                if not reserved:
+                    raise BudgetExceeded(budget, period, needed)
             holds[period_id] = needed
         statements.reservations_insert(request_id=request_id, holds=holds, at=timezone.now())
     return holds
@@ -195,6 +214,12 @@ def budget_settle(
         if not held and not cost_pico:
             continue
         spent = statements.period_settle(period_id=period_id, held_pico=held, cost_pico=cost_pico)
+        if spent is None:  # deleted since we remembered it: find it again
+            period_id = _period_id(budget, at, tz_name, in_flight=request_id, forget=True)
+            held = holds.get(period_id, 0)
+            spent = statements.period_settle(
+                period_id=period_id, held_pico=held, cost_pico=cost_pico
+            )
         if cost_pico:
             budget_alerts_fire(
                 budget=budget, period_id=period_id, before=spent - cost_pico, after=spent

@@ -164,9 +164,10 @@ def _period_settle_sql() -> str:
     )
 
 
-def period_settle(*, period_id: int, held_pico: int, cost_pico: int) -> int:
-    """Release a hold and add a cost; the period's spent afterwards."""
-    return _run(_period_settle_sql(), [held_pico, cost_pico, period_id])[0]
+def period_settle(*, period_id: int, held_pico: int, cost_pico: int) -> int | None:
+    """Release a hold and add a cost; the period's spent afterwards (None: no such row)."""
+    row = _run(_period_settle_sql(), [held_pico, cost_pico, period_id])
+    return row[0] if row else None
 
 
 @cache

@@ -306,3 +306,16 @@ def test_budget_endpoint_shows_the_keys_own_budget(metered):
     assert body["tenant"] is None
     assert (body["key"]["limit_usd"], body["key"]["hard"]) == ("2.000000", False)
     assert Decimal(body["key"]["spent_usd"]) == CALL
+
+
+def test_a_period_deleted_by_hand_is_found_again(metered):
+    budget = budget_set(tenant=metered.tenant, limit_usd=CALL * 3)
+    call(metered)
+    BudgetPeriod.objects.all().delete()  # e.g. an operator resetting the month
+
+    call(metered)  # the remembered period is gone: a new one, from the ledger
+    assert budget_status(budget).spent == CALL * 2
+    call(metered)
+    with pytest.raises(openai.RateLimitError):
+        call(metered)
+    assert budget_rebuild() == []
