@@ -6,6 +6,87 @@ from django.db import models
 from django.db.models import Q
 
 
+class TenantPrice(models.Model):
+    """A tenant's own price, winning over the list price from its start: a negotiated
+    price for one model, or a markup percentage on the list price of one model or of
+    every model. Versioned like list prices; a model's own row wins over an all-models
+    markup."""
+
+    tenant = models.ForeignKey(
+        "tenants.Tenant", on_delete=models.PROTECT, related_name="tenant_prices"
+    )
+    model = models.ForeignKey(
+        "routing.CatalogModel",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="tenant_prices",
+        help_text="Empty: every model (markups only).",
+    )
+    input_per_mtok = models.DecimalField(
+        "input $/1M", max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    cached_input_per_mtok = models.DecimalField(
+        "cached input $/1M", max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    output_per_mtok = models.DecimalField(
+        "output $/1M", max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    markup_percent = models.DecimalField(
+        max_digits=7,
+        decimal_places=3,
+        null=True,
+        blank=True,
+        help_text="E.g. 20 bills the list price plus 20 %. Leave the prices empty.",
+    )
+    effective_from = models.DateTimeField()
+    effective_to = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["tenant_id", "model_id", "-effective_from"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(markup_percent__isnull=True)
+                | (
+                    Q(input_per_mtok__isnull=True)
+                    & Q(cached_input_per_mtok__isnull=True)
+                    & Q(output_per_mtok__isnull=True)
+                ),
+                name="tenant_price_markup_or_prices",
+            ),
+            models.CheckConstraint(
+                condition=Q(markup_percent__isnull=False)
+                | (Q(model__isnull=False) & Q(output_per_mtok__isnull=False)),
+                name="tenant_price_negotiated_names_model_and_output",
+            ),
+            models.CheckConstraint(
+                condition=Q(markup_percent__isnull=True) | Q(markup_percent__gt=-100),
+                name="tenant_price_markup_above_minus_100",
+            ),
+            models.CheckConstraint(
+                condition=Q(effective_to__isnull=True)
+                | Q(effective_to__gt=models.F("effective_from")),
+                name="tenant_price_interval_forward",
+            ),
+            models.UniqueConstraint(
+                fields=["tenant", "model"],
+                condition=Q(effective_to__isnull=True, model__isnull=False),
+                name="tenant_price_one_open_per_model",
+            ),
+            models.UniqueConstraint(
+                fields=["tenant"],
+                condition=Q(effective_to__isnull=True, model__isnull=True),
+                name="tenant_price_one_open_for_all_models",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        what = self.model.public_id if self.model_id else "every model"
+        how = f"+{self.markup_percent}%" if self.markup_percent is not None else "negotiated"
+        return f"{self.tenant} {what} {how} from {self.effective_from:%Y-%m-%d}"
+
+
 class UsageEvent(models.Model):
     """One upstream call, keyed by the gateway's request id (unique per tenant, forever).
 
@@ -40,7 +121,15 @@ class UsageEvent(models.Model):
         "routing.ModelPrice",
         on_delete=models.PROTECT,
         related_name="usage_events",
-        help_text="The price version in force when the call happened.",
+        help_text="The list price version in force when the call happened.",
+    )
+    tenant_price = models.ForeignKey(
+        TenantPrice,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="usage_events",
+        help_text="The tenant's own price version that won over the list price, if any.",
     )
     input_uncached_tokens = models.PositiveBigIntegerField(default=0)
     input_cached_tokens = models.PositiveBigIntegerField(default=0)

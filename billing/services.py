@@ -12,7 +12,8 @@ from routing.models import CatalogModel, ModelPrice
 from tenants.budgets import budget_settle, budgets_for_key
 
 from .metering import TokenBuckets, usage_charge
-from .models import UsageEvent
+from .models import TenantPrice, UsageEvent
+from .pricing import unit_prices
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ _IDENTITY_FIELDS = (
     "api_key_id",
     "served_model_id",
     "price_id",
+    "tenant_price_id",
     "input_uncached_tokens",
     "input_cached_tokens",
     "output_tokens",
@@ -47,6 +49,7 @@ class UsageFacts:
     streamed: bool
     latency_ms: int
     occurred_at: datetime
+    tenant_price: TenantPrice | None = None  # the tenant's own price that won, if any
     tenant_timezone: str = "UTC"  # whose calendar month the budgets count in
     budget_version: int | None = None  # the tenant's, as read with the key (None: look it up)
     budget_holds: dict[int, int] | None = None  # as budget_reserve returned them (None: look up)
@@ -64,11 +67,12 @@ def usage_record(facts: UsageFacts) -> UsageEvent:
     facts returns the existing row (and settles nothing twice); with other facts it
     raises UsageConflictError.
     """
+    units = unit_prices(facts.price, facts.tenant_price)
     charge = usage_charge(
         facts.buckets,
-        input_per_mtok=facts.price.input_per_mtok,
-        cached_input_per_mtok=facts.price.cached_input_per_mtok,
-        output_per_mtok=facts.price.output_per_mtok,
+        input_per_mtok=units.input,
+        cached_input_per_mtok=units.cached_input,
+        output_per_mtok=units.output,
     )
     event = UsageEvent(
         request_id=facts.request_id,
@@ -78,6 +82,7 @@ def usage_record(facts: UsageFacts) -> UsageEvent:
         served_model=facts.served_model,
         provider_id=facts.served_model.provider_id,
         price=facts.price,
+        tenant_price=facts.tenant_price,
         input_uncached_tokens=facts.buckets.input_uncached,
         input_cached_tokens=facts.buckets.input_cached,
         output_tokens=facts.buckets.output,

@@ -36,6 +36,7 @@ from billing.metering import (
     usage_openai_shape,
 )
 from billing.models import UsageEvent
+from billing.pricing import UnitPrices, unit_prices_for_call
 from billing.services import UsageFacts, usage_record
 from tenants.budgets import BudgetExceeded, budget_reserve
 from tenants.limits import (
@@ -58,7 +59,7 @@ from .errors import (
     RateLimitExceeded,
     UpstreamFailed,
 )
-from .models import CatalogModel, ModelPrice
+from .models import CatalogModel
 from .upstream import (
     UpstreamFailure,
     UpstreamStream,
@@ -84,7 +85,7 @@ class ChatCall:
     key: ApiKey
     body: dict
     model: CatalogModel
-    price: ModelPrice
+    units: UnitPrices  # what the call is billed at: list price, or the tenant's own
     rate: RateState | None = None
     budget_holds: dict[int, int] = field(default_factory=dict)  # period id -> picodollars
 
@@ -101,8 +102,8 @@ class ChatCall:
         return int((time.monotonic() - self.started) * 1000)
 
 
-def chat_target_resolve(*, key: ApiKey, name: str, at: datetime) -> tuple[CatalogModel, ModelPrice]:
-    """The catalog model and price version a key's request for `name` is served by."""
+def chat_target_resolve(*, key: ApiKey, name: str, at: datetime) -> tuple[CatalogModel, UnitPrices]:
+    """The catalog model a key's request for `name` is served by, and its unit prices."""
     entry, allowed = model_for_key(key=key, public_id=name)
     if entry is None:
         raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
@@ -111,13 +112,18 @@ def chat_target_resolve(*, key: ApiKey, name: str, at: datetime) -> tuple[Catalo
             f"This API key is not allowed to use the model '{name}'.", param="model"
         )
     price = entry.price_at(at)
-    if price is None or price.output_per_mtok is None:
+    units = (
+        unit_prices_for_call(tenant_id=key.tenant_id, model_id=entry.model.pk, price=price, at=at)
+        if price is not None
+        else None
+    )
+    if units is None or units.output is None:
         raise ModelNotPriced(
             f"The model '{name}' has no price yet; an administrator must price it before it "
             "can be called.",
             param="model",
         )
-    return entry.model, price
+    return entry.model, units
 
 
 def chat_cost_bound(call: ChatCall) -> tuple[Decimal, int]:
@@ -132,12 +138,11 @@ def chat_cost_bound(call: ChatCall) -> tuple[Decimal, int]:
     output_bound = (
         body.get("max_completion_tokens") or body.get("max_tokens") or call.model.max_output_tokens
     ) * (body.get("n") or 1)
-    price = call.price
+    units = call.units
     input_unit = max(
-        (p for p in (price.input_per_mtok, price.cached_input_per_mtok) if p is not None),
-        default=Decimal(0),
+        (p for p in (units.input, units.cached_input) if p is not None), default=Decimal(0)
     )
-    cost = (prompt_bound * input_unit + output_bound * price.output_per_mtok).scaleb(-6)
+    cost = (prompt_bound * input_unit + output_bound * units.output).scaleb(-6)
     return cost, output_bound
 
 
@@ -201,7 +206,8 @@ def _meter(
         api_key_id=call.key.pk,
         requested_model=call.body["model"],
         served_model=call.model,
-        price=call.price,
+        price=call.units.price,
+        tenant_price=call.units.tenant_price,
         buckets=buckets,
         usage_source=source,
         status=status,

@@ -16,6 +16,16 @@ class PriceChangeError(ValueError):
     """A price change that would rewrite history."""
 
 
+def price_start_check(effective_from: datetime) -> None:
+    """Refuse a price version (list or tenant) starting before `price_change_earliest()`."""
+    earliest = price_change_earliest()
+    if effective_from < earliest - timedelta(seconds=1):
+        raise PriceChangeError(
+            f"A new price must start at or after {earliest:%Y-%m-%d %H:%M:%S} UTC, so that "
+            "every gateway process prices with it from its first second."
+        )
+
+
 def price_change_earliest() -> datetime:
     """The earliest start a new price version may have: now plus the configuration cache
     lifetime, rounded up to the next whole second."""
@@ -91,12 +101,7 @@ def model_price_change_check(
     """Raise PriceChangeError unless a new version of the model's price may start then:
     not before `price_change_earliest()`, after the current version's start, and not
     where usage is already recorded with the current version."""
-    earliest = price_change_earliest()
-    if effective_from < earliest - timedelta(seconds=1):
-        raise PriceChangeError(
-            f"A new price must start at or after {earliest:%Y-%m-%d %H:%M:%S} UTC, so that "
-            "every gateway process prices with it from its first second."
-        )
+    price_start_check(effective_from)
     if current is None:
         current = ModelPrice.objects.filter(model=model, effective_to__isnull=True).first()
     if current is None:

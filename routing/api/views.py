@@ -96,7 +96,7 @@ class ChatCompletionsView(OpenAIView):
         except RequestDataTooBig:
             raise PayloadTooLarge("The request body is larger than this gateway accepts.") from None
         body = chat_request_parse(raw)
-        model, price = chat_target_resolve(
+        model, units = chat_target_resolve(
             key=request.auth, name=body["model"], at=django_request.received_at
         )
         call = ChatCall(
@@ -106,7 +106,7 @@ class ChatCompletionsView(OpenAIView):
             key=request.auth,
             body=body,
             model=model,
-            price=price,
+            units=units,
         )
         chat_admit(call)
         if body.get("stream"):
