@@ -177,3 +177,191 @@ class UsageEvent(models.Model):
     @property
     def completion_tokens(self) -> int:
         return self.output_tokens + self.reasoning_tokens
+
+
+class InvoiceImmutable(Exception):
+    """A change to an invoice that is no longer a draft."""
+
+
+class InvoiceNumber(models.Model):
+    """The gap-free sequence of one year's invoice numbers: INV-<year>-<000042>. A number
+    is taken in the transaction that finalizes its invoice, so a failure gives it back."""
+
+    year = models.PositiveSmallIntegerField(primary_key=True)
+    last = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"INV-{self.year}: {self.last}"
+
+
+class Invoice(models.Model):
+    """One tenant's invoice for one calendar month in its time zone.
+
+    Draft: rebuilt from the ledger at will. Finalized: immutable, numbered. Then paid, or
+    void (keeping its number; a correction is a new invoice pointing at it).
+
+    Coverage: the month's usage recorded up to `cutoff`, plus usage of already invoiced
+    months (before `previous_ends_at`) recorded after the previous invoice's cutoff
+    (`previous_cutoff`), as adjustment lines.
+    """
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        FINALIZED = "finalized", "Finalized"
+        PAID = "paid", "Paid"
+        VOID = "void", "Void"
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="invoices")
+    month = models.DateField(help_text="The first day of the month, in the tenant's calendar.")
+    timezone = models.CharField(max_length=64)
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
+    number = models.CharField(max_length=32, unique=True, null=True, blank=True)
+    currency = models.CharField(max_length=3, default="USD")
+    total = models.DecimalField(max_digits=18, decimal_places=2, default=0)
+    unpriced_tokens = models.PositiveBigIntegerField(default=0)
+    cutoff = models.DateTimeField(help_text="Usage recorded up to this instant is included.")
+    previous_cutoff = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="The previous invoice's cutoff: earlier months' usage recorded after it is "
+        "adjusted here.",
+    )
+    previous_ends_at = models.DateTimeField(
+        null=True, blank=True, help_text="The end of the previous invoice's month."
+    )
+    corrects = models.OneToOneField(
+        "self",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="corrected_by",
+        help_text="The void invoice this one replaces.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finalized_at = models.DateTimeField(null=True, blank=True)
+    paid_at = models.DateTimeField(null=True, blank=True)
+    voided_at = models.DateTimeField(null=True, blank=True)
+    void_reason = models.CharField(max_length=500, blank=True)
+
+    # What may still change once an invoice is finalized: its payment and voiding.
+    AFTER_FINALIZED = frozenset({"status", "paid_at", "voided_at", "void_reason", "updated_at"})
+
+    class Meta:
+        ordering = ["-month", "tenant_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "month"],
+                condition=~Q(status="void"),
+                name="invoice_one_per_tenant_month",
+            ),
+            models.CheckConstraint(
+                condition=Q(status="draft") | Q(number__isnull=False),
+                name="invoice_numbered_unless_draft",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.number or f"draft {self.tenant} {self.month:%Y-%m}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            stored = Invoice.objects.filter(pk=self.pk).first()
+            if stored is not None and stored.status != self.Status.DRAFT:
+                changed = {
+                    f.attname
+                    for f in self._meta.concrete_fields
+                    if getattr(stored, f.attname) != getattr(self, f.attname)
+                }
+                allowed = (stored.status, self.status) in {
+                    (self.Status.FINALIZED, self.Status.FINALIZED),
+                    (self.Status.FINALIZED, self.Status.PAID),
+                    (self.Status.FINALIZED, self.Status.VOID),
+                    (self.Status.PAID, self.Status.PAID),
+                    (self.Status.PAID, self.Status.VOID),
+                }
+                if not allowed or changed - self.AFTER_FINALIZED:
+                    raise InvoiceImmutable(
+                        f"Invoice {stored.number} is {stored.status}: it cannot change "
+                        f"({', '.join(sorted(changed)) or 'status'})."
+                    )
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        if self.status != self.Status.DRAFT:
+            raise InvoiceImmutable(f"Invoice {self.number} is {self.status}: it is never deleted.")
+        return super().delete(*args, **kwargs)
+
+
+class InvoiceLine(models.Model):
+    """Tokens of one bucket, of one model at one price version, in one usage month."""
+
+    class Bucket(models.TextChoices):
+        INPUT = "input", "Input tokens"
+        CACHED_INPUT = "cached_input", "Cached input tokens"
+        OUTPUT = "output", "Output tokens"
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
+    usage_month = models.DateField(help_text="An earlier month: an adjustment for late usage.")
+    model = models.ForeignKey("routing.CatalogModel", on_delete=models.PROTECT, related_name="+")
+    model_name = models.CharField(max_length=200)
+    price = models.ForeignKey("routing.ModelPrice", on_delete=models.PROTECT, related_name="+")
+    tenant_price = models.ForeignKey(
+        TenantPrice, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    bucket = models.CharField(max_length=16, choices=Bucket.choices)
+    quantity = models.PositiveBigIntegerField(help_text="Tokens.")
+    unit_price = models.DecimalField(
+        "unit price (USD per 1M tokens)", max_digits=14, decimal_places=6, null=True, blank=True
+    )
+    amount_exact = models.DecimalField(max_digits=30, decimal_places=12)
+    amount = models.DecimalField(max_digits=18, decimal_places=2)
+
+    class Meta:
+        ordering = ["invoice", "usage_month", "model_name", "price_id", "tenant_price_id", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.model_name} {self.bucket} x {self.quantity}"
+
+    def save(self, *args, **kwargs):
+        _refuse_unless_draft(self.invoice_id)
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        _refuse_unless_draft(self.invoice_id)
+        return super().delete(*args, **kwargs)
+
+    @property
+    def is_adjustment(self) -> bool:
+        return self.usage_month != self.invoice.month
+
+
+class InvoiceKeyLine(models.Model):
+    """One key's share of an invoice line. The cents of each line are allocated to its
+    keys (largest remainders), so key subtotals add up to the invoice total exactly."""
+
+    line = models.ForeignKey(InvoiceLine, on_delete=models.CASCADE, related_name="key_lines")
+    api_key = models.ForeignKey("tenants.ApiKey", on_delete=models.PROTECT, related_name="+")
+    quantity = models.PositiveBigIntegerField()
+    amount_exact = models.DecimalField(max_digits=30, decimal_places=12)
+    amount = models.DecimalField(max_digits=18, decimal_places=2)
+
+    class Meta:
+        ordering = ["line", "api_key_id"]
+
+    def __str__(self) -> str:
+        return f"key {self.api_key_id}: {self.quantity}"
+
+    def save(self, *args, **kwargs):
+        _refuse_unless_draft(
+            InvoiceLine.objects.values_list("invoice_id", flat=True).get(pk=self.line_id)
+        )
+        super().save(*args, **kwargs)
+
+
+def _refuse_unless_draft(invoice_id: int) -> None:
+    status = Invoice.objects.values_list("status", flat=True).get(pk=invoice_id)
+    if status != Invoice.Status.DRAFT:
+        raise InvoiceImmutable(f"Invoice {invoice_id} is {status}: its lines cannot change.")

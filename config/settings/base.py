@@ -168,6 +168,8 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_TIMEZONE = "UTC"
 CELERY_TASK_ACKS_LATE = True
 CELERY_BEAT_SCHEDULE = {
+    # Closes each tenant's previous month once its grace period is over.
+    "invoices-close-due": {"task": "billing.tasks.invoices_close_due", "schedule": 600.0},
     # Holds and leases of processes that died mid-call: released, never left behind.
     "budget-holds-expire": {"task": "tenants.tasks.budget_holds_expire_task", "schedule": 60.0},
     "key-leases-expire": {"task": "tenants.tasks.key_leases_expire_task", "schedule": 60.0},
@@ -186,6 +188,9 @@ TOLLGATE_DISCONNECT_DRAIN_SECONDS = env.float("TOLLGATE_DISCONNECT_DRAIN_SECONDS
 # allowlists before reloading them. Saves clear the snapshot in their own process at
 # once; a new price version must start at least this long after it is created.
 TOLLGATE_CONFIG_CACHE_SECONDS = env.float("TOLLGATE_CONFIG_CACHE_SECONDS", default=5.0)
+# How long after a month ends (in each tenant's time zone) its invoices are finalized,
+# so that late usage events can still land in it.
+TOLLGATE_INVOICE_GRACE_SECONDS = env.int("TOLLGATE_INVOICE_GRACE_SECONDS", default=3600)
 # Pooled connections per upstream provider, shared by all threads of a process.
 TOLLGATE_UPSTREAM_MAX_CONNECTIONS = env.int("TOLLGATE_UPSTREAM_MAX_CONNECTIONS", default=1000)
 

@@ -1,0 +1,415 @@
+"""Monthly invoices from the usage ledger.
+
+An invoice covers one tenant's calendar month in its time zone, the half-open interval
+[start, end). Its lines come from one GROUP BY over the ledger: per usage month, model,
+list price version, tenant price version and key, the summed token buckets. Each line is
+one bucket (uncached input, cached input, output with reasoning) of one model at one
+price: integer tokens, the unit price copied, the exact amount, and that amount rounded
+once to cents, half up. The total is the sum of the rounded lines. Each line's cents are
+allocated to its keys by largest remainders, so the per-key subtotals add up to the
+total exactly.
+
+Coverage is set by the invoice's `cutoff` and its previous invoice. The month's usage
+recorded up to `cutoff` is on the invoice (the finalizing instant, for a finalized one).
+Usage of the months the previous numbered invoice covered (before its end) recorded
+after its cutoff arrived late: it goes on this invoice as adjustment lines naming their
+month. Every event is thus on exactly one invoice, provided months close in order,
+which finalization enforces (it refuses while an earlier month's usage is uninvoiced).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from zoneinfo import ZoneInfo
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q, Sum
+from django.db.models.functions import TruncMonth
+from django.utils import timezone
+
+from routing.models import CatalogModel, ModelPrice
+from tenants.budgets import budget_month
+from tenants.models import Tenant
+
+from .models import (
+    Invoice,
+    InvoiceKeyLine,
+    InvoiceLine,
+    InvoiceNumber,
+    TenantPrice,
+    UsageEvent,
+)
+from .pricing import unit_prices
+
+CENT = Decimal("0.01")
+
+
+class InvoiceError(Exception):
+    """An invoicing step that cannot be done; the message says why."""
+
+
+def month_parse(value: str) -> date:
+    """ "2026-10" -> date(2026, 10, 1)."""
+    try:
+        year, month = (int(part) for part in value.split("-"))
+        return date(year, month, 1)
+    except ValueError:
+        raise InvoiceError(f"{value!r} is not a month like 2026-10.") from None
+
+
+def month_bounds(month: date, tz_name: str) -> tuple[datetime, datetime]:
+    """[start, end) of a calendar month in a time zone, as UTC instants."""
+    noon = datetime(month.year, month.month, 1, 12, tzinfo=ZoneInfo(tz_name))
+    return budget_month(noon, tz_name)
+
+
+@dataclass
+class _Line:
+    usage_month: date
+    model_id: int
+    price_id: int
+    tenant_price_id: int | None
+    bucket: str
+    unit: Decimal | None
+    keys: dict[int, int]  # api key id -> tokens
+
+    @property
+    def quantity(self) -> int:
+        return sum(self.keys.values())
+
+
+def _exact(quantity: int, unit: Decimal | None) -> Decimal:
+    return Decimal(0) if unit is None else (quantity * unit).scaleb(-6)
+
+
+def _rounded(amount: Decimal) -> Decimal:
+    return amount.quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+def _allocate(total: Decimal, shares: dict[int, Decimal]) -> dict[int, Decimal]:
+    """Split a rounded amount into cents over exact shares: floor each share, then give
+    the cents left to the largest remainders (ties: the lowest key id first)."""
+    floors = {k: v.quantize(CENT, rounding=ROUND_DOWN) for k, v in shares.items()}
+    left = int((total - sum(floors.values())) / CENT)
+    order = sorted(shares, key=lambda k: (-(shares[k] - floors[k]), k))
+    for k in order[: max(left, 0)]:
+        floors[k] += CENT
+    return floors
+
+
+def _previous(tenant: Tenant, month: date) -> Invoice | None:
+    """The tenant's latest numbered invoice of an earlier month (a void one included:
+    its correction takes over exactly its coverage)."""
+    return (
+        Invoice.objects.filter(tenant=tenant, month__lt=month)
+        .exclude(status=Invoice.Status.DRAFT)
+        .order_by("-month", "-cutoff")
+        .first()
+    )
+
+
+def _usage_lines(tenant: Tenant, invoice: Invoice, tz_name: str) -> tuple[list[_Line], int]:
+    """The invoice's lines from one GROUP BY over its events, and their unpriced tokens."""
+    in_month = Q(occurred_at__gte=invoice.starts_at, occurred_at__lt=invoice.ends_at)
+    late = Q(pk__in=[])  # no previous invoice: nothing arrived late for it
+    if invoice.previous_cutoff is not None:
+        late = Q(occurred_at__lt=invoice.previous_ends_at, recorded_at__gt=invoice.previous_cutoff)
+    groups = (
+        UsageEvent.objects.filter(tenant=tenant, recorded_at__lte=invoice.cutoff)
+        .filter(in_month | late)
+        .annotate(usage_month=TruncMonth("occurred_at", tzinfo=ZoneInfo(tz_name)))
+        .values("usage_month", "served_model_id", "price_id", "tenant_price_id", "api_key_id")
+        .annotate(
+            uncached=Sum("input_uncached_tokens"),
+            cached=Sum("input_cached_tokens"),
+            output=Sum(F("output_tokens") + F("reasoning_tokens")),
+            unpriced=Sum("unpriced_tokens"),
+        )
+        .order_by()
+    )
+    groups = list(groups)
+    prices = ModelPrice.objects.in_bulk({g["price_id"] for g in groups})
+    tenant_prices = TenantPrice.objects.in_bulk(
+        {g["tenant_price_id"] for g in groups if g["tenant_price_id"]}
+    )
+    lines: dict[tuple, _Line] = {}
+    unpriced = 0
+    for g in groups:
+        units = unit_prices(prices[g["price_id"]], tenant_prices.get(g["tenant_price_id"]))
+        usage_month = g["usage_month"]
+        usage_month = usage_month.date() if isinstance(usage_month, datetime) else usage_month
+        unpriced += g["unpriced"] or 0
+        for bucket, unit, tokens in (
+            (InvoiceLine.Bucket.INPUT, units.input, g["uncached"]),
+            (InvoiceLine.Bucket.CACHED_INPUT, units.cached_input_effective, g["cached"]),
+            (InvoiceLine.Bucket.OUTPUT, units.output, g["output"]),
+        ):
+            if not tokens:
+                continue
+            slot = (usage_month, g["served_model_id"], g["price_id"], g["tenant_price_id"], bucket)
+            line = lines.get(slot)
+            if line is None:
+                line = lines[slot] = _Line(*slot, unit=unit, keys=defaultdict(int))
+            line.keys[g["api_key_id"]] += tokens
+    return list(lines.values()), unpriced
+
+
+@transaction.atomic
+def invoice_build(*, tenant: Tenant, month: date, now: datetime | None = None) -> Invoice:
+    """Build (or rebuild) the tenant's draft invoice for a month from the ledger.
+
+    Idempotent; a numbered invoice is returned unchanged. Serialized per tenant.
+    """
+    now = now or timezone.now()
+    tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
+    invoice = (
+        Invoice.objects.filter(tenant=tenant, month=month)
+        .exclude(status=Invoice.Status.VOID)
+        .first()
+    )
+    if invoice is not None and invoice.status != Invoice.Status.DRAFT:
+        return invoice
+    if (
+        Invoice.objects.filter(tenant=tenant, month__gt=month)
+        .exclude(status__in=[Invoice.Status.DRAFT, Invoice.Status.VOID])
+        .exists()
+    ):
+        raise InvoiceError(
+            f"A later month of {tenant.slug} is already invoiced: months close in order."
+        )
+    if invoice is None:
+        invoice = Invoice(tenant=tenant, month=month)
+    if invoice.corrects_id is not None:
+        # A correction covers exactly what the invoice it replaces covered.
+        replaced = invoice.corrects
+        invoice.previous_cutoff = replaced.previous_cutoff
+        invoice.previous_ends_at = replaced.previous_ends_at
+        invoice.cutoff = replaced.cutoff
+        invoice.timezone = replaced.timezone
+    else:
+        previous = _previous(tenant, month)
+        invoice.previous_cutoff = previous.cutoff if previous else None
+        invoice.previous_ends_at = previous.ends_at if previous else None
+        invoice.cutoff = now
+        invoice.timezone = tenant.timezone
+    invoice.starts_at, invoice.ends_at = month_bounds(month, invoice.timezone)
+    invoice.save()
+
+    invoice.lines.all().delete()
+    drafts, unpriced = _usage_lines(tenant, invoice, invoice.timezone)
+    models = CatalogModel.objects.in_bulk({d.model_id for d in drafts})
+    lines, key_shares = [], []
+    for draft in sorted(drafts, key=lambda d: (d.usage_month, models[d.model_id].public_id)):
+        exact = _exact(draft.quantity, draft.unit)
+        lines.append(
+            InvoiceLine(
+                invoice=invoice,
+                usage_month=draft.usage_month,
+                model_id=draft.model_id,
+                model_name=models[draft.model_id].public_id,
+                price_id=draft.price_id,
+                tenant_price_id=draft.tenant_price_id,
+                bucket=draft.bucket,
+                quantity=draft.quantity,
+                unit_price=draft.unit,
+                amount_exact=exact,
+                amount=_rounded(exact),
+            )
+        )
+        key_shares.append(draft.keys)
+    InvoiceLine.objects.bulk_create(lines)
+    key_lines = []
+    for line, keys in zip(lines, key_shares, strict=True):
+        exact = {k: _exact(q, line.unit_price) for k, q in keys.items()}
+        for key_id, amount in _allocate(line.amount, exact).items():
+            key_lines.append(
+                InvoiceKeyLine(
+                    line=line,
+                    api_key_id=key_id,
+                    quantity=keys[key_id],
+                    amount_exact=exact[key_id],
+                    amount=amount,
+                )
+            )
+    InvoiceKeyLine.objects.bulk_create(key_lines)
+    invoice.total = sum((line.amount for line in lines), Decimal(0))
+    invoice.unpriced_tokens = unpriced
+    invoice.save(update_fields=["total", "unpriced_tokens", "updated_at"])
+    return invoice
+
+
+def _number_take(year: int) -> str:
+    """The next number of the year's gap-free sequence, in the caller's transaction."""
+    InvoiceNumber.objects.get_or_create(year=year)
+    sequence = InvoiceNumber.objects.select_for_update().get(year=year)
+    sequence.last += 1
+    sequence.save(update_fields=["last"])
+    return f"INV-{year}-{sequence.last:06d}"
+
+
+@transaction.atomic
+def invoice_finalize(*, invoice: Invoice, now: datetime | None = None) -> Invoice:
+    """Rebuild a draft from the ledger one last time, refuse it while any of its usage
+    has no price, and number it. Idempotent: a numbered invoice is returned unchanged."""
+    now = now or timezone.now()
+    tenant = Tenant.objects.select_for_update().get(pk=invoice.tenant_id)
+    invoice = Invoice.objects.get(pk=invoice.pk)
+    if invoice.status != Invoice.Status.DRAFT:
+        return invoice
+    if now < invoice.ends_at:
+        raise InvoiceError(f"{tenant.slug}'s {invoice.month:%Y-%m} has not ended yet.")
+    invoice = invoice_build(tenant=tenant, month=invoice.month, now=now)
+    uninvoiced = UsageEvent.objects.filter(tenant=tenant, occurred_at__lt=invoice.starts_at)
+    if invoice.previous_ends_at is not None:
+        uninvoiced = uninvoiced.filter(occurred_at__gte=invoice.previous_ends_at)
+    earliest = uninvoiced.order_by("occurred_at").values_list("occurred_at", flat=True).first()
+    if earliest is not None and invoice.corrects_id is None:
+        month_of = timezone.localtime(earliest, ZoneInfo(invoice.timezone))
+        raise InvoiceError(
+            f"{tenant.slug}'s usage of {month_of:%Y-%m} is not invoiced yet: months close in order."
+        )
+    if invoice.unpriced_tokens:
+        models = sorted(
+            UsageEvent.objects.filter(
+                tenant=tenant,
+                unpriced_tokens__gt=0,
+                occurred_at__gte=invoice.starts_at,
+                occurred_at__lt=invoice.ends_at,
+            )
+            .values_list("served_model__public_id", flat=True)
+            .distinct()
+        )
+        raise InvoiceError(
+            f"{invoice.unpriced_tokens} tokens of {tenant.slug}'s {invoice.month:%Y-%m} have no "
+            f"price ({', '.join(models) or 'earlier months'}): price them, then finalize."
+        )
+    invoice.number = _number_take(now.year)
+    invoice.status = Invoice.Status.FINALIZED
+    invoice.finalized_at = now
+    invoice.save()
+    return invoice
+
+
+def invoice_mark_paid(*, invoice: Invoice, at: datetime | None = None) -> Invoice:
+    if invoice.status != Invoice.Status.FINALIZED:
+        raise InvoiceError(f"Only a finalized invoice can be paid; {invoice} is {invoice.status}.")
+    invoice.status = Invoice.Status.PAID
+    invoice.paid_at = at or timezone.now()
+    invoice.save()
+    return invoice
+
+
+def invoice_void(*, invoice: Invoice, reason: str) -> Invoice:
+    """Void a numbered invoice; it keeps its number. `invoice_correct` replaces it."""
+    if invoice.status not in (Invoice.Status.FINALIZED, Invoice.Status.PAID):
+        raise InvoiceError(
+            f"Only a finalized or paid invoice can be voided; {invoice} is {invoice.status}."
+        )
+    if not reason.strip():
+        raise InvoiceError("Say why the invoice is void.")
+    invoice.status = Invoice.Status.VOID
+    invoice.voided_at = timezone.now()
+    invoice.void_reason = reason.strip()[:500]
+    invoice.save()
+    return invoice
+
+
+@transaction.atomic
+def invoice_correct(*, voided: Invoice) -> Invoice:
+    """A new draft replacing a void invoice, covering exactly what it covered."""
+    if voided.status != Invoice.Status.VOID:
+        raise InvoiceError("Only a void invoice can be corrected.")
+    if hasattr(voided, "corrected_by"):
+        return voided.corrected_by
+    draft = Invoice.objects.create(
+        tenant=voided.tenant,
+        month=voided.month,
+        timezone=voided.timezone,
+        starts_at=voided.starts_at,
+        ends_at=voided.ends_at,
+        cutoff=voided.cutoff,
+        previous_cutoff=voided.previous_cutoff,
+        previous_ends_at=voided.previous_ends_at,
+        corrects=voided,
+    )
+    return invoice_build(tenant=draft.tenant, month=draft.month, now=draft.cutoff)
+
+
+@dataclass(frozen=True)
+class MonthClosed:
+    tenant: Tenant
+    outcome: str  # "finalized", "already numbered", "no usage", "would finalize", or why not
+    invoice: Invoice | None = None
+
+
+def month_close(
+    *,
+    month: date,
+    tenants: Iterable[Tenant] | None = None,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    progress: Callable[[Tenant], None] | None = None,
+) -> list[MonthClosed]:
+    """Build and finalize each tenant's invoice for a month (by default every tenant).
+
+    Running it again changes nothing. A dry run builds each invoice and rolls it back.
+    A tenant that cannot be finalized (unpriced usage, an earlier month still open) is
+    reported and skipped; the others go on.
+    """
+    now = now or timezone.now()
+    results = []
+    for tenant in tenants if tenants is not None else Tenant.objects.order_by("slug"):
+        results.append(_close_one(tenant, month, now, dry_run))
+        if progress:
+            progress(tenant)
+    return results
+
+
+class _DryRun(Exception):
+    pass
+
+
+def _close_one(tenant: Tenant, month: date, now: datetime, dry_run: bool) -> MonthClosed:
+    try:
+        with transaction.atomic():
+            invoice = invoice_build(tenant=tenant, month=month, now=now)
+            if invoice.status != Invoice.Status.DRAFT:
+                return MonthClosed(tenant, "already numbered", invoice)
+            if not invoice.lines.exists():
+                invoice.delete()
+                return MonthClosed(tenant, "no usage")
+            if dry_run:
+                result = MonthClosed(tenant, f"would finalize at {invoice.total} USD", invoice)
+                raise _DryRun
+            return MonthClosed(tenant, "finalized", invoice_finalize(invoice=invoice, now=now))
+    except _DryRun:
+        return result
+    except InvoiceError as exc:
+        return MonthClosed(tenant, f"not finalized: {exc}")
+
+
+def months_due(*, now: datetime | None = None) -> list[tuple[Tenant, date]]:
+    """The (tenant, month) pairs whose month ended more than the grace period ago in the
+    tenant's time zone and have no numbered invoice yet (the previous month only)."""
+    now = now or timezone.now()
+    grace = timedelta(seconds=settings.TOLLGATE_INVOICE_GRACE_SECONDS)
+    due = []
+    for tenant in Tenant.objects.order_by("slug"):
+        current_start, _ = budget_month(now, tenant.timezone)
+        previous_start, _ = budget_month(current_start - timedelta(seconds=1), tenant.timezone)
+        month = previous_start.astimezone(ZoneInfo(tenant.timezone)).date()
+        if now < current_start + grace:
+            continue
+        numbered = (
+            Invoice.objects.filter(tenant=tenant, month=month)
+            .exclude(status__in=[Invoice.Status.DRAFT, Invoice.Status.VOID])
+            .exists()
+        )
+        if not numbered:
+            due.append((tenant, month))
+    return due

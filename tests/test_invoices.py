@@ -1,0 +1,450 @@
+"""Monthly invoices: exactly right, never changing once issued (the checks at the end of
+the billing guide, and the lifecycle around them)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection, transaction
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from billing.invoicing import (
+    InvoiceError,
+    invoice_build,
+    invoice_correct,
+    invoice_finalize,
+    invoice_mark_paid,
+    invoice_void,
+    month_close,
+    months_due,
+)
+from billing.metering import TokenBuckets
+from billing.models import Invoice, InvoiceImmutable, InvoiceLine, UsageEvent
+from billing.services import usage_record
+from routing.models import ModelPrice, Provider
+from tenants.services import api_key_issue, tenant_create
+
+from .conftest import model_create, usage_facts
+
+pytestmark = pytest.mark.django_db
+
+OCT = date(2026, 10, 1)
+NOV = date(2026, 11, 1)
+AFTER_OCT = datetime(2026, 11, 2, tzinfo=UTC)
+
+
+@pytest.fixture
+def shop():
+    """Tenant acme (UTC) with two keys and a model priced 0.27 / 0.07 / 1.10 per 1M."""
+    provider = Provider.objects.create(name="p", base_url="http://127.0.0.1:9/v1")
+    model = model_create("m", provider=provider)
+    ModelPrice.objects.filter(model=model).update(effective_from=datetime(2026, 1, 1, tzinfo=UTC))
+    tenant = tenant_create(slug="acme", name="Acme", model_ids=["m"])
+    keys = [api_key_issue(tenant=tenant, name=n).key for n in ("a", "b")]
+    return tenant, keys, model
+
+
+_ids = iter(range(10**9))
+
+
+def record(key, model, occurred_at, recorded_at=None, price=None, **buckets) -> UsageEvent:
+    facts = usage_facts(
+        key,
+        model,
+        request_id=f"req_{next(_ids)}",
+        buckets=TokenBuckets(**buckets),
+        occurred_at=occurred_at,
+    )
+    if price is not None:
+        facts = type(facts)(**{**facts.__dict__, "price": price})
+    event = usage_record(facts)
+    UsageEvent.objects.filter(pk=event.pk).update(recorded_at=recorded_at or occurred_at)
+    return event
+
+
+def lines_of(invoice) -> list[tuple]:
+    return [
+        (
+            line.usage_month,
+            line.bucket,
+            line.quantity,
+            line.unit_price,
+            line.amount_exact,
+            line.amount,
+        )
+        for line in invoice.lines.order_by("usage_month", "bucket", "unit_price")
+    ]
+
+
+def test_the_billing_guide_example_bills_disjoint_buckets(shop):
+    tenant, (key, _), model = shop
+    # 1000 prompt tokens of which 800 cached; 500 completion tokens of which 300 reasoning.
+    record(
+        key,
+        model,
+        datetime(2026, 10, 5, tzinfo=UTC),
+        input_uncached=200,
+        input_cached=800,
+        output=200,
+        reasoning=300,
+    )
+
+    invoice = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT), now=AFTER_OCT)
+
+    assert {(line.bucket, line.quantity, line.unit_price) for line in invoice.lines.all()} == {
+        ("input", 200, Decimal("0.270000")),
+        ("cached_input", 800, Decimal("0.070000")),
+        ("output", 500, Decimal("1.100000")),
+    }
+    assert invoice.total == Decimal("0.00")  # $0.000660 rounds to no cents
+    assert invoice.number == "INV-2026-000001"
+
+
+def test_month_boundaries_are_half_open_in_utc(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 31, 23, 59, 59, 999000, tzinfo=UTC), output=1_000_000)
+    record(key, model, datetime(2026, 11, 1, tzinfo=UTC), output=2_000_000)
+
+    october = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+    assert [(line.quantity, line.amount) for line in october.lines.all()] == [
+        (1_000_000, Decimal("1.10"))
+    ]
+
+
+def test_month_boundaries_follow_new_york_across_the_dst_change(shop):
+    tenant, (key, _), model = shop
+    tenant.timezone = "America/New_York"
+    tenant.save()
+    record(
+        key, model, datetime(2026, 11, 1, 3, 59, 59, tzinfo=UTC), output=1_000_000
+    )  # Oct 31, EDT
+    record(key, model, datetime(2026, 11, 1, 4, tzinfo=UTC), output=2_000_000)  # Nov 1, 00:00 EDT
+    record(
+        key, model, datetime(2026, 12, 1, 4, 59, 59, tzinfo=UTC), output=3_000_000
+    )  # Nov 30, EST
+    record(key, model, datetime(2026, 12, 1, 5, tzinfo=UTC), output=4_000_000)  # Dec 1, 00:00 EST
+
+    now = datetime(2026, 12, 5, tzinfo=UTC)
+    october = invoice_build(tenant=tenant, month=OCT, now=now)
+    november = invoice_build(tenant=tenant, month=NOV, now=now)
+    assert (october.starts_at, october.ends_at) == (
+        datetime(2026, 10, 1, 4, tzinfo=UTC),
+        datetime(2026, 11, 1, 4, tzinfo=UTC),
+    )
+    assert november.ends_at == datetime(2026, 12, 1, 5, tzinfo=UTC)
+    assert [line.quantity for line in october.lines.all()] == [1_000_000]
+    assert [line.quantity for line in november.lines.all()] == [5_000_000]
+
+
+def test_a_price_change_on_the_15th_gives_two_lines(shop):
+    tenant, (key, _), model = shop
+    old = model.prices.get()
+    change = datetime(2026, 10, 15, tzinfo=UTC)
+    old.effective_to = change
+    old.save()
+    new = ModelPrice.objects.create(
+        model=model,
+        input_per_mtok=Decimal("0.30"),
+        output_per_mtok=Decimal("2.00"),
+        effective_from=change,
+    )
+    record(key, model, datetime(2026, 10, 14, 23, tzinfo=UTC), price=old, output=1_000_000)
+    record(key, model, datetime(2026, 10, 15, 1, tzinfo=UTC), price=new, output=1_000_000)
+
+    invoice = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+    assert [(line.unit_price, line.amount) for line in invoice.lines.order_by("unit_price")] == [
+        (Decimal("1.100000"), Decimal("1.10")),
+        (Decimal("2.000000"), Decimal("2.00")),
+    ]
+    assert invoice.total == Decimal("3.10")
+
+
+def test_one_million_one_token_events_at_15_cents_make_exactly_15_cents(shop):
+    tenant, (key, _), model = shop
+    price = model.prices.get()
+    ModelPrice.objects.filter(pk=price.pk).update(input_per_mtok=Decimal("0.15"))
+    template = record(key, model, datetime(2026, 10, 2, tzinfo=UTC), input_uncached=1)
+    quote = connection.ops.quote_name
+    table = quote(UsageEvent._meta.db_table)
+    columns = [f.column for f in UsageEvent._meta.concrete_fields if not f.primary_key]
+    copied = ", ".join("'req_bulk_' || n" if c == "request_id" else quote(c) for c in columns)
+    series = (
+        "generate_series(1, 999999) AS n"
+        if connection.vendor == "postgresql"
+        else "(WITH RECURSIVE s(n) AS "
+        "(SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < 999999) SELECT n FROM s)"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(  # one row copied 999,999 times; names come from the model only
+            f"INSERT INTO {table} ({', '.join(quote(c) for c in columns)}) "  # noqa: S608
+            f"SELECT {copied} FROM {table}, {series} WHERE {table}.{quote('id')} = %s",
+            [template.pk],
+        )
+    assert UsageEvent.objects.count() == 1_000_000
+
+    invoice = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+
+    (line,) = invoice.lines.all()
+    assert (line.quantity, line.unit_price) == (1_000_000, Decimal("0.150000"))
+    assert line.amount_exact == Decimal("0.15") and line.amount == Decimal("0.15")
+    assert invoice.total == Decimal("0.15")
+
+
+event_specs = st.lists(
+    st.tuples(
+        st.integers(0, 1),  # key
+        st.integers(1, 28),  # day of October
+        st.integers(0, 3_000_000),
+        st.integers(0, 3_000_000),
+        st.integers(0, 3_000_000),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(specs=event_specs, order=st.randoms(use_true_random=False), batches=st.integers(1, 4))
+def test_any_order_or_batching_gives_the_same_invoice_and_key_subtotals_add_up(
+    shop, specs, order, batches
+):
+    tenant, keys, model = shop
+
+    def invoice_after(sequence, batch_count):
+        with transaction.atomic():
+            size = max(1, len(sequence) // batch_count)
+            for start in range(0, len(sequence), size):
+                for k, day, uncached, cached, output in sequence[start : start + size]:
+                    record(keys[k], model, datetime(2026, 10, day, tzinfo=UTC),
+                           input_uncached=uncached, input_cached=cached, output=output)  # fmt: skip
+                invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)  # drafts rebuilt between
+            invoice = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+            result = (lines_of(invoice), invoice.total, _key_totals(invoice))
+            for line in invoice.lines.all():
+                assert sum(k.amount for k in line.key_lines.all()) == line.amount
+                assert sum(k.quantity for k in line.key_lines.all()) == line.quantity
+            assert sum(_key_totals(invoice).values()) == invoice.total
+            transaction.set_rollback(True)
+        return result
+
+    shuffled = list(specs)
+    order.shuffle(shuffled)
+    assert invoice_after(specs, 1) == invoice_after(shuffled, batches)
+
+
+def _key_totals(invoice) -> dict[int, Decimal]:
+    totals: dict[int, Decimal] = {}
+    for line in invoice.lines.all():
+        for key_line in line.key_lines.all():
+            totals[key_line.api_key_id] = (
+                totals.get(key_line.api_key_id, Decimal(0)) + key_line.amount
+            )
+    return totals
+
+
+def test_cents_of_a_line_are_allocated_to_its_keys_exactly(shop):
+    tenant, (a, b), model = shop
+    # Three thirds of 1.10: each key's exact share is 0.3666..., the line 1.10.
+    for key, tokens in ((a, 333_334), (b, 666_666)):
+        record(key, model, datetime(2026, 10, 3, tzinfo=UTC), output=tokens)
+    invoice = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+    (line,) = invoice.lines.all()
+    shares = {k.api_key_id: k.amount for k in line.key_lines.all()}
+    assert line.amount == Decimal("1.10")
+    assert shares == {a.pk: Decimal("0.37"), b.pk: Decimal("0.73")}
+
+
+def test_finalized_invoices_refuse_every_change(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    invoice = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT), now=AFTER_OCT)
+
+    invoice.total = Decimal("0.01")
+    with pytest.raises(InvoiceImmutable):
+        invoice.save()
+    invoice.refresh_from_db()
+    with pytest.raises(InvoiceImmutable):
+        invoice.delete()
+    line = invoice.lines.get()
+    line.quantity = 1
+    with pytest.raises(InvoiceImmutable):
+        line.save()
+    with pytest.raises(InvoiceImmutable):
+        line.delete()
+    invoice.status = Invoice.Status.DRAFT
+    with pytest.raises(InvoiceImmutable):
+        invoice.save()
+    # Rebuilding and finalizing again change nothing.
+    invoice.refresh_from_db()
+    assert invoice_build(tenant=tenant, month=OCT) == invoice
+    assert invoice_finalize(invoice=invoice).number == invoice.number
+    assert Invoice.objects.get(pk=invoice.pk).total == Decimal("1.10")
+
+
+def test_twenty_concurrent_finalizations_get_consecutive_unique_numbers(transactional_db):
+    provider = Provider.objects.create(name="p", base_url="http://127.0.0.1:9/v1")
+    model = model_create("m", provider=provider)
+    ModelPrice.objects.filter(model=model).update(effective_from=datetime(2026, 1, 1, tzinfo=UTC))
+    drafts = []
+    for i in range(20):
+        tenant = tenant_create(slug=f"t{i:02d}", name=f"T{i}", model_ids=["m"])
+        record(
+            api_key_issue(tenant=tenant).key, model, datetime(2026, 10, 5, tzinfo=UTC), output=10
+        )
+        drafts.append(invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT))
+    barrier = threading.Barrier(20)
+
+    def finalize(draft):
+        try:
+            barrier.wait()
+            return invoice_finalize(invoice=draft, now=AFTER_OCT).number
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        numbers = list(pool.map(finalize, drafts))
+
+    assert sorted(numbers) == [f"INV-2026-{n:06d}" for n in range(1, 21)]
+
+
+def test_unpriced_usage_blocks_finalization(shop):
+    tenant, (key, _), model = shop
+    ModelPrice.objects.filter(model=model).update(input_per_mtok=None, cached_input_per_mtok=None)
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), input_uncached=100, output=10)
+    draft = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+    assert draft.unpriced_tokens == 100
+    with pytest.raises(InvoiceError, match=r"100 tokens of acme's 2026-10 have no price \(m\)"):
+        invoice_finalize(invoice=draft, now=AFTER_OCT)
+    assert Invoice.objects.get(pk=draft.pk).status == Invoice.Status.DRAFT
+
+
+def test_a_month_cannot_be_finalized_before_it_ends(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=10)
+    draft = invoice_build(tenant=tenant, month=OCT, now=datetime(2026, 10, 20, tzinfo=UTC))
+    with pytest.raises(InvoiceError, match="has not ended"):
+        invoice_finalize(invoice=draft, now=datetime(2026, 10, 31, 23, tzinfo=UTC))
+
+
+def test_late_usage_goes_onto_the_next_invoice_as_an_adjustment(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    october = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT), now=AFTER_OCT)
+    # An October call that reached the ledger after October was finalized.
+    record(
+        key,
+        model,
+        datetime(2026, 10, 30, tzinfo=UTC),
+        recorded_at=AFTER_OCT + timedelta(hours=1),
+        output=2_000_000,
+    )
+    record(key, model, datetime(2026, 11, 3, tzinfo=UTC), output=3_000_000)
+
+    november = invoice_finalize(
+        invoice=invoice_build(tenant=tenant, month=NOV), now=datetime(2026, 12, 2, tzinfo=UTC)
+    )
+
+    assert Invoice.objects.get(pk=october.pk).total == Decimal("1.10")
+    lines = {(line.usage_month, line.quantity) for line in november.lines.all()}
+    assert lines == {(OCT, 2_000_000), (NOV, 3_000_000)}
+    assert [line.is_adjustment for line in november.lines.order_by("usage_month")] == [True, False]
+    assert november.total == Decimal("5.50")
+    assert november.previous_cutoff == october.cutoff
+
+
+def test_months_close_in_order(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=10)
+    record(key, model, datetime(2026, 11, 5, tzinfo=UTC), output=10)
+    now = datetime(2026, 12, 5, tzinfo=UTC)
+    invoice_build(tenant=tenant, month=OCT, now=now)
+    november = invoice_build(tenant=tenant, month=NOV, now=now)
+    with pytest.raises(InvoiceError, match="usage of 2026-10 is not invoiced yet"):
+        invoice_finalize(invoice=november, now=now)
+    invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT, now=now), now=now)
+    assert invoice_finalize(invoice=november, now=now).status == Invoice.Status.FINALIZED
+    with pytest.raises(InvoiceError, match="later month"):
+        invoice_build(tenant=tenant, month=date(2026, 9, 1), now=now)
+
+
+def test_void_keeps_its_number_and_a_correction_replaces_it(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    original = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT), now=AFTER_OCT)
+    with pytest.raises(InvoiceError, match="Say why"):
+        invoice_void(invoice=original, reason=" ")
+    voided = invoice_void(invoice=original, reason="Wrong billing address")
+
+    correction = invoice_correct(voided=voided)
+    assert correction.corrects == voided
+    assert (correction.cutoff, correction.previous_cutoff) == (
+        voided.cutoff,
+        voided.previous_cutoff,
+    )
+    assert lines_of(correction) == lines_of(voided)
+    final = invoice_finalize(invoice=correction, now=AFTER_OCT + timedelta(days=3))
+    assert final.number == "INV-2026-000002"
+    assert Invoice.objects.get(pk=voided.pk).number == "INV-2026-000001"
+    assert invoice_correct(voided=voided) == final  # once
+
+
+def test_paid_is_after_finalized_only(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=10)
+    draft = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+    with pytest.raises(InvoiceError):
+        invoice_mark_paid(invoice=draft)
+    paid = invoice_mark_paid(invoice=invoice_finalize(invoice=draft, now=AFTER_OCT))
+    assert paid.status == Invoice.Status.PAID and paid.paid_at is not None
+
+
+def test_close_month_twice_gives_the_same_result(shop, capsys):
+    _, (key, _), model = shop
+    idle = tenant_create(slug="idle", name="Idle")
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+
+    call_command("close_month", "2026-10", "--dry-run")
+    assert "acme: would finalize at 1.10 USD" in capsys.readouterr().out
+    assert not Invoice.objects.exists()
+
+    call_command("close_month", "2026-10")
+    first = capsys.readouterr().out
+    assert "acme: finalized INV-2026-000001 1.10 USD" in first
+    assert "idle: no usage" in first
+    snapshot = list(Invoice.objects.values())
+    call_command("close_month", "2026-10")
+    assert "acme: already numbered INV-2026-000001 1.10 USD" in capsys.readouterr().out
+    assert list(Invoice.objects.values()) == snapshot
+    assert not Invoice.objects.filter(tenant=idle).exists()
+
+
+def test_close_month_refuses_a_month_not_over_and_bad_input(shop):
+    with pytest.raises(CommandError, match="not a month"):
+        call_command("close_month", "October")
+    with pytest.raises(CommandError, match="has not ended"):
+        call_command("close_month", "2999-01")
+
+
+def test_the_beat_task_closes_months_once_their_grace_is_over(shop, settings):
+    from billing.tasks import invoices_close_due
+
+    settings.TOLLGATE_INVOICE_GRACE_SECONDS = 3600
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    assert months_due(now=datetime(2026, 11, 1, 0, 30, tzinfo=UTC)) == []
+    due = months_due(now=datetime(2026, 11, 1, 1, 30, tzinfo=UTC))
+    assert due == [(tenant, OCT)]
+    results = month_close(month=OCT, tenants=[tenant], now=datetime(2026, 11, 1, 1, 30, tzinfo=UTC))
+    assert [r.outcome for r in results] == ["finalized"]
+    assert months_due(now=datetime(2026, 11, 1, 1, 31, tzinfo=UTC)) == []
+    assert invoices_close_due.delay().get() == []
+    assert InvoiceLine.objects.count() == 1
