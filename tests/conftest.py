@@ -4,6 +4,7 @@ live server), and a small world of tenants, keys and priced models between them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import openai
@@ -12,7 +13,7 @@ from django.utils import timezone
 
 from billing.metering import TokenBuckets
 from billing.models import UsageEvent
-from billing.services import UsageFacts
+from billing.services import UsageFacts, usage_record
 from routing.models import CatalogModel, ModelPrice, Provider
 from tenants.models import Tenant
 from tenants.services import api_key_issue, tenant_create
@@ -180,3 +181,36 @@ def world(live_server, mock_upstream, transactional_db) -> World:
         tenant=tenant,
         secret=secret,
     )
+
+
+@pytest.fixture
+def shop():
+    """Tenant acme (UTC) with two keys and a model priced 0.27 / 0.07 / 1.10 per 1M."""
+    provider = Provider.objects.create(name="p", base_url="http://127.0.0.1:9/v1")
+    model = model_create("m", provider=provider)
+    ModelPrice.objects.filter(model=model).update(effective_from=datetime(2026, 1, 1, tzinfo=UTC))
+    tenant = tenant_create(slug="acme", name="Acme", model_ids=["m"])
+    keys = [api_key_issue(tenant=tenant, name=n).key for n in ("a", "b")]
+    return tenant, keys, model
+
+
+_event_ids = iter(range(10**9))
+
+
+def record(
+    key, model, occurred_at, recorded_at=None, price=None, tenant_price=None, **buckets
+) -> UsageEvent:
+    """One usage event in the ledger, occurred and recorded when said."""
+    facts = usage_facts(
+        key,
+        model,
+        request_id=f"req_{next(_event_ids)}",
+        buckets=TokenBuckets(**buckets),
+        occurred_at=occurred_at,
+    )
+    if price is not None or tenant_price is not None:
+        price = price or facts.price
+        facts = type(facts)(**{**facts.__dict__, "price": price, "tenant_price": tenant_price})
+    event = usage_record(facts)
+    UsageEvent.objects.filter(pk=event.pk).update(recorded_at=recorded_at or occurred_at)
+    return event

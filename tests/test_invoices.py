@@ -25,48 +25,17 @@ from billing.invoicing import (
     month_close,
     months_due,
 )
-from billing.metering import TokenBuckets
 from billing.models import Invoice, InvoiceImmutable, InvoiceLine, UsageEvent
-from billing.services import usage_record
 from routing.models import ModelPrice, Provider
 from tenants.services import api_key_issue, tenant_create
 
-from .conftest import model_create, usage_facts
+from .conftest import model_create, record
 
 pytestmark = pytest.mark.django_db
 
 OCT = date(2026, 10, 1)
 NOV = date(2026, 11, 1)
 AFTER_OCT = datetime(2026, 11, 2, tzinfo=UTC)
-
-
-@pytest.fixture
-def shop():
-    """Tenant acme (UTC) with two keys and a model priced 0.27 / 0.07 / 1.10 per 1M."""
-    provider = Provider.objects.create(name="p", base_url="http://127.0.0.1:9/v1")
-    model = model_create("m", provider=provider)
-    ModelPrice.objects.filter(model=model).update(effective_from=datetime(2026, 1, 1, tzinfo=UTC))
-    tenant = tenant_create(slug="acme", name="Acme", model_ids=["m"])
-    keys = [api_key_issue(tenant=tenant, name=n).key for n in ("a", "b")]
-    return tenant, keys, model
-
-
-_ids = iter(range(10**9))
-
-
-def record(key, model, occurred_at, recorded_at=None, price=None, **buckets) -> UsageEvent:
-    facts = usage_facts(
-        key,
-        model,
-        request_id=f"req_{next(_ids)}",
-        buckets=TokenBuckets(**buckets),
-        occurred_at=occurred_at,
-    )
-    if price is not None:
-        facts = type(facts)(**{**facts.__dict__, "price": price})
-    event = usage_record(facts)
-    UsageEvent.objects.filter(pk=event.pk).update(recorded_at=recorded_at or occurred_at)
-    return event
 
 
 def lines_of(invoice) -> list[tuple]:

@@ -1,0 +1,300 @@
+"""Invoice exports: CSV, JSON, printable HTML, PDF, and a month's invoices as one ZIP.
+
+Every format is rendered from one document (`invoice_document`) read from the stored
+invoice and its lines, never recomputed from the ledger, so each adds up to the stored
+total exactly: the lines' rounded amounts sum to it, and so do the per-key subtotals.
+Money is written as decimal strings (JSON included), never as floats.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.db.models import Sum
+from django.template.loader import render_to_string
+from fpdf import FPDF
+from fpdf.enums import XPos, YPos
+
+from .models import Invoice, InvoiceKeyLine, InvoiceLine
+
+FORMATS = ("csv", "json", "html", "pdf")
+BULK_FORMATS = FORMATS
+
+
+@dataclass(frozen=True)
+class Export:
+    filename: str
+    content_type: str
+    content: bytes
+
+
+def _text(value: Decimal | None, places: int = 2) -> str:
+    """A decimal as plain text with at least `places` decimals and no exponent."""
+    if value is None:
+        return ""
+    value = value.normalize()
+    if value.as_tuple().exponent > -places:
+        value = value.quantize(Decimal(1).scaleb(-places))
+    return f"{value:f}"
+
+
+def _stem(invoice: Invoice) -> str:
+    return invoice.number or f"draft-{invoice.tenant.slug}-{invoice.month:%Y-%m}"
+
+
+def _price_label(line: InvoiceLine) -> str:
+    since = line.price.effective_from
+    label = f"list price of {since:%Y-%m-%d}"
+    if line.tenant_price_id is not None:
+        tenant_price = line.tenant_price
+        kind = (
+            f"+{_text(tenant_price.markup_percent, 0)}% markup"
+            if tenant_price.markup_percent is not None
+            else "negotiated price"
+        )
+        label = f"{kind} of {tenant_price.effective_from:%Y-%m-%d} on the {label}"
+    return label
+
+
+def invoice_document(invoice: Invoice) -> dict:
+    """The invoice as plain data: what every export renders."""
+    lines = list(
+        invoice.lines.select_related("price", "tenant_price").order_by(
+            "usage_month", "model_name", "price_id", "tenant_price_id", "bucket", "id"
+        )
+    )
+    bucket_labels = dict(InvoiceLine.Bucket.choices)
+    rows = [
+        {
+            "usage_month": f"{line.usage_month:%Y-%m}",
+            "adjustment": line.usage_month != invoice.month,
+            "model": line.model_name,
+            "price_version": line.price_id,
+            "tenant_price_version": line.tenant_price_id,
+            "price": _price_label(line),
+            "bucket": line.bucket,
+            "bucket_label": bucket_labels[line.bucket],
+            "quantity": line.quantity,
+            "unit_price_per_1m": _text(line.unit_price),
+            "amount_exact": _text(line.amount_exact),
+            "amount": _text(line.amount),
+        }
+        for line in lines
+    ]
+    per_key = (
+        InvoiceKeyLine.objects.filter(line__invoice=invoice)
+        .values("api_key_id", "api_key__prefix", "api_key__name", "line__bucket")
+        .annotate(quantity=Sum("quantity"), amount=Sum("amount"))
+        .order_by("api_key__prefix", "api_key_id")
+    )
+    keys: dict[int, dict] = {}
+    for row in per_key:
+        key = keys.setdefault(
+            row["api_key_id"],
+            {
+                "key": row["api_key__prefix"],
+                "name": row["api_key__name"],
+                "tokens": {bucket: 0 for bucket in InvoiceLine.Bucket.values},
+                "amount": Decimal(0),
+            },
+        )
+        key["tokens"][row["line__bucket"]] += row["quantity"]
+        key["amount"] += row["amount"]
+    for key in keys.values():
+        key["amount"] = _text(key["amount"])
+    tenant = invoice.tenant
+    return {
+        "object": "invoice",
+        "number": invoice.number,
+        "status": invoice.status,
+        "tenant": {"slug": tenant.slug, "name": tenant.name, "email": tenant.contact_email},
+        "month": f"{invoice.month:%Y-%m}",
+        "timezone": invoice.timezone,
+        "period_start": invoice.starts_at.isoformat(),
+        "period_end": invoice.ends_at.isoformat(),
+        "currency": invoice.currency,
+        "finalized_at": invoice.finalized_at.isoformat() if invoice.finalized_at else None,
+        "paid_at": invoice.paid_at.isoformat() if invoice.paid_at else None,
+        "voided_at": invoice.voided_at.isoformat() if invoice.voided_at else None,
+        "void_reason": invoice.void_reason or None,
+        "corrects": invoice.corrects.number if invoice.corrects_id else None,
+        "lines": rows,
+        "keys": list(keys.values()),
+        "total": _text(invoice.total),
+    }
+
+
+CSV_COLUMNS = (
+    "invoice",
+    "tenant",
+    "month",
+    "usage_month",
+    "adjustment",
+    "model",
+    "price",
+    "bucket",
+    "quantity",
+    "unit_price_per_1m",
+    "amount_exact",
+    "amount",
+    "currency",
+)
+
+
+def _csv(document: dict) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in document["lines"]:
+        writer.writerow(
+            (
+                document["number"] or "draft",
+                document["tenant"]["slug"],
+                document["month"],
+                row["usage_month"],
+                "yes" if row["adjustment"] else "no",
+                row["model"],
+                row["price"],
+                row["bucket"],
+                row["quantity"],
+                row["unit_price_per_1m"],
+                row["amount_exact"],
+                row["amount"],
+                document["currency"],
+            )
+        )
+    # A BOM so that spreadsheet programs read the file as UTF-8.
+    return ("\ufeff" + out.getvalue()).encode()
+
+
+def _json(document: dict) -> bytes:
+    return json.dumps(document, indent=2, ensure_ascii=False).encode()
+
+
+def _html(document: dict) -> bytes:
+    return render_to_string("billing/invoice.html", {"invoice": document}).encode()
+
+
+def _latin1(text: str) -> str:
+    # The PDF uses the core Helvetica font (nothing to install or embed): characters
+    # outside Latin-1 become "?". The HTML invoice shows any script.
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def _pdf(document: dict, *, compress: bool = True) -> bytes:
+    pdf = FPDF(format="A4")
+    pdf.set_compression(compress)
+    pdf.set_title(_latin1(f"Invoice {document['number'] or 'draft'}"))
+    pdf.set_auto_page_break(auto=True, margin=15)
+    pdf.add_page()
+    pdf.set_font("Helvetica", "B", 16)
+    title = f"Invoice {document['number']}" if document["number"] else "Draft invoice"
+    pdf.cell(0, 10, _latin1(title), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_font("Helvetica", size=10)
+    tenant = document["tenant"]
+    for text in (
+        f"Billed to: {tenant['name']} ({tenant['slug']}) {tenant['email']}".rstrip(),
+        f"Period: {document['month']} ({document['timezone']}), "
+        f"{document['period_start']} to {document['period_end']}",
+        f"Status: {document['status']}"
+        + (f", corrects {document['corrects']}" if document["corrects"] else "")
+        + (f", void: {document['void_reason']}" if document["void_reason"] else ""),
+    ):
+        pdf.cell(0, 6, _latin1(text), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(4)
+    pdf.set_font("Helvetica", size=8)
+    widths = (16, 30, 52, 22, 22, 18, 20)
+    with pdf.table(col_widths=widths, text_align=("LEFT",) * 3 + ("RIGHT",) * 4) as table:
+        table.row(("Month", "Model", "Price", "Bucket", "Tokens", "Per 1M", "Amount"))
+        for row in document["lines"]:
+            month = row["usage_month"] + (" adj." if row["adjustment"] else "")
+            table.row(
+                tuple(
+                    _latin1(str(v))
+                    for v in (
+                        month,
+                        row["model"],
+                        row["price"],
+                        row["bucket_label"],
+                        f"{row['quantity']:,}",
+                        row["unit_price_per_1m"],
+                        row["amount"],
+                    )
+                )
+            )
+    pdf.ln(2)
+    pdf.set_font("Helvetica", "B", 11)
+    pdf.cell(
+        0,
+        8,
+        f"Total {document['total']} {document['currency']}",
+        align="R",
+        new_x=XPos.LMARGIN,
+        new_y=YPos.NEXT,
+    )
+    if document["keys"]:
+        pdf.ln(4)
+        pdf.set_font("Helvetica", "B", 10)
+        pdf.cell(0, 6, "By API key", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        pdf.set_font("Helvetica", size=8)
+        with pdf.table(col_widths=(40, 50, 30, 30, 30), text_align="RIGHT") as table:
+            table.row(("Key", "Name", "Input", "Cached input", "Output / Amount"))
+            for key in document["keys"]:
+                tokens = key["tokens"]
+                table.row(
+                    (
+                        _latin1(f"{key['key']}..."),
+                        _latin1(key["name"] or ""),
+                        f"{tokens['input']:,}",
+                        f"{tokens['cached_input']:,}",
+                        f"{tokens['output']:,} / {key['amount']}",
+                    )
+                )
+    return bytes(pdf.output())
+
+
+_RENDERERS = {
+    "csv": (_csv, "text/csv; charset=utf-8"),
+    "json": (_json, "application/json"),
+    "html": (_html, "text/html; charset=utf-8"),
+    "pdf": (_pdf, "application/pdf"),
+}
+
+
+def invoice_export(invoice: Invoice, fmt: str) -> Export:
+    """One invoice in one format."""
+    if fmt not in _RENDERERS:
+        raise ValueError(f"Unknown format {fmt!r}: one of {', '.join(FORMATS)}.")
+    render, content_type = _RENDERERS[fmt]
+    return Export(f"{_stem(invoice)}.{fmt}", content_type, render(invoice_document(invoice)))
+
+
+def invoices_zip(invoices: Iterable[Invoice], fmt: str, *, name: str = "invoices") -> Export:
+    """Invoices in one format, one file each, with a summary.csv of their totals."""
+    buffer = io.BytesIO()
+    summary = io.StringIO()
+    writer = csv.writer(summary, lineterminator="\r\n")
+    writer.writerow(("invoice", "tenant", "month", "status", "total", "currency", "file"))
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for invoice in invoices:
+            export = invoice_export(invoice, fmt)
+            archive.writestr(export.filename, export.content)
+            writer.writerow(
+                (
+                    invoice.number or "draft",
+                    invoice.tenant.slug,
+                    f"{invoice.month:%Y-%m}",
+                    invoice.status,
+                    _text(invoice.total),
+                    invoice.currency,
+                    export.filename,
+                )
+            )
+        archive.writestr("summary.csv", "\ufeff" + summary.getvalue())
+    return Export(f"{name}-{fmt}.zip", "application/zip", buffer.getvalue())

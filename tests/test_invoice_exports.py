@@ -1,0 +1,226 @@
+"""Invoice exports (CSV, JSON, HTML, PDF, a month's ZIP) as finance receives them: each
+adds up to the stored total exactly."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import zipfile
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
+from html.parser import HTMLParser
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from billing.exports import _pdf, invoice_document, invoice_export, invoices_zip
+from billing.invoicing import invoice_build, invoice_finalize
+from billing.models import Invoice, TenantPrice
+from tenants.models import Tenant
+
+from .conftest import record
+
+pytestmark = pytest.mark.django_db
+
+OCT = date(2026, 10, 1)
+NOV = date(2026, 11, 1)
+AFTER_OCT = datetime(2026, 11, 2, tzinfo=UTC)
+AFTER_NOV = datetime(2026, 12, 2, tzinfo=UTC)
+
+
+@pytest.fixture
+def issued(shop):
+    """October (list price, then a negotiated one from the 20th, two keys) and November
+    (with a late October call as an adjustment), both finalized. Amounts with odd cents."""
+    tenant, (a, b), model = shop
+    Tenant.objects.filter(pk=tenant.pk).update(name="Acmé 阿里 Labs", contact_email="ap@acme.test")
+    negotiated = TenantPrice.objects.create(
+        tenant=tenant,
+        model=model,
+        input_per_mtok=Decimal("0.25"),
+        cached_input_per_mtok=Decimal("0.05"),
+        output_per_mtok=Decimal("0.905"),
+        effective_from=datetime(2026, 10, 20, tzinfo=UTC),
+    )
+    at = datetime(2026, 10, 3, tzinfo=UTC)
+    record(a, model, at, input_uncached=333_333, input_cached=123_457, output=777_777)
+    record(b, model, at, input_uncached=1_000_001, output=5, reasoning=4)
+    record(a, model, at.replace(day=21), tenant_price=negotiated, output=1_234_567)
+    record(b, model, at.replace(day=22), tenant_price=negotiated, output=3_333_333)
+    october = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT), now=AFTER_OCT)
+    record(
+        a,
+        model,
+        at.replace(day=30),
+        recorded_at=AFTER_OCT + timedelta(hours=2),
+        tenant_price=negotiated,
+        output=2_000_001,
+    )
+    record(b, model, datetime(2026, 11, 3, tzinfo=UTC), tenant_price=negotiated, input_cached=7)
+    november = invoice_finalize(invoice=invoice_build(tenant=tenant, month=NOV), now=AFTER_NOV)
+    return october, november
+
+
+def test_csv_has_one_row_per_line_adding_up_to_the_total(issued):
+    october, november = issued
+    for invoice in issued:
+        export = invoice_export(invoice, "csv")
+        rows = list(csv.DictReader(io.StringIO(export.content.decode("utf-8-sig"))))
+
+        assert export.filename == f"{invoice.number}.csv"
+        assert len(rows) == invoice.lines.count()
+        assert sum(Decimal(r["amount"]) for r in rows) == invoice.total
+        assert {r["invoice"] for r in rows} == {invoice.number}
+        for row in rows:
+            assert int(row["quantity"]) > 0
+            exact = Decimal(row["amount_exact"])
+            assert Decimal(row["amount"]) == exact.quantize(Decimal("0.01"), ROUND_HALF_UP)
+            assert exact == int(row["quantity"]) * Decimal(row["unit_price_per_1m"]) / 10**6
+    october_rows = list(
+        csv.DictReader(io.StringIO(invoice_export(october, "csv").content.decode("utf-8-sig")))
+    )
+    # Two price versions of the output bucket: the list price, then the negotiated one.
+    output = sorted(
+        (r["unit_price_per_1m"], r["quantity"]) for r in october_rows if r["bucket"] == "output"
+    )
+    assert output == [("0.905", "4567900"), ("1.10", "777786")]
+    november_rows = list(
+        csv.DictReader(io.StringIO(invoice_export(november, "csv").content.decode("utf-8-sig")))
+    )
+    assert [(r["usage_month"], r["adjustment"]) for r in november_rows] == [
+        ("2026-10", "yes"),
+        ("2026-11", "no"),
+    ]
+
+
+def test_json_keeps_every_amount_a_string_and_adds_up(issued):
+    october, _ = issued
+    document = json.loads(invoice_export(october, "json").content)
+
+    assert document["number"] == october.number
+    assert document["tenant"]["name"] == "Acmé 阿里 Labs"
+    assert document["total"] == str(october.total)
+    for line in document["lines"]:
+        assert isinstance(line["amount"], str) and isinstance(line["amount_exact"], str)
+        assert isinstance(line["unit_price_per_1m"], str) and isinstance(line["quantity"], int)
+    assert sum(Decimal(line["amount"]) for line in document["lines"]) == october.total
+    # The per-key breakdown adds up to the same total, and to the same tokens.
+    assert sum(Decimal(k["amount"]) for k in document["keys"]) == october.total
+    assert sum(sum(k["tokens"].values()) for k in document["keys"]) == sum(
+        line["quantity"] for line in document["lines"]
+    )
+    assert {k["name"] for k in document["keys"]} == {"a", "b"}
+
+
+class _Cells(HTMLParser):
+    """The text of every <td class="num"> in the usage table's body, row by row."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.rows, self.cell, self.section = 0, [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables += 1
+        elif tag in ("tbody", "tfoot"):
+            self.section = tag
+        elif tag == "tr" and self.tables == 1 and self.section == "tbody":
+            self.rows.append([])
+        elif tag == "td" and self.tables == 1 and self.section == "tbody":
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self.cell is not None:
+            self.rows[-1].append(self.cell.strip())
+            self.cell = None
+        elif tag in ("tbody", "tfoot"):
+            self.section = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def test_printable_html_shows_each_line_and_the_total(issued):
+    _, november = issued
+    for invoice in issued:
+        page = invoice_export(invoice, "html").content.decode()
+        cells = _Cells()
+        cells.feed(page)
+
+        assert len(cells.rows) == invoice.lines.count()
+        assert sum(Decimal(row[-1]) for row in cells.rows) == invoice.total
+        assert re.search(rf'id="total">{re.escape(str(invoice.total))}<', page)
+        assert f"Invoice {invoice.number}" in page
+        assert "Acmé 阿里 Labs" in page
+        assert "@page" in page  # print layout: A4, margins, headers repeated
+    assert "(adjustment)" in invoice_export(november, "html").content.decode()
+
+
+def test_pdf_is_a_pdf_with_the_lines_and_the_total(issued):
+    october, _ = issued
+    export = invoice_export(october, "pdf")
+    assert export.content.startswith(b"%PDF-") and export.content_type == "application/pdf"
+
+    text = _pdf(invoice_document(october), compress=False).decode("latin-1")
+    assert f"(Total {october.total} USD)" in text
+    for line in october.lines.all():
+        assert f"({line.amount})" in text
+    # Outside Latin-1 (the core PDF font), characters become "?" instead of failing.
+    assert "Acm\\351 ?? Labs" in text or "Acm\xe9 ?? Labs" in text
+
+
+def test_a_draft_exports_as_a_draft(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    draft = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+
+    export = invoice_export(draft, "json")
+    assert export.filename == "draft-acme-2026-10.json"
+    assert json.loads(export.content)["number"] is None
+    assert "Draft invoice" in invoice_export(draft, "html").content.decode()
+
+
+def test_a_month_of_invoices_as_one_zip(issued, shop):
+    october, _ = issued
+    export = invoices_zip([october], "csv", name="invoices-2026-10")
+    archive = zipfile.ZipFile(io.BytesIO(export.content))
+
+    assert export.filename == "invoices-2026-10-csv.zip"
+    assert sorted(archive.namelist()) == [f"{october.number}.csv", "summary.csv"]
+    summary = list(csv.DictReader(io.StringIO(archive.read("summary.csv").decode("utf-8-sig"))))
+    assert summary == [
+        {
+            "invoice": october.number,
+            "tenant": "acme",
+            "month": "2026-10",
+            "status": "finalized",
+            "total": str(october.total),
+            "currency": "USD",
+            "file": f"{october.number}.csv",
+        }
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "html", "pdf"])
+def test_export_invoices_writes_the_months_zip(issued, tmp_path, fmt, capsys):
+    october, _ = issued
+    call_command("export_invoices", "2026-10", "--format", fmt, "--out", str(tmp_path / "out"))
+
+    path = tmp_path / "out" / f"invoices-2026-10-{fmt}.zip"
+    assert capsys.readouterr().out.strip() == str(path)
+    names = zipfile.ZipFile(path).namelist()
+    assert sorted(names) == [f"{october.number}.{fmt}", "summary.csv"]
+
+
+def test_export_invoices_refuses_bad_input_and_empty_months(issued, tmp_path):
+    with pytest.raises(CommandError, match="not a month"):
+        call_command("export_invoices", "October", "--out", str(tmp_path))
+    with pytest.raises(CommandError, match="invalid choice"):
+        call_command("export_invoices", "2026-10", "--format", "xlsx", "--out", str(tmp_path))
+    with pytest.raises(CommandError, match="No issued invoice for 2026-09"):
+        call_command("export_invoices", "2026-09", "--out", str(tmp_path))
+    assert Invoice.objects.count() == 2
