@@ -2,7 +2,7 @@
 
 from rest_framework.routers import DefaultRouter
 
-from billing.api.views import UsageEventViewSet
+from billing.api.views import InvoiceViewSet, UsageEventViewSet
 from tenants.api.views import ApiKeyViewSet, BudgetViewSet, TenantViewSet
 
 router = DefaultRouter()
@@ -10,5 +10,6 @@ router.register("tenants", TenantViewSet, basename="tenant")
 router.register("keys", ApiKeyViewSet, basename="apikey")
 router.register("budgets", BudgetViewSet, basename="budget")
 router.register("usage", UsageEventViewSet, basename="usage")
+router.register("invoices", InvoiceViewSet, basename="invoice")
 
 urlpatterns = router.urls

@@ -9,14 +9,16 @@ from decimal import Decimal
 
 import openai
 import pytest
+from django.contrib.auth import get_user_model
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from billing.metering import TokenBuckets
 from billing.models import UsageEvent
 from billing.services import UsageFacts, usage_record
 from routing.models import CatalogModel, ModelPrice, Provider
 from tenants.models import Tenant
-from tenants.services import api_key_issue, tenant_create
+from tenants.services import api_key_issue, staff_token_issue, tenant_create
 
 from .upstream import (
     MockUpstream,
@@ -214,3 +216,18 @@ def record(
     event = usage_record(facts)
     UsageEvent.objects.filter(pk=event.pk).update(recorded_at=recorded_at or occurred_at)
     return event
+
+
+def api(user=None, token: str | None = None) -> APIClient:
+    client = APIClient()
+    if token:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    elif user:
+        client.force_authenticate(user)
+    return client
+
+
+@pytest.fixture
+def superuser_token():
+    user = get_user_model().objects.create_superuser("root", password="pw-root-123")
+    return staff_token_issue(user=user, name="ci").secret

@@ -8,15 +8,15 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth import get_user_model
-from rest_framework.test import APIClient
 
-from billing.models import UsageEvent
+from billing.invoicing import invoice_build
+from billing.models import Invoice, UsageEvent
 from billing.services import usage_record
 from routing.models import Provider
 from tenants.models import ApiKey
-from tenants.services import api_key_issue, staff_token_issue, tenant_create
+from tenants.services import api_key_issue, tenant_create
 
-from .conftest import model_create, usage_facts
+from .conftest import api, model_create, usage_facts
 
 pytestmark = pytest.mark.django_db
 
@@ -31,17 +31,9 @@ def two_tenants():
     key_a = api_key_issue(tenant=a, name="a").key
     key_b = api_key_issue(tenant=b, name="b").key
     for tenant, key in ((a, key_a), (b, key_b)):
-        usage_record(usage_facts(key, shared, request_id=f"req_{tenant.slug}"))
+        event = usage_record(usage_facts(key, shared, request_id=f"req_{tenant.slug}"))
+        invoice_build(tenant=tenant, month=event.occurred_at.date().replace(day=1))
     return {"a": a, "b": b, "key_a": key_a, "key_b": key_b, "only_a": only_a}
-
-
-def api(user=None, token: str | None = None) -> APIClient:
-    client = APIClient()
-    if token:
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-    elif user:
-        client.force_authenticate(user)
-    return client
 
 
 @pytest.fixture
@@ -57,11 +49,14 @@ def detail_urls(t) -> dict[str, str]:
         "allowlist": f"/api/tenants/{t['b'].slug}/models/",
         "key": f"/api/keys/{t['key_b'].prefix}/",
         "usage": f"/api/usage/{UsageEvent.objects.get(tenant=t['b']).pk}/",
+        "invoice": f"/api/invoices/{Invoice.objects.get(tenant=t['b']).pk}/",
+        "invoice file": f"/api/invoices/{Invoice.objects.get(tenant=t['b']).pk}/download/csv/",
     }
 
 
 def test_every_endpoint_refuses_strangers(two_tenants):
-    for url in ["/api/tenants/", "/api/keys/", "/api/usage/", *detail_urls(two_tenants).values()]:
+    lists = ["/api/tenants/", "/api/keys/", "/api/usage/", "/api/invoices/"]
+    for url in [*lists, *detail_urls(two_tenants).values()]:
         assert api().get(url).status_code == 401, url
 
 
@@ -76,6 +71,8 @@ def test_outsider_gets_404_for_every_object_of_another_tenant(two_tenants, membe
         assert client.get(url).status_code == 404, name
     assert client.post(f"/api/keys/{two_tenants['key_b'].prefix}/revoke/").status_code == 404
     assert ApiKey.objects.get(pk=two_tenants["key_b"].pk).revoked_at is None
+    invoice = Invoice.objects.get(tenant=two_tenants["b"])
+    assert client.post(f"/api/invoices/{invoice.pk}/finalize/").status_code in (403, 404)
 
 
 def test_lists_show_only_the_members_own_tenant(two_tenants, member_of_a):
@@ -88,6 +85,9 @@ def test_lists_show_only_the_members_own_tenant(two_tenants, member_of_a):
     # Asking by slug for the other tenant's rows yields nothing, not its rows.
     assert client.get("/api/usage/?tenant=beta").json()["results"] == []
     assert client.get("/api/keys/?tenant=beta").json()["results"] == []
+    invoices = client.get("/api/invoices/").json()["results"]
+    assert [i["tenant"] for i in invoices] == ["alpha"]
+    assert client.get("/api/invoices/?tenant=beta").json()["results"] == []
 
 
 def test_member_cannot_issue_a_key_for_another_tenant(two_tenants, member_of_a):
@@ -124,12 +124,6 @@ def test_v1_models_of_one_tenant_never_list_anothers(live_server, two_tenants):
     assert [m.id for m in client.models.list()] == ["shared-model"]
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("only-a")
-
-
-@pytest.fixture
-def superuser_token():
-    user = get_user_model().objects.create_superuser("root", password="pw-root-123")
-    return staff_token_issue(user=user, name="ci").secret
 
 
 def test_superuser_token_manages_everything(two_tenants, superuser_token):

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 from rest_framework import serializers
+from rest_framework.reverse import reverse
 
-from ..models import UsageEvent
+from tenants.api.scoping import VisibleTenantField
+
+from ..exports import FORMATS, invoice_document
+from ..models import Invoice, InvoiceLine, UsageEvent
 
 
 class UsageEventSerializer(serializers.ModelSerializer):
@@ -39,3 +43,91 @@ class UsageEventSerializer(serializers.ModelSerializer):
             "raw_usage",
         )
         read_only_fields = fields
+
+
+class InvoiceLineSerializer(serializers.ModelSerializer):
+    usage_month = serializers.DateField(format="%Y-%m")
+    adjustment = serializers.BooleanField(source="is_adjustment")
+    model = serializers.CharField(source="model_name")
+
+    class Meta:
+        model = InvoiceLine
+        fields = (
+            "usage_month",
+            "adjustment",
+            "model",
+            "price",
+            "tenant_price",
+            "bucket",
+            "quantity",
+            "unit_price",
+            "amount_exact",
+            "amount",
+        )
+        read_only_fields = fields
+
+
+class InvoiceSerializer(serializers.ModelSerializer):
+    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    month = serializers.DateField(format="%Y-%m")
+    corrects = serializers.SlugRelatedField(slug_field="number", read_only=True)
+    downloads = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Invoice
+        fields = (
+            "id",
+            "number",
+            "tenant",
+            "month",
+            "status",
+            "currency",
+            "total",
+            "unpriced_tokens",
+            "timezone",
+            "starts_at",
+            "ends_at",
+            "cutoff",
+            "finalized_at",
+            "paid_at",
+            "voided_at",
+            "void_reason",
+            "corrects",
+            "downloads",
+        )
+        read_only_fields = fields
+
+    def get_downloads(self, invoice) -> dict[str, str]:
+        request = self.context.get("request")
+        urls = {}
+        for fmt in FORMATS:
+            path = reverse("invoice-download", kwargs={"pk": invoice.pk, "fmt": fmt})
+            urls[fmt] = request.build_absolute_uri(path) if request else path
+        return urls
+
+
+class InvoiceDetailSerializer(InvoiceSerializer):
+    lines = InvoiceLineSerializer(many=True, read_only=True)
+    keys = serializers.SerializerMethodField(
+        help_text="Per API key: tokens by bucket and the amount, adding up to the total."
+    )
+
+    class Meta(InvoiceSerializer.Meta):
+        fields = (*InvoiceSerializer.Meta.fields, "lines", "keys")
+        read_only_fields = fields
+
+    def get_keys(self, invoice) -> list[dict]:
+        return invoice_document(invoice)["keys"]
+
+
+class InvoiceBuildSerializer(serializers.Serializer):
+    tenant = VisibleTenantField()
+    month = serializers.RegexField(r"^\d{4}-\d{2}$", help_text="YYYY-MM")
+
+
+class InvoiceVoidSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=500)
+
+
+class InvoicePaidSerializer(serializers.Serializer):
+    paid_at = serializers.DateTimeField(required=False, help_text="Default: now.")

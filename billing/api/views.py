@@ -1,14 +1,35 @@
 from __future__ import annotations
 
+from django.http import HttpResponse
 from django.utils.dateparse import parse_datetime
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
-from rest_framework import mixins
-from rest_framework.exceptions import ValidationError
+from rest_framework import mixins, status
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.response import Response
 
-from tenants.api.scoping import TenantScopedViewSet
+from tenants.api.scoping import SuperuserWritesMembersRead, TenantScopedViewSet
 
-from ..models import UsageEvent
-from .serializers import UsageEventSerializer
+from ..exports import BULK_FORMATS, FORMATS, Export, invoice_export, invoices_zip
+from ..invoicing import (
+    InvoiceError,
+    invoice_build,
+    invoice_correct,
+    invoice_finalize,
+    invoice_mark_paid,
+    invoice_void,
+    month_parse,
+)
+from ..models import Invoice, UsageEvent
+from .serializers import (
+    InvoiceBuildSerializer,
+    InvoiceDetailSerializer,
+    InvoicePaidSerializer,
+    InvoiceSerializer,
+    InvoiceVoidSerializer,
+    UsageEventSerializer,
+)
 
 _FILTERS = [
     OpenApiParameter("tenant", str, description="Tenant slug."),
@@ -48,3 +69,157 @@ class UsageEventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenant
                     raise ValidationError({name: "An ISO 8601 instant with a UTC offset."})
                 queryset = queryset.filter(**{lookup: instant})
         return queryset
+
+
+def _conflict(exc: Exception) -> Response:
+    return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+
+
+def export_response(export: Export) -> HttpResponse:
+    """A file download: the export's bytes, type and name."""
+    response = HttpResponse(export.content, content_type=export.content_type)
+    response["Content-Disposition"] = f'attachment; filename="{export.filename}"'
+    return response
+
+
+_INVOICE_FILTERS = [
+    OpenApiParameter("tenant", str, description="Tenant slug."),
+    OpenApiParameter("month", str, description="YYYY-MM."),
+    OpenApiParameter("status", str, enum=[s for s, _ in Invoice.Status.choices]),
+]
+
+
+@extend_schema_view(list=extend_schema(parameters=_INVOICE_FILTERS))
+class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
+    """Invoices of the tenants you manage, newest month first.
+
+    Members read and download; superusers build drafts, finalize, void, correct and mark
+    paid. Nothing edits an invoice: a draft is rebuilt from the ledger, a finalized one
+    never changes (void it and correct it instead).
+    """
+
+    queryset = Invoice.objects.select_related("tenant", "corrects").order_by(
+        "-month", "tenant__slug", "-id"
+    )
+    serializer_class = InvoiceSerializer
+    permission_classes = [SuperuserWritesMembersRead]
+
+    def get_serializer_class(self):
+        return InvoiceDetailSerializer if self.action == "retrieve" else InvoiceSerializer
+
+    def get_queryset(self):
+        queryset = super().get_queryset()
+        if self.action != "list":
+            return queryset
+        params = self.request.query_params
+        if params.get("tenant"):
+            queryset = queryset.filter(tenant__slug=params["tenant"])
+        if params.get("month"):
+            try:
+                queryset = queryset.filter(month=month_parse(params["month"]))
+            except InvoiceError as exc:
+                raise ValidationError({"month": str(exc)}) from None
+        if params.get("status"):
+            if params["status"] not in Invoice.Status.values:
+                raise ValidationError({"status": f"One of {', '.join(Invoice.Status.values)}."})
+            queryset = queryset.filter(status=params["status"])
+        return queryset
+
+    def _detail(self, invoice: Invoice, code: int = status.HTTP_200_OK) -> Response:
+        invoice = self.get_queryset().get(pk=invoice.pk)
+        context = self.get_serializer_context()
+        return Response(InvoiceDetailSerializer(invoice, context=context).data, status=code)
+
+    @extend_schema(request=InvoiceBuildSerializer, responses=InvoiceDetailSerializer)
+    @action(detail=False, methods=["post"])
+    def build(self, request):
+        """Build or rebuild a tenant's draft for a month from the ledger (idempotent)."""
+        data = InvoiceBuildSerializer(data=request.data, context=self.get_serializer_context())
+        data.is_valid(raise_exception=True)
+        try:
+            month = month_parse(data.validated_data["month"])
+            invoice = invoice_build(tenant=data.validated_data["tenant"], month=month)
+        except InvoiceError as exc:
+            return _conflict(exc)
+        return self._detail(invoice)
+
+    @extend_schema(request=None, responses=InvoiceDetailSerializer)
+    @action(detail=True, methods=["post"])
+    def finalize(self, request, pk=None):
+        """Rebuild the draft one last time and number it. Refused while any of its usage
+        has no price, before its month ends, or while an earlier month is open."""
+        try:
+            invoice = invoice_finalize(invoice=self.get_object())
+        except InvoiceError as exc:
+            return _conflict(exc)
+        return self._detail(invoice)
+
+    @extend_schema(request=InvoiceVoidSerializer, responses=InvoiceDetailSerializer)
+    @action(detail=True, methods=["post"])
+    def void(self, request, pk=None):
+        """Void a finalized or paid invoice; it keeps its number."""
+        data = InvoiceVoidSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            invoice = invoice_void(invoice=self.get_object(), reason=data.validated_data["reason"])
+        except InvoiceError as exc:
+            return _conflict(exc)
+        return self._detail(invoice)
+
+    @extend_schema(request=InvoicePaidSerializer, responses=InvoiceDetailSerializer)
+    @action(detail=True, methods=["post"], url_path="mark-paid")
+    def mark_paid(self, request, pk=None):
+        data = InvoicePaidSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            invoice = invoice_mark_paid(
+                invoice=self.get_object(), at=data.validated_data.get("paid_at")
+            )
+        except InvoiceError as exc:
+            return _conflict(exc)
+        return self._detail(invoice)
+
+    @extend_schema(request=None, responses={201: InvoiceDetailSerializer})
+    @action(detail=True, methods=["post"])
+    def correct(self, request, pk=None):
+        """A new draft replacing a void invoice, covering exactly what it covered."""
+        try:
+            invoice = invoice_correct(voided=self.get_object())
+        except InvoiceError as exc:
+            return _conflict(exc)
+        return self._detail(invoice, status.HTTP_201_CREATED)
+
+    @extend_schema(
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+        parameters=[OpenApiParameter("fmt", str, OpenApiParameter.PATH, enum=list(FORMATS))],
+    )
+    @action(detail=True, methods=["get"], url_path=r"download/(?P<fmt>[a-z]+)")
+    def download(self, request, pk=None, fmt=None):
+        """The invoice as a file: csv, json, html (printable) or pdf."""
+        if fmt not in FORMATS:
+            raise NotFound(f"No format {fmt!r}: one of {', '.join(FORMATS)}.")
+        return export_response(invoice_export(self.get_object(), fmt))
+
+    @extend_schema(
+        responses={(200, "application/zip"): OpenApiTypes.BINARY},
+        parameters=[
+            OpenApiParameter("fmt", str, OpenApiParameter.PATH, enum=list(BULK_FORMATS)),
+            OpenApiParameter("month", str, required=True, description="YYYY-MM."),
+            OpenApiParameter("tenant", str, description="Tenant slug."),
+        ],
+    )
+    @action(detail=False, methods=["get"], url_path=r"export/(?P<fmt>[a-z]+)")
+    def export(self, request, fmt=None):
+        """A month's issued invoices (finalized, paid, void) as one ZIP."""
+        if fmt not in BULK_FORMATS:
+            raise NotFound(f"No format {fmt!r}: one of {', '.join(BULK_FORMATS)}.")
+        try:
+            month = month_parse(request.query_params.get("month", ""))
+        except InvoiceError as exc:
+            raise ValidationError({"month": str(exc)}) from None
+        invoices = self.get_queryset().filter(month=month).exclude(status=Invoice.Status.DRAFT)
+        if request.query_params.get("tenant"):
+            invoices = invoices.filter(tenant__slug=request.query_params["tenant"])
+        return export_response(
+            invoices_zip(invoices.order_by("number"), fmt, name=f"invoices-{month:%Y-%m}")
+        )

@@ -1,0 +1,187 @@
+"""Invoices through the management API (staff) and at GET /v1/invoices (a tenant's keys)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from billing.invoicing import invoice_build, invoice_finalize
+from billing.models import Invoice
+from routing.models import CatalogModel, ModelPrice
+from tenants.services import api_key_issue, tenant_create
+
+from .conftest import api, record
+
+pytestmark = pytest.mark.django_db
+
+OCT = date(2026, 10, 1)
+AFTER_OCT = datetime(2026, 11, 2, tzinfo=UTC)
+
+
+@pytest.fixture
+def october(shop):
+    """acme's October: 1M output tokens by key a, 0.5M by key b at $1.10 per 1M."""
+    tenant, (a, b), model = shop
+    record(a, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    record(b, model, datetime(2026, 10, 6, tzinfo=UTC), output=500_000)
+    return tenant
+
+
+def test_the_lifecycle_through_the_api(october, superuser_token):
+    client = api(token=superuser_token)
+
+    built = client.post("/api/invoices/build/", {"tenant": "acme", "month": "2026-10"})
+    assert built.status_code == 200, built.content
+    draft = built.json()
+    assert (draft["status"], draft["number"], draft["total"]) == ("draft", None, "1.65")
+    assert [(line["bucket"], line["quantity"], line["amount"]) for line in draft["lines"]] == [
+        ("output", 1_500_000, "1.65")
+    ]
+    assert sorted(k["amount"] for k in draft["keys"]) == ["0.55", "1.10"]
+    # Building again is idempotent: the same draft.
+    again = client.post("/api/invoices/build/", {"tenant": "acme", "month": "2026-10"})
+    assert again.json()["id"] == draft["id"] and Invoice.objects.count() == 1
+
+    finalized = client.post(f"/api/invoices/{draft['id']}/finalize/")
+    assert finalized.status_code == 200, finalized.content
+    number = finalized.json()["number"]
+    assert number.startswith("INV-") and finalized.json()["status"] == "finalized"
+
+    paid = client.post(f"/api/invoices/{draft['id']}/mark-paid/", {"paid_at": "2026-11-20T10:00Z"})
+    assert paid.json()["status"] == "paid" and paid.json()["paid_at"].startswith("2026-11-20")
+
+    assert client.post(f"/api/invoices/{draft['id']}/void/", {}).status_code == 400
+    void = client.post(f"/api/invoices/{draft['id']}/void/", {"reason": "wrong address"})
+    assert (void.json()["status"], void.json()["number"]) == ("void", number)
+
+    correction = client.post(f"/api/invoices/{draft['id']}/correct/")
+    assert correction.status_code == 201
+    assert correction.json()["corrects"] == number
+    assert correction.json()["status"] == "draft" and correction.json()["total"] == "1.65"
+
+    listed = client.get("/api/invoices/?month=2026-10").json()["results"]
+    assert [(i["status"], i["number"]) for i in listed] == [("draft", None), ("void", number)]
+    assert client.get("/api/invoices/?status=paid").json()["results"] == []
+
+
+def test_the_api_refuses_to_change_a_finalized_invoice(october, superuser_token):
+    invoice = invoice_finalize(invoice=invoice_build(tenant=october, month=OCT), now=AFTER_OCT)
+    client = api(token=superuser_token)
+    url = f"/api/invoices/{invoice.pk}/"
+
+    assert client.patch(url, {"total": "0.01"}, format="json").status_code == 405
+    assert client.put(url, {"total": "0.01"}, format="json").status_code == 405
+    assert client.delete(url).status_code == 405
+    # Finalizing again changes nothing; paying twice is refused.
+    assert client.post(f"{url}finalize/").json()["number"] == invoice.number
+    client.post(f"{url}mark-paid/")
+    refused = client.post(f"{url}mark-paid/")
+    assert refused.status_code == 409 and "Only a finalized invoice" in refused.json()["detail"]
+    stored = Invoice.objects.get(pk=invoice.pk)
+    assert (stored.total, stored.number) == (Decimal("1.65"), invoice.number)
+
+
+def test_finalize_refuses_unpriced_usage_and_months_not_over(shop, superuser_token):
+    _, (key, _), model = shop
+    ModelPrice.objects.filter(model=model).update(input_per_mtok=None, cached_input_per_mtok=None)
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), input_uncached=100, output=10)
+    client = api(token=superuser_token)
+    draft = client.post("/api/invoices/build/", {"tenant": "acme", "month": "2026-10"}).json()
+
+    refused = client.post(f"/api/invoices/{draft['id']}/finalize/")
+    assert refused.status_code == 409
+    assert "have no price" in refused.json()["detail"]
+    this_month = f"{datetime.now(UTC):%Y-%m}"
+    current = client.post("/api/invoices/build/", {"tenant": "acme", "month": this_month}).json()
+    early = client.post(f"/api/invoices/{current['id']}/finalize/")
+    assert early.status_code == 409 and "has not ended yet" in early.json()["detail"]
+    assert not Invoice.objects.exclude(status="draft").exists()
+
+    bad = client.post("/api/invoices/build/", {"tenant": "acme", "month": "October"})
+    assert bad.status_code == 400 and "month" in bad.json()
+    assert client.get("/api/invoices/?month=13-2026").status_code == 400
+    assert client.get("/api/invoices/?status=late").status_code == 400
+
+
+def test_downloads_in_every_format_add_up(october, superuser_token):
+    invoice = invoice_finalize(invoice=invoice_build(tenant=october, month=OCT), now=AFTER_OCT)
+    client = api(token=superuser_token)
+    downloads = client.get(f"/api/invoices/{invoice.pk}/").json()["downloads"]
+    assert set(downloads) == {"csv", "json", "html", "pdf"}
+
+    for fmt, content_type in (
+        ("csv", "text/csv"),
+        ("json", "application/json"),
+        ("html", "text/html"),
+        ("pdf", "application/pdf"),
+    ):
+        response = client.get(downloads[fmt])
+        assert response.status_code == 200
+        assert response["Content-Type"].startswith(content_type)
+        assert response["Content-Disposition"] == (f'attachment; filename="{invoice.number}.{fmt}"')
+    rows = csv.DictReader(io.StringIO(client.get(downloads["csv"]).content.decode("utf-8-sig")))
+    assert sum(Decimal(r["amount"]) for r in rows) == invoice.total
+    assert client.get(f"/api/invoices/{invoice.pk}/download/xlsx/").status_code == 404
+
+    month = client.get("/api/invoices/export/json/?month=2026-10")
+    assert month["Content-Disposition"] == 'attachment; filename="invoices-2026-10-json.zip"'
+    names = zipfile.ZipFile(io.BytesIO(month.content)).namelist()
+    assert sorted(names) == [f"{invoice.number}.json", "summary.csv"]
+    assert client.get("/api/invoices/export/json/").status_code == 400
+
+
+def test_members_read_and_download_but_only_superusers_change(october, superuser_token):
+    invoice = invoice_finalize(invoice=invoice_build(tenant=october, month=OCT), now=AFTER_OCT)
+    member = get_user_model().objects.create_user("alice", password="pw-alice-123")
+    october.members.add(member)
+    client = api(member)
+
+    assert client.get(f"/api/invoices/{invoice.pk}/").json()["number"] == invoice.number
+    assert client.get(f"/api/invoices/{invoice.pk}/download/pdf/").status_code == 200
+    assert client.post(f"/api/invoices/{invoice.pk}/void/", {"reason": "x"}).status_code == 403
+    assert client.post(f"/api/invoices/{invoice.pk}/mark-paid/").status_code == 403
+    built = client.post("/api/invoices/build/", {"tenant": "acme", "month": "2026-11"})
+    assert built.status_code == 403
+    assert Invoice.objects.get(pk=invoice.pk).status == "finalized"
+
+
+def test_keys_list_and_download_their_own_issued_invoices_only(october):
+    invoice = invoice_finalize(invoice=invoice_build(tenant=october, month=OCT), now=AFTER_OCT)
+    invoice_build(tenant=october, month=date(2026, 11, 1))  # a draft: not shown to keys
+    other = tenant_create(slug="other", name="Other", model_ids=["m"])
+    other_key = api_key_issue(tenant=other, name="o").key
+    record(
+        other_key,
+        CatalogModel.objects.get(public_id="m"),
+        datetime(2026, 10, 7, tzinfo=UTC),
+        output=2_000_000,
+    )
+    foreign = invoice_finalize(invoice=invoice_build(tenant=other, month=OCT), now=AFTER_OCT)
+    mine = api(token=api_key_issue(tenant=october, name="reader").secret)
+
+    listed = mine.get("/v1/invoices").json()
+    assert listed["object"] == "list"
+    assert [(i["id"], i["total"], i["status"]) for i in listed["data"]] == [
+        (invoice.number, "1.65", "finalized")
+    ]
+    detail = mine.get(f"/v1/invoices/{invoice.number}").json()
+    assert detail["total"] == "1.65" and len(detail["lines"]) == 1
+    pdf = mine.get(listed["data"][0]["downloads"]["pdf"])
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF-")
+
+    for url in (f"/v1/invoices/{foreign.number}", f"/v1/invoices/{foreign.number}/csv"):
+        refused = mine.get(url)
+        assert refused.status_code == 404
+        assert refused.json()["error"]["type"] == "invalid_request_error"
+        assert foreign.number in refused.json()["error"]["message"]
+        assert "2.20" not in refused.content.decode()
+    assert mine.get(f"/v1/invoices/{invoice.number}/xlsx").status_code == 404
+    assert api().get("/v1/invoices").status_code == 401
+    # The management API stays closed to tenant keys.
+    assert mine.get("/api/invoices/").status_code == 401
