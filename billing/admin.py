@@ -1,15 +1,29 @@
-"""The usage ledger in the staff console: read-only, filterable by tenant, model and day."""
+"""Billing in the staff console: the usage ledger (read-only, filterable by tenant, model
+and day), tenant prices (versions added, never edited) and invoices (built, never edited)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ActionForm
+from django.http import Http404
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
 
 from routing.services import PriceChangeError, price_change_earliest, price_start_check
 
-from .models import TenantPrice, UsageEvent
+from .exports import FORMATS, invoice_document, invoice_export, invoices_zip
+from .invoicing import (
+    InvoiceError,
+    invoice_build,
+    invoice_correct,
+    invoice_finalize,
+    invoice_mark_paid,
+    invoice_void,
+)
+from .models import Invoice, InvoiceLine, TenantPrice, UsageEvent
 from .pricing import tenant_price_set
 
 
@@ -133,3 +147,210 @@ class TenantPriceAdmin(admin.ModelAdmin):
             effective_from=data["effective_from"],
         )
         obj.pk = created.pk
+
+
+class InvoiceActionForm(ActionForm):
+    reason = forms.CharField(label="reason (to void)", required=False, max_length=500)
+
+
+class InvoiceLineInline(admin.TabularInline):
+    model = InvoiceLine
+    fields = (
+        "usage_month",
+        "model_name",
+        "price",
+        "tenant_price",
+        "bucket",
+        "quantity",
+        "unit_price",
+        "amount_exact",
+        "amount",
+    )
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Invoice)
+class InvoiceAdmin(admin.ModelAdmin):
+    """Invoices: built from the ledger, never edited. Drafts are rebuilt, finalized ones
+    are paid or voided (then corrected) through the actions; every field is read-only."""
+
+    action_form = InvoiceActionForm
+    actions = [
+        "rebuild",
+        "finalize",
+        "mark_paid",
+        "void",
+        "correct",
+        "zip_csv",
+        "zip_json",
+        "zip_html",
+        "zip_pdf",
+    ]
+    list_display = (
+        "__str__",
+        "tenant",
+        "month_label",
+        "status",
+        "total",
+        "currency",
+        "finalized_at",
+        "paid_at",
+        "download_links",
+    )
+    list_filter = ("status", "month", "tenant")
+    list_select_related = ("tenant",)
+    search_fields = ("number", "tenant__slug", "tenant__name")
+    inlines = [InvoiceLineInline]
+    exclude = ()
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in self.model._meta.fields] + ["download_links", "by_key"]
+
+    def get_fields(self, request, obj=None):
+        return [
+            *(f.name for f in self.model._meta.fields if f.name != "id"),
+            "download_links",
+            "by_key",
+        ]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # built from the ledger: the "rebuild" action or close_month
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # nothing is typed in; the actions change the status
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # Only a draft may go (it is rebuilt at will); a numbered invoice never does.
+        return obj is not None and obj.status == Invoice.Status.DRAFT
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+    def get_urls(self):
+        download = path(
+            "<int:pk>/download/<str:fmt>/",
+            self.admin_site.admin_view(self.download_view),
+            name="billing_invoice_download",
+        )
+        return [download, *super().get_urls()]
+
+    def download_view(self, request, pk: int, fmt: str):
+        invoice = self.get_object(request, str(pk))
+        if invoice is None or fmt not in FORMATS or not self.has_view_permission(request, invoice):
+            raise Http404("No such invoice or format.")
+        return invoice_export(invoice, fmt).response()
+
+    @admin.display(description="month", ordering="month")
+    def month_label(self, invoice: Invoice) -> str:
+        return f"{invoice.month:%Y-%m}"
+
+    @admin.display(description="download")
+    def download_links(self, invoice: Invoice) -> str:
+        return format_html_join(
+            " · ",
+            '<a href="{}">{}</a>',
+            (
+                (reverse("admin:billing_invoice_download", args=[invoice.pk, fmt]), fmt.upper())
+                for fmt in FORMATS
+            ),
+        )
+
+    @admin.display(description="by API key")
+    def by_key(self, invoice: Invoice) -> str:
+        keys = invoice_document(invoice)["keys"]
+        if not keys:
+            return "-"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}…</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    k["key"],
+                    k["name"],
+                    k["tokens"]["input"],
+                    k["tokens"]["cached_input"],
+                    k["tokens"]["output"],
+                    k["amount"],
+                )
+                for k in keys
+            ),
+        )
+        return format_html(
+            "<table><tr><th>key</th><th>name</th><th>input</th><th>cached input</th>"
+            "<th>output</th><th>amount</th></tr>{}</table>",
+            rows,
+        )
+
+    def _each(self, request, queryset, verb: str, step) -> None:
+        done, refused = 0, []
+        for invoice in queryset.select_related("tenant"):
+            try:
+                step(invoice)
+                done += 1
+            except InvoiceError as exc:
+                refused.append(f"{invoice}: {exc}")
+        if done:
+            self.message_user(request, f"{verb} {done} invoice(s).")
+        for message in refused:
+            self.message_user(request, message, messages.ERROR)
+
+    @admin.action(description="Rebuild selected drafts from the ledger")
+    def rebuild(self, request, queryset):
+        def step(invoice):
+            if invoice.status != Invoice.Status.DRAFT:
+                raise InvoiceError(f"it is {invoice.status}, not a draft.")
+            invoice_build(tenant=invoice.tenant, month=invoice.month)
+
+        self._each(request, queryset, "Rebuilt", step)
+
+    @admin.action(description="Finalize selected drafts (numbers them)")
+    def finalize(self, request, queryset):
+        def step(invoice):
+            if invoice.status != Invoice.Status.DRAFT:
+                raise InvoiceError(f"it is already {invoice.status}.")
+            invoice_finalize(invoice=invoice)
+
+        self._each(request, queryset, "Finalized", step)
+
+    @admin.action(description="Mark selected invoices paid")
+    def mark_paid(self, request, queryset):
+        self._each(request, queryset, "Marked paid", lambda i: invoice_mark_paid(invoice=i))
+
+    @admin.action(description="Void selected invoices (give the reason)")
+    def void(self, request, queryset):
+        reason = request.POST.get("reason", "")
+        self._each(request, queryset, "Voided", lambda i: invoice_void(invoice=i, reason=reason))
+
+    @admin.action(description="Correct selected void invoices (a new draft each)")
+    def correct(self, request, queryset):
+        self._each(request, queryset, "Corrected", lambda i: invoice_correct(voided=i))
+
+    def _zip(self, queryset, fmt: str):
+        invoices = queryset.select_related("tenant", "corrects").order_by("month", "number")
+        months = sorted({f"{i.month:%Y-%m}" for i in invoices})
+        name = f"invoices-{months[0]}" if len(months) == 1 else "invoices"
+        return invoices_zip(invoices, fmt, name=name).response()
+
+    @admin.action(description="Download selected as a ZIP of CSV files")
+    def zip_csv(self, request, queryset):
+        return self._zip(queryset, "csv")
+
+    @admin.action(description="Download selected as a ZIP of JSON files")
+    def zip_json(self, request, queryset):
+        return self._zip(queryset, "json")
+
+    @admin.action(description="Download selected as a ZIP of printable HTML invoices")
+    def zip_html(self, request, queryset):
+        return self._zip(queryset, "html")
+
+    @admin.action(description="Download selected as a ZIP of PDF invoices")
+    def zip_pdf(self, request, queryset):
+        return self._zip(queryset, "pdf")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from django.db.models import Sum
+from django.http import HttpResponse
 from django.template.loader import render_to_string
 from fpdf import FPDF
 from fpdf.enums import XPos, YPos
@@ -32,6 +33,12 @@ class Export:
     filename: str
     content_type: str
     content: bytes
+
+    def response(self) -> HttpResponse:
+        """The export as a file download."""
+        response = HttpResponse(self.content, content_type=self.content_type)
+        response["Content-Disposition"] = f'attachment; filename="{self.filename}"'
+        return response
 
 
 def _text(value: Decimal | None, places: int = 2) -> str:

@@ -14,7 +14,6 @@ from routing.errors import RouteNotFound
 
 from ..exports import FORMATS, invoice_document, invoice_export
 from ..models import Invoice
-from .views import export_response
 
 
 def _issued(key):
@@ -67,4 +66,4 @@ class InvoiceDownloadView(OpenAIView):
     def get(self, request, number: str, fmt: str):
         if fmt not in FORMATS:
             raise RouteNotFound(f"No format '{fmt}': one of {', '.join(FORMATS)}.")
-        return export_response(invoice_export(_get(request.auth, number), fmt))
+        return invoice_export(_get(request.auth, number), fmt).response()

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from django.http import HttpResponse
 from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
@@ -11,7 +10,7 @@ from rest_framework.response import Response
 
 from tenants.api.scoping import SuperuserWritesMembersRead, TenantScopedViewSet
 
-from ..exports import BULK_FORMATS, FORMATS, Export, invoice_export, invoices_zip
+from ..exports import BULK_FORMATS, FORMATS, invoice_export, invoices_zip
 from ..invoicing import (
     InvoiceError,
     invoice_build,
@@ -73,13 +72,6 @@ class UsageEventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenant
 
 def _conflict(exc: Exception) -> Response:
     return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
-
-
-def export_response(export: Export) -> HttpResponse:
-    """A file download: the export's bytes, type and name."""
-    response = HttpResponse(export.content, content_type=export.content_type)
-    response["Content-Disposition"] = f'attachment; filename="{export.filename}"'
-    return response
 
 
 _INVOICE_FILTERS = [
@@ -198,7 +190,7 @@ class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
         """The invoice as a file: csv, json, html (printable) or pdf."""
         if fmt not in FORMATS:
             raise NotFound(f"No format {fmt!r}: one of {', '.join(FORMATS)}.")
-        return export_response(invoice_export(self.get_object(), fmt))
+        return invoice_export(self.get_object(), fmt).response()
 
     @extend_schema(
         responses={(200, "application/zip"): OpenApiTypes.BINARY},
@@ -220,6 +212,5 @@ class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
         invoices = self.get_queryset().filter(month=month).exclude(status=Invoice.Status.DRAFT)
         if request.query_params.get("tenant"):
             invoices = invoices.filter(tenant__slug=request.query_params["tenant"])
-        return export_response(
-            invoices_zip(invoices.order_by("number"), fmt, name=f"invoices-{month:%Y-%m}")
-        )
+        name = f"invoices-{month:%Y-%m}"
+        return invoices_zip(invoices.order_by("number"), fmt, name=name).response()

@@ -1,0 +1,109 @@
+"""Invoices in the staff console: read-only pages, the lifecycle as actions, downloads."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import pytest
+from django.urls import reverse
+
+from billing.invoicing import invoice_build
+from billing.models import Invoice
+
+from .conftest import record
+
+pytestmark = pytest.mark.django_db
+
+OCT = date(2026, 10, 1)
+CHANGELIST = reverse("admin:billing_invoice_changelist")
+
+
+@pytest.fixture
+def draft(shop):
+    tenant, (a, b), model = shop
+    record(a, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    record(b, model, datetime(2026, 10, 6, tzinfo=UTC), input_uncached=2_000_000)
+    return invoice_build(tenant=tenant, month=OCT)
+
+
+def act(admin_client, action: str, *invoices, **extra):
+    return admin_client.post(
+        CHANGELIST,
+        {"action": action, "_selected_action": [i.pk for i in invoices], "index": 0, **extra},
+        follow=action.startswith("zip") is False,
+    )
+
+
+def test_the_lifecycle_as_admin_actions(admin_client, draft):
+    act(admin_client, "finalize", draft)
+    draft.refresh_from_db()
+    assert draft.status == "finalized" and draft.number.startswith("INV-")
+
+    # Voiding needs a reason: without one, nothing happens and the admin says why.
+    page = act(admin_client, "void", draft)
+    assert "Say why the invoice is void" in page.content.decode()
+    assert Invoice.objects.get(pk=draft.pk).status == "finalized"
+
+    act(admin_client, "mark_paid", draft)
+    assert Invoice.objects.get(pk=draft.pk).status == "paid"
+    act(admin_client, "void", draft, reason="billed to the wrong entity")
+    voided = Invoice.objects.get(pk=draft.pk)
+    assert (voided.status, voided.number, voided.void_reason) == (
+        "void",
+        draft.number,
+        "billed to the wrong entity",
+    )
+    act(admin_client, "correct", voided)
+    correction = Invoice.objects.get(corrects=voided)
+    assert correction.status == "draft" and correction.total == voided.total == Decimal("1.64")
+
+
+def test_a_finalized_invoice_is_read_only_in_the_admin(admin_client, draft):
+    act(admin_client, "finalize", draft)
+    change_url = reverse("admin:billing_invoice_change", args=[draft.pk])
+
+    page = admin_client.get(change_url)
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert 'name="_save"' not in body  # view only: no save button
+    assert "1.10" in body and "0.54" in body  # the lines, and the keys' amounts
+    assert admin_client.post(change_url, {"total": "0.01"}).status_code == 403
+    delete_url = reverse("admin:billing_invoice_delete", args=[draft.pk])
+    assert admin_client.get(delete_url).status_code == 403
+    assert admin_client.post(delete_url, {"post": "yes"}).status_code == 403
+    assert "delete_selected" not in admin_client.get(CHANGELIST).content.decode()
+    # Rebuilding or finalizing again is refused, with the reason shown.
+    page = act(admin_client, "rebuild", draft)
+    assert "it is finalized, not a draft" in page.content.decode()
+    stored = Invoice.objects.get(pk=draft.pk)
+    assert (stored.total, stored.status) == (Decimal("1.64"), "finalized")
+    assert reverse("admin:billing_invoice_add") not in admin_client.get(CHANGELIST).content.decode()
+
+
+def test_a_draft_can_be_deleted_and_rebuilt(admin_client, draft):
+    delete_url = reverse("admin:billing_invoice_delete", args=[draft.pk])
+    assert admin_client.post(delete_url, {"post": "yes"}).status_code == 302
+    assert not Invoice.objects.exists()
+
+
+def test_downloads_one_by_one_and_as_a_zip(admin_client, draft):
+    act(admin_client, "finalize", draft)
+    draft.refresh_from_db()
+    listing = admin_client.get(CHANGELIST).content.decode()
+    for fmt in ("csv", "json", "html", "pdf"):
+        url = reverse("admin:billing_invoice_download", args=[draft.pk, fmt])
+        assert url in listing
+        response = admin_client.get(url)
+        assert response.status_code == 200
+        assert response["Content-Disposition"] == f'attachment; filename="{draft.number}.{fmt}"'
+    missing = reverse("admin:billing_invoice_download", args=[draft.pk, "xlsx"])
+    assert admin_client.get(missing).status_code == 404
+
+    response = act(admin_client, "zip_pdf", draft)
+    assert response["Content-Type"] == "application/zip"
+    assert response["Content-Disposition"] == 'attachment; filename="invoices-2026-10-pdf.zip"'
+    names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
+    assert sorted(names) == [f"{draft.number}.pdf", "summary.csv"]
