@@ -8,20 +8,26 @@ from datetime import timedelta
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
+from django.core.exceptions import PermissionDenied
 from django.http import Http404
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from routing.services import PriceChangeError, price_change_earliest, price_start_check
+from tenants.models import Tenant
 
 from .exports import FORMATS, invoice_document, invoice_export, invoices_zip
 from .invoicing import (
     InvoiceError,
+    MonthClosed,
     invoice_build,
     invoice_correct,
     invoice_finalize,
     invoice_mark_paid,
     invoice_void,
+    month_close,
+    month_parse,
 )
 from .models import Invoice, InvoiceLine, TenantPrice, UsageEvent
 from .pricing import tenant_price_set
@@ -149,8 +155,30 @@ class TenantPriceAdmin(admin.ModelAdmin):
         obj.pk = created.pk
 
 
+def _draft(tenant: Tenant, month) -> MonthClosed:
+    try:
+        invoice = invoice_build(tenant=tenant, month=month)
+    except InvoiceError as exc:
+        return MonthClosed(tenant, f"not built: {exc}")
+    outcome = "draft built" if invoice.status == Invoice.Status.DRAFT else "already numbered"
+    return MonthClosed(tenant, outcome, invoice)
+
+
 class InvoiceActionForm(ActionForm):
     reason = forms.CharField(label="reason (to void)", required=False, max_length=500)
+
+
+class CloseMonthForm(forms.Form):
+    month = forms.RegexField(r"^\d{4}-\d{2}$", help_text="YYYY-MM, in each tenant's time zone.")
+    tenant = forms.ModelChoiceField(
+        Tenant.objects.order_by("slug"), required=False, empty_label="every tenant"
+    )
+
+    def clean_month(self):
+        try:
+            return month_parse(self.cleaned_data["month"])
+        except InvoiceError as exc:
+            raise forms.ValidationError(str(exc)) from None
 
 
 class InvoiceLineInline(admin.TabularInline):
@@ -229,6 +257,10 @@ class InvoiceAdmin(admin.ModelAdmin):
         # Only a draft may go (it is rebuilt at will); a numbered invoice never does.
         return obj is not None and obj.status == Invoice.Status.DRAFT
 
+    def has_lifecycle_permission(self, request) -> bool:
+        """Building, finalizing, paying, voiding and correcting: superusers only."""
+        return request.user.is_superuser
+
     def get_actions(self, request):
         actions = super().get_actions(request)
         actions.pop("delete_selected", None)
@@ -240,7 +272,39 @@ class InvoiceAdmin(admin.ModelAdmin):
             self.admin_site.admin_view(self.download_view),
             name="billing_invoice_download",
         )
-        return [download, *super().get_urls()]
+        close = path(
+            "close-month/",
+            self.admin_site.admin_view(self.close_month_view),
+            name="billing_invoice_close_month",
+        )
+        return [download, close, *super().get_urls()]
+
+    def close_month_view(self, request):
+        """Build every tenant's drafts for a month, or finalize them (like close_month)."""
+        if not request.user.is_superuser:
+            raise PermissionDenied
+        form = CloseMonthForm(request.POST or None)
+        results = None
+        if request.method == "POST" and form.is_valid():
+            month, tenant = form.cleaned_data["month"], form.cleaned_data["tenant"]
+            tenants = [tenant] if tenant else Tenant.objects.order_by("slug")
+            if "finalize" in request.POST:
+                results = month_close(month=month, tenants=tenants)
+            else:
+                results = [_draft(t, month) for t in tenants]
+        opts = self.model._meta
+        return TemplateResponse(
+            request,
+            "admin/billing/invoice/close_month.html",
+            {
+                **self.admin_site.each_context(request),
+                "opts": opts,
+                "title": "Build or close a month",
+                "form": form,
+                "results": results,
+                "changelist_url": reverse("admin:billing_invoice_changelist"),
+            },
+        )
 
     def download_view(self, request, pk: int, fmt: str):
         invoice = self.get_object(request, str(pk))
@@ -302,7 +366,7 @@ class InvoiceAdmin(admin.ModelAdmin):
         for message in refused:
             self.message_user(request, message, messages.ERROR)
 
-    @admin.action(description="Rebuild selected drafts from the ledger")
+    @admin.action(description="Rebuild selected drafts from the ledger", permissions=["lifecycle"])
     def rebuild(self, request, queryset):
         def step(invoice):
             if invoice.status != Invoice.Status.DRAFT:
@@ -311,7 +375,7 @@ class InvoiceAdmin(admin.ModelAdmin):
 
         self._each(request, queryset, "Rebuilt", step)
 
-    @admin.action(description="Finalize selected drafts (numbers them)")
+    @admin.action(description="Finalize selected drafts (numbers them)", permissions=["lifecycle"])
     def finalize(self, request, queryset):
         def step(invoice):
             if invoice.status != Invoice.Status.DRAFT:
@@ -320,16 +384,18 @@ class InvoiceAdmin(admin.ModelAdmin):
 
         self._each(request, queryset, "Finalized", step)
 
-    @admin.action(description="Mark selected invoices paid")
+    @admin.action(description="Mark selected invoices paid", permissions=["lifecycle"])
     def mark_paid(self, request, queryset):
         self._each(request, queryset, "Marked paid", lambda i: invoice_mark_paid(invoice=i))
 
-    @admin.action(description="Void selected invoices (give the reason)")
+    @admin.action(description="Void selected invoices (give the reason)", permissions=["lifecycle"])
     def void(self, request, queryset):
         reason = request.POST.get("reason", "")
         self._each(request, queryset, "Voided", lambda i: invoice_void(invoice=i, reason=reason))
 
-    @admin.action(description="Correct selected void invoices (a new draft each)")
+    @admin.action(
+        description="Correct selected void invoices (a new draft each)", permissions=["lifecycle"]
+    )
     def correct(self, request, queryset):
         self._each(request, queryset, "Corrected", lambda i: invoice_correct(voided=i))
 

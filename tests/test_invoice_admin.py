@@ -8,6 +8,8 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from billing.invoicing import invoice_build
@@ -107,3 +109,39 @@ def test_downloads_one_by_one_and_as_a_zip(admin_client, draft):
     assert response["Content-Disposition"] == 'attachment; filename="invoices-2026-10-pdf.zip"'
     names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
     assert sorted(names) == [f"{draft.number}.pdf", "summary.csv"]
+
+
+def test_building_and_closing_a_month_from_the_admin(admin_client, shop):
+    tenant, (a, _), model = shop
+    record(a, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    url = reverse("admin:billing_invoice_close_month")
+    assert url in admin_client.get(CHANGELIST).content.decode()
+
+    assert (
+        "not a month like 2026-10" in admin_client.post(url, {"month": "2026-13"}).content.decode()
+    )
+    built = admin_client.post(url, {"month": "2026-10", "build": "1"}).content.decode()
+    assert "draft built" in built
+    assert Invoice.objects.get(tenant=tenant).status == "draft"
+
+    closed = admin_client.post(url, {"month": "2026-10", "finalize": "1"}).content.decode()
+    invoice = Invoice.objects.get(tenant=tenant)
+    assert invoice.status == "finalized" and invoice.number in closed and "1.10" in closed
+    # Closing again changes nothing.
+    again = admin_client.post(url, {"month": "2026-10", "finalize": "1"}).content.decode()
+    assert "already numbered" in again
+    assert Invoice.objects.get(tenant=tenant).number == invoice.number
+
+
+def test_staff_without_superuser_rights_read_but_do_not_act(client, draft):
+    staff = get_user_model().objects.create_user("finance", password="pw-fin-123", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_invoice"))
+    client.force_login(staff)
+
+    listing = client.get(CHANGELIST).content.decode()
+    assert "zip_csv" in listing and '"finalize"' not in listing
+    act(client, "finalize", draft)
+    assert Invoice.objects.get(pk=draft.pk).status == "draft"
+    assert client.get(reverse("admin:billing_invoice_close_month")).status_code == 403
+    download = reverse("admin:billing_invoice_download", args=[draft.pk, "csv"])
+    assert client.get(download).status_code == 200
