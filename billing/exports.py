@@ -185,7 +185,14 @@ def _json(document: dict) -> bytes:
 
 
 def _html(document: dict) -> bytes:
-    return render_to_string("billing/invoice.html", {"invoice": document}).encode()
+    # Token counts with thousands separators, as finance reads them.
+    lines = [{**line, "quantity": f"{line['quantity']:,}"} for line in document["lines"]]
+    keys = [
+        {**key, "tokens": {bucket: f"{n:,}" for bucket, n in key["tokens"].items()}}
+        for key in document["keys"]
+    ]
+    shown = {**document, "lines": lines, "keys": keys}
+    return render_to_string("billing/invoice.html", {"invoice": shown}).encode()
 
 
 def _latin1(text: str) -> str:
@@ -209,16 +216,17 @@ def _pdf(document: dict, *, compress: bool = True) -> bytes:
         f"Billed to: {tenant['name']} ({tenant['slug']}) {tenant['email']}".rstrip(),
         f"Period: {document['month']} ({document['timezone']}), "
         f"{document['period_start']} to {document['period_end']}",
-        f"Status: {document['status']}"
+        (f"Issued: {document['finalized_at']}, " if document["finalized_at"] else "")
+        + f"Status: {document['status']}"
         + (f", corrects {document['corrects']}" if document["corrects"] else "")
         + (f", void: {document['void_reason']}" if document["void_reason"] else ""),
     ):
         pdf.cell(0, 6, _latin1(text), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     pdf.ln(4)
     pdf.set_font("Helvetica", size=8)
-    widths = (16, 30, 52, 22, 22, 18, 20)
-    with pdf.table(col_widths=widths, text_align=("LEFT",) * 3 + ("RIGHT",) * 4) as table:
-        table.row(("Month", "Model", "Price", "Bucket", "Tokens", "Per 1M", "Amount"))
+    widths = (16, 30, 52, 24, 22, 16, 20)
+    with pdf.table(col_widths=widths, text_align=("LEFT",) * 4 + ("RIGHT",) * 3) as table:
+        table.row(("Month", "Model", "Price", "Tokens", "Quantity", "Per 1M", "Amount"))
         for row in document["lines"]:
             month = row["usage_month"] + (" adj." if row["adjustment"] else "")
             table.row(
@@ -250,8 +258,9 @@ def _pdf(document: dict, *, compress: bool = True) -> bytes:
         pdf.set_font("Helvetica", "B", 10)
         pdf.cell(0, 6, "By API key", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
         pdf.set_font("Helvetica", size=8)
-        with pdf.table(col_widths=(40, 50, 30, 30, 30), text_align="RIGHT") as table:
-            table.row(("Key", "Name", "Input", "Cached input", "Output / Amount"))
+        align = ("LEFT", "LEFT", "RIGHT", "RIGHT", "RIGHT", "RIGHT")
+        with pdf.table(col_widths=(34, 46, 28, 28, 28, 20), text_align=align) as table:
+            table.row(("Key", "Name", "Input", "Cached input", "Output", "Amount"))
             for key in document["keys"]:
                 tokens = key["tokens"]
                 table.row(
@@ -260,7 +269,8 @@ def _pdf(document: dict, *, compress: bool = True) -> bytes:
                         _latin1(key["name"] or ""),
                         f"{tokens['input']:,}",
                         f"{tokens['cached_input']:,}",
-                        f"{tokens['output']:,} / {key['amount']}",
+                        f"{tokens['output']:,}",
+                        key["amount"],
                     )
                 )
     return bytes(pdf.output())
