@@ -47,6 +47,11 @@ from .models import (
 from .pricing import unit_prices
 
 CENT = Decimal("0.01")
+# A usage event's `recorded_at` is taken just before its transaction commits. An invoice
+# covers what was recorded up to this long before it was built, so that every event it
+# could cover is committed when it reads the ledger; later ones are adjustments on the
+# next invoice. Never lost between the two.
+COMMIT_MARGIN = timedelta(minutes=5)
 
 
 class InvoiceError(Exception):
@@ -195,7 +200,7 @@ def invoice_build(*, tenant: Tenant, month: date, now: datetime | None = None) -
         previous = _previous(tenant, month)
         invoice.previous_cutoff = previous.cutoff if previous else None
         invoice.previous_ends_at = previous.ends_at if previous else None
-        invoice.cutoff = now
+        invoice.cutoff = now - COMMIT_MARGIN
         invoice.timezone = tenant.timezone
     invoice.starts_at, invoice.ends_at = month_bounds(month, invoice.timezone)
     invoice.save()
@@ -253,9 +258,14 @@ def _number_take(year: int) -> str:
 
 
 @transaction.atomic
-def invoice_finalize(*, invoice: Invoice, now: datetime | None = None) -> Invoice:
+def invoice_finalize(
+    *, invoice: Invoice, now: datetime | None = None, built: bool = False
+) -> Invoice:
     """Rebuild a draft from the ledger one last time, refuse it while any of its usage
-    has no price, and number it. Idempotent: a numbered invoice is returned unchanged."""
+    has no price, and number it. Idempotent: a numbered invoice is returned unchanged.
+
+    `built`: the caller has just built the draft with the same `now` in the enclosing
+    transaction (holding the tenant's lock), so it is not rebuilt again."""
     now = now or timezone.now()
     tenant = Tenant.objects.select_for_update().get(pk=invoice.tenant_id)
     invoice = Invoice.objects.get(pk=invoice.pk)
@@ -263,7 +273,8 @@ def invoice_finalize(*, invoice: Invoice, now: datetime | None = None) -> Invoic
         return invoice
     if now < invoice.ends_at:
         raise InvoiceError(f"{tenant.slug}'s {invoice.month:%Y-%m} has not ended yet.")
-    invoice = invoice_build(tenant=tenant, month=invoice.month, now=now)
+    if not built:
+        invoice = invoice_build(tenant=tenant, month=invoice.month, now=now)
     uninvoiced = UsageEvent.objects.filter(tenant=tenant, occurred_at__lt=invoice.starts_at)
     if invoice.previous_ends_at is not None:
         uninvoiced = uninvoiced.filter(occurred_at__gte=invoice.previous_ends_at)
@@ -295,7 +306,15 @@ def invoice_finalize(*, invoice: Invoice, now: datetime | None = None) -> Invoic
     return invoice
 
 
+def _locked(invoice: Invoice) -> Invoice:
+    """The invoice read again under a row lock, in the caller's transaction: two staff
+    acting on it at once are serialized and the second sees the first's change."""
+    return Invoice.objects.select_for_update().select_related("tenant").get(pk=invoice.pk)
+
+
+@transaction.atomic
 def invoice_mark_paid(*, invoice: Invoice, at: datetime | None = None) -> Invoice:
+    invoice = _locked(invoice)
     if invoice.status != Invoice.Status.FINALIZED:
         raise InvoiceError(f"Only a finalized invoice can be paid; {invoice} is {invoice.status}.")
     invoice.status = Invoice.Status.PAID
@@ -304,8 +323,10 @@ def invoice_mark_paid(*, invoice: Invoice, at: datetime | None = None) -> Invoic
     return invoice
 
 
+@transaction.atomic
 def invoice_void(*, invoice: Invoice, reason: str) -> Invoice:
     """Void a numbered invoice; it keeps its number. `invoice_correct` replaces it."""
+    invoice = _locked(invoice)
     if invoice.status not in (Invoice.Status.FINALIZED, Invoice.Status.PAID):
         raise InvoiceError(
             f"Only a finalized or paid invoice can be voided; {invoice} is {invoice.status}."
@@ -322,6 +343,8 @@ def invoice_void(*, invoice: Invoice, reason: str) -> Invoice:
 @transaction.atomic
 def invoice_correct(*, voided: Invoice) -> Invoice:
     """A new draft replacing a void invoice, covering exactly what it covered."""
+    Tenant.objects.select_for_update().get(pk=voided.tenant_id)
+    voided = _locked(voided)
     if voided.status != Invoice.Status.VOID:
         raise InvoiceError("Only a void invoice can be corrected.")
     if hasattr(voided, "corrected_by"):
@@ -386,7 +409,8 @@ def _close_one(tenant: Tenant, month: date, now: datetime, dry_run: bool) -> Mon
             if dry_run:
                 result = MonthClosed(tenant, f"would finalize at {invoice.total} USD", invoice)
                 raise _DryRun
-            return MonthClosed(tenant, "finalized", invoice_finalize(invoice=invoice, now=now))
+            invoice = invoice_finalize(invoice=invoice, now=now, built=True)
+            return MonthClosed(tenant, "finalized", invoice)
     except _DryRun:
         return result
     except InvoiceError as exc:

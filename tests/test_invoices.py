@@ -330,6 +330,32 @@ def test_late_usage_goes_onto_the_next_invoice_as_an_adjustment(shop):
     assert november.previous_cutoff == october.cutoff
 
 
+def test_an_event_recorded_as_the_month_is_finalized_is_billed_once_on_the_next(shop):
+    """A call whose ledger write was still committing when October was finalized is not
+    lost: October covers what was recorded up to a margin before finalizing, and
+    November bills the rest as an adjustment."""
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 30, tzinfo=UTC), output=1_000_000)
+    record(
+        key,
+        model,
+        datetime(2026, 10, 31, 23, 59, tzinfo=UTC),
+        recorded_at=AFTER_OCT - timedelta(seconds=30),
+        output=2_000_000,
+    )
+    october = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT), now=AFTER_OCT)
+    november = invoice_finalize(
+        invoice=invoice_build(tenant=tenant, month=NOV), now=datetime(2026, 12, 2, tzinfo=UTC)
+    )
+
+    assert october.cutoff < AFTER_OCT - timedelta(seconds=30)
+    assert [(line.usage_month, line.quantity) for line in october.lines.all()] == [(OCT, 1_000_000)]
+    assert [(line.usage_month, line.quantity) for line in november.lines.all()] == [
+        (OCT, 2_000_000)
+    ]
+    assert october.total + november.total == Decimal("3.30")
+
+
 def test_months_close_in_order(shop):
     tenant, (key, _), model = shop
     record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=10)
