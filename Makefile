@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MOCK_PORT ?= 8001
 
-.PHONY: run test lint bench venv clean
+.PHONY: run test lint bench bench-billing venv clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.gateway
+
+# close_month over 100k to 1M usage events (200 tenants, 15 models) in a fresh database.
+bench-billing: $(STAMP)
+	$(PY) -m bench.billing
 
 clean:
 	rm -rf .run staticfiles
