@@ -12,6 +12,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,7 @@ from billing.invoicing import (
     month_close,
     months_due,
 )
-from billing.models import Invoice, InvoiceImmutable, InvoiceLine, UsageEvent
+from billing.models import Invoice, InvoiceImmutable, InvoiceLine, InvoiceNumber, UsageEvent
 from routing.models import ModelPrice, Provider
 from tenants.services import api_key_issue, tenant_create
 
@@ -283,6 +284,65 @@ def test_twenty_concurrent_finalizations_get_consecutive_unique_numbers(transact
         numbers = list(pool.map(finalize, drafts))
 
     assert sorted(numbers) == [f"INV-2026-{n:06d}" for n in range(1, 21)]
+
+
+def test_two_month_closes_at_once_make_one_invoice_and_one_number_per_tenant(
+    transactional_db,
+):
+    provider = Provider.objects.create(name="p", base_url="http://127.0.0.1:9/v1")
+    model = model_create("m", provider=provider)
+    ModelPrice.objects.filter(model=model).update(effective_from=datetime(2026, 1, 1, tzinfo=UTC))
+    for i in range(5):
+        tenant = tenant_create(slug=f"t{i}", name=f"T{i}", model_ids=["m"])
+        key = api_key_issue(tenant=tenant).key
+        record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    barrier = threading.Barrier(2)
+
+    def close(_):
+        try:
+            barrier.wait()
+            return [r.outcome for r in month_close(month=OCT, now=AFTER_OCT)]
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = list(pool.map(close, range(2)))
+
+    # Each tenant was finalized by exactly one of the two runs.
+    assert sorted(outcomes[0] + outcomes[1]) == ["already numbered"] * 5 + ["finalized"] * 5
+    numbers = sorted(Invoice.objects.values_list("number", flat=True))
+    assert numbers == [f"INV-2026-{n:06d}" for n in range(1, 6)]
+    assert InvoiceNumber.objects.get(year=2026).last == 5
+
+
+def test_building_is_one_group_by_whatever_the_number_of_events(shop):
+    tenant, keys, model = shop
+
+    def queries_to_build(events: int) -> int:
+        for n in range(events):
+            record(keys[n % 2], model, datetime(2026, 10, 1 + n % 28, tzinfo=UTC), output=n + 1)
+        with CaptureQueriesContext(connection) as queries:
+            invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+        return len(queries)
+
+    queries_to_build(4)  # the first build creates the draft
+    few = queries_to_build(0)  # a rebuild over 4 events
+    assert queries_to_build(400) == few  # a rebuild over 404 events
+    assert Invoice.objects.get().lines.get().quantity == 10 + sum(range(1, 401))
+
+
+def test_close_month_for_one_tenant(shop, capsys):
+    _, (key, _), model = shop
+    other = tenant_create(slug="other", name="Other", model_ids=["m"])
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    record(api_key_issue(tenant=other).key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1)
+
+    call_command("close_month", "2026-10", "--tenant", "other")
+
+    assert capsys.readouterr().out.strip() == "other: finalized INV-2026-000001 0.00 USD"
+    assert list(Invoice.objects.values_list("tenant__slug", flat=True)) == ["other"]
+    with pytest.raises(CommandError, match="No tenant with slug 'nobody'"):
+        call_command("close_month", "2026-10", "--tenant", "nobody")
 
 
 def test_unpriced_usage_blocks_finalization(shop):
