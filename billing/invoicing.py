@@ -417,23 +417,42 @@ def _close_one(tenant: Tenant, month: date, now: datetime, dry_run: bool) -> Mon
         return MonthClosed(tenant, f"not finalized: {exc}")
 
 
+def _month_of(instant: datetime, tz_name: str) -> tuple[date, datetime]:
+    """The calendar month (its first day) of an instant in a time zone, and its end."""
+    start, end = budget_month(instant, tz_name)
+    return start.astimezone(ZoneInfo(tz_name)).date(), end
+
+
 def months_due(*, now: datetime | None = None) -> list[tuple[Tenant, date]]:
-    """The (tenant, month) pairs whose month ended more than the grace period ago in the
-    tenant's time zone and have no numbered invoice yet (the previous month only)."""
+    """For each tenant, the earliest month to close, if any: the first month after its
+    latest numbered invoice that has usage to bill (its own, or usage of an invoiced
+    month that arrived late, billed as adjustments), once it ended in the tenant's time
+    zone more than the grace period ago. A month missed (beat down, a refusal since
+    fixed) is thus closed before the next one, in order."""
     now = now or timezone.now()
     grace = timedelta(seconds=settings.TOLLGATE_INVOICE_GRACE_SECONDS)
     due = []
     for tenant in Tenant.objects.order_by("slug"):
-        current_start, _ = budget_month(now, tenant.timezone)
-        previous_start, _ = budget_month(current_start - timedelta(seconds=1), tenant.timezone)
-        month = previous_start.astimezone(ZoneInfo(tenant.timezone)).date()
-        if now < current_start + grace:
-            continue
-        numbered = (
-            Invoice.objects.filter(tenant=tenant, month=month)
-            .exclude(status__in=[Invoice.Status.DRAFT, Invoice.Status.VOID])
-            .exists()
+        events = UsageEvent.objects.filter(tenant=tenant)
+        last = (
+            Invoice.objects.filter(tenant=tenant)
+            .exclude(status=Invoice.Status.DRAFT)
+            .order_by("-month", "-cutoff")
+            .first()
         )
-        if not numbered:
+        new = events if last is None else events.filter(occurred_at__gte=last.ends_at)
+        first_new = new.order_by("occurred_at").values_list("occurred_at", flat=True).first()
+        candidates = []
+        if first_new is not None:
+            candidates.append(_month_of(first_new, tenant.timezone))
+        if (
+            last is not None
+            and events.filter(occurred_at__lt=last.ends_at, recorded_at__gt=last.cutoff).exists()
+        ):
+            candidates.append(_month_of(last.ends_at, tenant.timezone))
+        if not candidates:
+            continue
+        month, ends_at = min(candidates)
+        if now >= ends_at + grace:
             due.append((tenant, month))
     return due

@@ -9,6 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+import redis
+from celery import Celery
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection, transaction
@@ -26,11 +28,14 @@ from billing.invoicing import (
     month_close,
     months_due,
 )
-from billing.models import Invoice, InvoiceImmutable, InvoiceLine, InvoiceNumber, UsageEvent
+from billing.models import Invoice, InvoiceImmutable, InvoiceNumber, UsageEvent
 from routing.models import ModelPrice, Provider
 from tenants.services import api_key_issue, tenant_create
 
-from .conftest import model_create, record
+from .conftest import TEST_BROKER_URL, model_create, record
+from .conftest import test_database_url as database_url_of_tests
+from .test_budget_alerts import wait_until
+from .upstream import celery_worker_start
 
 pytestmark = pytest.mark.django_db
 
@@ -489,17 +494,58 @@ def test_close_month_refuses_a_month_not_over_and_bad_input(shop):
         call_command("close_month", "2999-01")
 
 
-def test_the_beat_task_closes_months_once_their_grace_is_over(shop, settings):
-    from billing.tasks import invoices_close_due
-
+def test_months_are_due_once_their_grace_is_over_in_each_time_zone(shop, settings):
     settings.TOLLGATE_INVOICE_GRACE_SECONDS = 3600
     tenant, (key, _), model = shop
-    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    new_york = tenant_create(
+        slug="ny", name="NY", model_ids=["m"], timezone_name="America/New_York"
+    )
+    tenant_create(slug="idle", name="Idle")  # no usage: nothing to close, ever
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1)
+    record(api_key_issue(tenant=new_york).key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1)
     assert months_due(now=datetime(2026, 11, 1, 0, 30, tzinfo=UTC)) == []
-    due = months_due(now=datetime(2026, 11, 1, 1, 30, tzinfo=UTC))
-    assert due == [(tenant, OCT)]
-    results = month_close(month=OCT, tenants=[tenant], now=datetime(2026, 11, 1, 1, 30, tzinfo=UTC))
-    assert [r.outcome for r in results] == ["finalized"]
-    assert months_due(now=datetime(2026, 11, 1, 1, 31, tzinfo=UTC)) == []
-    assert invoices_close_due.delay().get() == []
-    assert InvoiceLine.objects.count() == 1
+    assert months_due(now=datetime(2026, 11, 1, 1, 30, tzinfo=UTC)) == [(tenant, OCT)]
+    # New York's October ends at 04:00 UTC (00:00 EDT); its grace at 05:00.
+    assert months_due(now=datetime(2026, 11, 1, 5, 1, tzinfo=UTC)) == [
+        (tenant, OCT),
+        (new_york, OCT),
+    ]
+    month_close(month=OCT, tenants=[tenant], now=datetime(2026, 11, 1, 5, 1, tzinfo=UTC))
+    assert months_due(now=datetime(2026, 11, 2, tzinfo=UTC)) == [(new_york, OCT)]
+    # Late October usage of acme after its invoice: due again, for the next invoice.
+    record(key, model, datetime(2026, 10, 31, tzinfo=UTC), recorded_at=AFTER_OCT, output=1)
+    assert months_due(now=datetime(2026, 12, 1, 2, tzinfo=UTC)) == [
+        (tenant, NOV),
+        (new_york, OCT),
+    ]
+    # A month missed is closed first: New York's October, then its November.
+    record(key, model, datetime(2026, 11, 20, tzinfo=UTC), output=1)
+    month_close(month=NOV, tenants=[tenant], now=datetime(2026, 12, 1, 2, tzinfo=UTC))
+    assert months_due(now=datetime(2027, 1, 5, tzinfo=UTC)) == [(new_york, OCT)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_beat_task_on_a_real_worker_closes_the_month_once(shop, settings):
+    """The task as beat sends it, through Redis, run by a real Celery worker process."""
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    redis.Redis.from_url(TEST_BROKER_URL).flushdb()
+    worker = celery_worker_start(database_url_of_tests(), TEST_BROKER_URL)
+    broker = Celery(broker=TEST_BROKER_URL)
+    try:
+        broker.send_task("billing.tasks.invoices_close_due", kwargs={"now": "2026-11-01T00:30Z"})
+        broker.send_task("billing.tasks.invoices_close_due", kwargs={"now": "2026-11-01T01:30Z"})
+        wait_until(lambda: Invoice.objects.filter(status="finalized").exists())
+        broker.send_task("billing.tasks.invoices_close_due", kwargs={"now": "2026-11-01T01:40Z"})
+        broker.send_task("billing.tasks.invoices_close_due", kwargs={"now": "2026-11-02T00:00Z"})
+        # Tasks are acknowledged once done (acks_late): nothing queued nor unacknowledged.
+        queue = redis.Redis.from_url(TEST_BROKER_URL)
+        wait_until(lambda: queue.llen("celery") == 0 and queue.hlen("unacked") == 0)
+    finally:
+        worker.stop()
+        broker.close()
+
+    invoice = Invoice.objects.get()
+    assert (invoice.tenant, invoice.month, invoice.number) == (tenant, OCT, "INV-2026-000001")
+    assert invoice.finalized_at == datetime(2026, 11, 1, 1, 30, tzinfo=UTC)
+    assert invoice.total == Decimal("1.10")

@@ -122,13 +122,21 @@ def test_hard_budget_holds_under_100_concurrent_requests(gateway):
 
 def test_hard_budget_holds_when_the_upstream_fails_for_some(gateway):
     budget = budget_set(tenant=gateway.tenant, limit_usd=CALL * 7)
+    # First only failures: the calls admitted fail, spend nothing and give their
+    # reservations back.
+    failures = fire(gateway.extra["urls"], [(gateway.secret, body(status=500))] * 20)
+    assert len(codes(failures, 502)) >= 1
+    assert len(codes(failures, 502)) + len(codes(failures, 429)) == 20
+    settled()
+    assert budget_status(budget).spent == 0 and budget_status(budget).reserved == 0
+    # Then a third failing among the rest, all at once.
     requests = [(gateway.secret, body(status=500) if i % 3 == 0 else body()) for i in range(100)]
 
     results = fire(gateway.extra["urls"], requests)
 
     served = codes(results, 200)
     assert 1 <= len(served) <= 7
-    assert len(codes(results, 502)) >= 1
+    assert len(served) + len(codes(results, 502)) + len(codes(results, 429)) == 100
     settled()
     assert_budget_holds(budget, CALL * 7)
     assert budget_status(budget).spent == CALL * len(served)
