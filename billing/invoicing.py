@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q, Sum
+from django.db.models import BooleanField, Case, F, Q, Sum, Value, When
 from django.db.models.functions import TruncMonth
 from django.utils import timezone
 
@@ -62,6 +62,8 @@ def month_parse(value: str) -> date:
     """ "2026-10" -> date(2026, 10, 1)."""
     try:
         year, month = (int(part) for part in value.split("-"))
+        if not 1970 <= year <= 9998:
+            raise ValueError
         return date(year, month, 1)
     except ValueError:
         raise InvoiceError(f"{value!r} is not a month like 2026-10.") from None
@@ -107,6 +109,27 @@ def _allocate(total: Decimal, shares: dict[int, Decimal]) -> dict[int, Decimal]:
     return floors
 
 
+def _month_after(month: date) -> date:
+    return date(month.year + month.month // 12, month.month % 12 + 1, 1)
+
+
+def _tenant_locked(pk: int) -> Tenant:
+    """The tenant row locked for the caller's transaction: invoicing is serialized per
+    tenant. FOR NO KEY UPDATE on PostgreSQL, so that the gateway's inserts referring to
+    the tenant (usage events) do not wait for it."""
+    return Tenant.objects.select_for_update(no_key=True).get(pk=pk)
+
+
+# Events with tokens: what an invoice bills. Failed calls with no usage are in the
+# ledger but on no invoice line, and hold no month open.
+BILLABLE = (
+    Q(input_uncached_tokens__gt=0)
+    | Q(input_cached_tokens__gt=0)
+    | Q(output_tokens__gt=0)
+    | Q(reasoning_tokens__gt=0)
+)
+
+
 def _previous(tenant: Tenant, month: date) -> Invoice | None:
     """The tenant's latest numbered invoice of an earlier month (a void one included:
     its correction takes over exactly its coverage)."""
@@ -127,8 +150,24 @@ def _usage_lines(tenant: Tenant, invoice: Invoice, tz_name: str) -> tuple[list[_
     groups = (
         UsageEvent.objects.filter(tenant=tenant, recorded_at__lte=invoice.cutoff)
         .filter(in_month | late)
-        .annotate(usage_month=TruncMonth("occurred_at", tzinfo=ZoneInfo(tz_name)))
-        .values("usage_month", "served_model_id", "price_id", "tenant_price_id", "api_key_id")
+        .annotate(
+            usage_month=TruncMonth("occurred_at", tzinfo=ZoneInfo(tz_name)),
+            # The invoice's own events belong to its month, whatever the calendar of the
+            # time zone says (its start follows the previous invoice's end).
+            earlier=Case(
+                When(occurred_at__lt=invoice.starts_at, then=Value(True)),
+                default=Value(False),
+                output_field=BooleanField(),
+            ),
+        )
+        .values(
+            "usage_month",
+            "earlier",
+            "served_model_id",
+            "price_id",
+            "tenant_price_id",
+            "api_key_id",
+        )
         .annotate(
             uncached=Sum("input_uncached_tokens"),
             cached=Sum("input_cached_tokens"),
@@ -146,7 +185,7 @@ def _usage_lines(tenant: Tenant, invoice: Invoice, tz_name: str) -> tuple[list[_
     unpriced = 0
     for g in groups:
         units = unit_prices(prices[g["price_id"]], tenant_prices.get(g["tenant_price_id"]))
-        usage_month = g["usage_month"]
+        usage_month = g["usage_month"] if g["earlier"] else invoice.month
         usage_month = usage_month.date() if isinstance(usage_month, datetime) else usage_month
         unpriced += g["unpriced"] or 0
         for bucket, unit, tokens in (
@@ -171,7 +210,7 @@ def invoice_build(*, tenant: Tenant, month: date, now: datetime | None = None) -
     Idempotent; a numbered invoice is returned unchanged. Serialized per tenant.
     """
     now = now or timezone.now()
-    tenant = Tenant.objects.select_for_update().get(pk=tenant.pk)
+    tenant = _tenant_locked(tenant.pk)
     invoice = (
         Invoice.objects.filter(tenant=tenant, month=month)
         .exclude(status=Invoice.Status.VOID)
@@ -179,16 +218,15 @@ def invoice_build(*, tenant: Tenant, month: date, now: datetime | None = None) -
     )
     if invoice is not None and invoice.status != Invoice.Status.DRAFT:
         return invoice
-    if (
-        Invoice.objects.filter(tenant=tenant, month__gt=month)
-        .exclude(status__in=[Invoice.Status.DRAFT, Invoice.Status.VOID])
-        .exists()
-    ):
-        raise InvoiceError(
-            f"A later month of {tenant.slug} is already invoiced: months close in order."
-        )
     if invoice is None:
-        invoice = Invoice(tenant=tenant, month=month)
+        # A month whose invoice was voided is rebuilt as its correction.
+        voided = (
+            Invoice.objects.filter(tenant=tenant, month=month, status=Invoice.Status.VOID)
+            .filter(corrected_by__isnull=True)
+            .order_by("-voided_at")
+            .first()
+        )
+        invoice = Invoice(tenant=tenant, month=month, corrects=voided)
     if invoice.corrects_id is not None:
         # A correction covers exactly what the invoice it replaces covered.
         replaced = invoice.corrects
@@ -196,13 +234,26 @@ def invoice_build(*, tenant: Tenant, month: date, now: datetime | None = None) -
         invoice.previous_ends_at = replaced.previous_ends_at
         invoice.cutoff = replaced.cutoff
         invoice.timezone = replaced.timezone
+        invoice.starts_at, invoice.ends_at = replaced.starts_at, replaced.ends_at
     else:
+        if (
+            Invoice.objects.filter(tenant=tenant, month__gt=month)
+            .exclude(status__in=[Invoice.Status.DRAFT, Invoice.Status.VOID])
+            .exists()
+        ):
+            raise InvoiceError(
+                f"A later month of {tenant.slug} is already invoiced: months close in order."
+            )
         previous = _previous(tenant, month)
         invoice.previous_cutoff = previous.cutoff if previous else None
         invoice.previous_ends_at = previous.ends_at if previous else None
         invoice.cutoff = now - COMMIT_MARGIN
         invoice.timezone = tenant.timezone
-    invoice.starts_at, invoice.ends_at = month_bounds(month, invoice.timezone)
+        invoice.starts_at, invoice.ends_at = month_bounds(month, invoice.timezone)
+        if previous is not None and _month_after(previous.month) == month:
+            # Months follow each other without gap or overlap, also when the tenant's
+            # time zone changed between them.
+            invoice.starts_at = previous.ends_at
     invoice.save()
 
     invoice.lines.all().delete()
@@ -267,7 +318,7 @@ def invoice_finalize(
     `built`: the caller has just built the draft with the same `now` in the enclosing
     transaction (holding the tenant's lock), so it is not rebuilt again."""
     now = now or timezone.now()
-    tenant = Tenant.objects.select_for_update().get(pk=invoice.tenant_id)
+    tenant = _tenant_locked(invoice.tenant_id)
     invoice = Invoice.objects.get(pk=invoice.pk)
     if invoice.status != Invoice.Status.DRAFT:
         return invoice
@@ -275,7 +326,9 @@ def invoice_finalize(
         raise InvoiceError(f"{tenant.slug}'s {invoice.month:%Y-%m} has not ended yet.")
     if not built:
         invoice = invoice_build(tenant=tenant, month=invoice.month, now=now)
-    uninvoiced = UsageEvent.objects.filter(tenant=tenant, occurred_at__lt=invoice.starts_at)
+    uninvoiced = UsageEvent.objects.filter(
+        BILLABLE, tenant=tenant, occurred_at__lt=invoice.starts_at
+    )
     if invoice.previous_ends_at is not None:
         uninvoiced = uninvoiced.filter(occurred_at__gte=invoice.previous_ends_at)
     earliest = uninvoiced.order_by("occurred_at").values_list("occurred_at", flat=True).first()
@@ -317,8 +370,15 @@ def invoice_mark_paid(*, invoice: Invoice, at: datetime | None = None) -> Invoic
     invoice = _locked(invoice)
     if invoice.status != Invoice.Status.FINALIZED:
         raise InvoiceError(f"Only a finalized invoice can be paid; {invoice} is {invoice.status}.")
+    now = timezone.now()
+    at = at or now
+    if not invoice.finalized_at <= at <= now:
+        raise InvoiceError(
+            f"{invoice} can be paid between its finalization "
+            f"({invoice.finalized_at.isoformat()}) and now, not at {at.isoformat()}."
+        )
     invoice.status = Invoice.Status.PAID
-    invoice.paid_at = at or timezone.now()
+    invoice.paid_at = at
     invoice.save()
     return invoice
 
@@ -343,24 +403,21 @@ def invoice_void(*, invoice: Invoice, reason: str) -> Invoice:
 @transaction.atomic
 def invoice_correct(*, voided: Invoice) -> Invoice:
     """A new draft replacing a void invoice, covering exactly what it covered."""
-    Tenant.objects.select_for_update().get(pk=voided.tenant_id)
+    _tenant_locked(voided.tenant_id)
     voided = _locked(voided)
     if voided.status != Invoice.Status.VOID:
         raise InvoiceError("Only a void invoice can be corrected.")
     if hasattr(voided, "corrected_by"):
         return voided.corrected_by
-    draft = Invoice.objects.create(
-        tenant=voided.tenant,
-        month=voided.month,
-        timezone=voided.timezone,
-        starts_at=voided.starts_at,
-        ends_at=voided.ends_at,
-        cutoff=voided.cutoff,
-        previous_cutoff=voided.previous_cutoff,
-        previous_ends_at=voided.previous_ends_at,
-        corrects=voided,
+    current = (
+        Invoice.objects.filter(tenant=voided.tenant, month=voided.month)
+        .exclude(status=Invoice.Status.VOID)
+        .first()
     )
-    return invoice_build(tenant=draft.tenant, month=draft.month, now=draft.cutoff)
+    if current is not None:
+        raise InvoiceError(f"{voided.month:%Y-%m} of {voided.tenant.slug} has {current} already.")
+    # A month whose only invoice is void is built as that invoice's correction.
+    return invoice_build(tenant=voided.tenant, month=voided.month, now=voided.cutoff)
 
 
 @dataclass(frozen=True)
@@ -433,7 +490,7 @@ def months_due(*, now: datetime | None = None) -> list[tuple[Tenant, date]]:
     grace = timedelta(seconds=settings.TOLLGATE_INVOICE_GRACE_SECONDS)
     due = []
     for tenant in Tenant.objects.order_by("slug"):
-        events = UsageEvent.objects.filter(tenant=tenant)
+        events = UsageEvent.objects.filter(BILLABLE, tenant=tenant)
         last = (
             Invoice.objects.filter(tenant=tenant)
             .exclude(status=Invoice.Status.DRAFT)

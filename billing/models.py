@@ -290,8 +290,10 @@ class Invoice(models.Model):
         super().save(*args, **kwargs)
 
     def delete(self, *args, **kwargs):
-        if self.status != self.Status.DRAFT:
-            raise InvoiceImmutable(f"Invoice {self.number} is {self.status}: it is never deleted.")
+        # The stored status, not this object's: it may have been finalized since it was read.
+        stored = Invoice.objects.filter(pk=self.pk).values_list("status", "number").first()
+        if stored is not None and stored[0] != self.Status.DRAFT:
+            raise InvoiceImmutable(f"Invoice {stored[1]} is {stored[0]}: it is never deleted.")
         return super().delete(*args, **kwargs)
 
 

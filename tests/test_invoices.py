@@ -26,6 +26,7 @@ from billing.invoicing import (
     invoice_mark_paid,
     invoice_void,
     month_close,
+    month_parse,
     months_due,
 )
 from billing.models import Invoice, InvoiceImmutable, InvoiceNumber, UsageEvent
@@ -249,6 +250,10 @@ def test_finalized_invoices_refuse_every_change(shop):
     invoice.refresh_from_db()
     with pytest.raises(InvoiceImmutable):
         invoice.delete()
+    stale = Invoice.objects.get(pk=invoice.pk)
+    stale.status = Invoice.Status.DRAFT  # as read before it was finalized
+    with pytest.raises(InvoiceImmutable):
+        stale.delete()
     line = invoice.lines.get()
     line.quantity = 1
     with pytest.raises(InvoiceImmutable):
@@ -549,3 +554,69 @@ def test_the_beat_task_on_a_real_worker_closes_the_month_once(shop, settings):
     assert (invoice.tenant, invoice.month, invoice.number) == (tenant, OCT, "INV-2026-000001")
     assert invoice.finalized_at == datetime(2026, 11, 1, 1, 30, tzinfo=UTC)
     assert invoice.total == Decimal("1.10")
+
+
+def test_a_month_of_failed_calls_only_holds_nothing_open(shop, settings):
+    """Calls that failed upstream are in the ledger with no tokens: on no invoice line,
+    and they keep no month open (the next one is due and finalizes)."""
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC))  # no tokens at all
+    record(key, model, datetime(2026, 11, 5, tzinfo=UTC), output=1_000_000)
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+
+    assert months_due(now=now) == [(tenant, NOV)]
+    (closed,) = month_close(month=NOV, tenants=[tenant], now=now)
+    assert closed.outcome == "finalized" and closed.invoice.total == Decimal("1.10")
+    assert months_due(now=now) == []
+
+
+def test_a_void_month_is_corrected_after_later_months_were_invoiced(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    record(key, model, datetime(2026, 11, 5, tzinfo=UTC), output=2_000_000)
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    october = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT, now=now), now=now)
+    november = invoice_finalize(invoice=invoice_build(tenant=tenant, month=NOV, now=now), now=now)
+
+    invoice_void(invoice=october, reason="wrong entity")
+    correction = invoice_correct(voided=october)
+    assert (correction.corrects, correction.total) == (october, Decimal("1.10"))
+    correction = invoice_finalize(invoice=correction, now=now)
+    assert correction.number == "INV-2026-000003"
+    # Rebuilding a voided month (close_month, the API) builds its correction, never a
+    # second invoice beside it.
+    invoice_void(invoice=correction, reason="again")
+    rebuilt = invoice_build(tenant=tenant, month=OCT, now=now)
+    assert rebuilt.corrects == correction and rebuilt.total == Decimal("1.10")
+    assert invoice_correct(voided=october).pk == correction.pk  # corrected once, only
+    assert Invoice.objects.get(pk=november.pk).total == Decimal("2.20")
+
+
+@pytest.mark.parametrize("old, new", [("America/New_York", "UTC"), ("UTC", "America/New_York")])
+def test_a_time_zone_change_between_months_bills_every_event_once(shop, old, new):
+    tenant, (key, _), model = shop
+    tenant.timezone = old
+    tenant.save()
+    # Around 1 October 02:00 UTC: still September in New York, October in UTC.
+    for hour in (1, 3, 5):
+        record(key, model, datetime(2026, 10, 1, hour, tzinfo=UTC), output=1_000_000)
+    record(key, model, datetime(2026, 9, 10, tzinfo=UTC), output=1_000_000)
+    now = datetime(2026, 11, 3, tzinfo=UTC)
+    september = date(2026, 9, 1)
+    sept = invoice_finalize(invoice=invoice_build(tenant=tenant, month=september, now=now), now=now)
+    tenant.timezone = new
+    tenant.save()
+
+    october = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT, now=now), now=now)
+
+    assert october.starts_at == sept.ends_at  # no gap, no overlap
+    billed = sum(line.quantity for inv in (sept, october) for line in inv.lines.all())
+    assert billed == 4_000_000
+    assert sept.total + october.total == Decimal("4.40")
+    assert all(line.usage_month == OCT for line in october.lines.all())
+
+
+def test_months_out_of_range_are_refused_not_a_crash(shop):
+    for value in ("9999-12", "0001-01", "2026-00", "2026-13", "-1-01", "2026"):
+        with pytest.raises(InvoiceError, match="not a month"):
+            month_parse(value)
