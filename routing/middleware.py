@@ -1,11 +1,15 @@
-"""Give every request the id that names it everywhere: x-request-id and the ledger."""
+"""Give every request the id that names it everywhere: x-request-id and the ledger; refuse
+a URL carrying a NUL character before any view queries the database with it."""
 
 from __future__ import annotations
 
 import time
 import uuid
 
+from django.http import JsonResponse
 from django.utils import timezone
+
+NUL_MESSAGE = "The URL contains a NUL character (%00), which no name or value here has."
 
 
 def request_id_new() -> str:
@@ -23,6 +27,23 @@ class RequestIdMiddleware:
         request.request_id = request_id_new()
         request.received_at = timezone.now()
         request.started = time.monotonic()
-        response = self.get_response(request)
+        if "\x00" in request.path or "%00" in request.META.get("QUERY_STRING", ""):
+            # No id, slug or filter contains one, and PostgreSQL refuses it in a query.
+            response = JsonResponse(_nul_error(request.path), status=400)
+        else:
+            response = self.get_response(request)
         response["x-request-id"] = request.request_id
         return response
+
+
+def _nul_error(path: str) -> dict:
+    if path.startswith("/v1/"):
+        return {
+            "error": {
+                "message": NUL_MESSAGE,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    return {"detail": NUL_MESSAGE}

@@ -53,8 +53,13 @@ def test_the_lifecycle_through_the_api(october, superuser_token):
     number = finalized.json()["number"]
     assert number.startswith("INV-") and finalized.json()["status"] == "finalized"
 
-    paid = client.post(f"/api/invoices/{draft['id']}/mark-paid/", {"paid_at": "2026-11-20T10:00Z"})
-    assert paid.json()["status"] == "paid" and paid.json()["paid_at"].startswith("2026-11-20")
+    url = f"/api/invoices/{draft['id']}/mark-paid/"
+    for impossible in ("2026-11-20T10:00Z", "2999-01-01T00:00Z", "yesterday"):
+        refused = client.post(url, {"paid_at": impossible})
+        assert refused.status_code in (400, 409), impossible  # before issue, future, no date
+    issued_at = finalized.json()["finalized_at"]
+    paid = client.post(url, {"paid_at": issued_at})
+    assert paid.json()["status"] == "paid" and paid.json()["paid_at"] == issued_at
 
     assert client.post(f"/api/invoices/{draft['id']}/void/", {}).status_code == 400
     void = client.post(f"/api/invoices/{draft['id']}/void/", {"reason": "wrong address"})
@@ -185,3 +190,27 @@ def test_keys_list_and_download_their_own_issued_invoices_only(october):
     assert api().get("/v1/invoices").status_code == 401
     # The management API stays closed to tenant keys.
     assert mine.get("/api/invoices/").status_code == 401
+
+
+def test_odd_input_gets_a_clear_error_not_a_crash(october, superuser_token):
+    staff = api(token=superuser_token)
+    key = api(token=api_key_issue(tenant=october, name="reader").secret)
+
+    for url in ("/api/invoices/?tenant=%00", "/api/usage/?model=a%00b", "/api/invoices/%00/"):
+        response = staff.get(url)
+        assert response.status_code == 400 and "NUL" in response.json()["detail"], url
+    for url in ("/v1/invoices/%00", "/v1/invoices/INV-2026-000001%00/csv"):
+        response = key.get(url)
+        assert response.status_code == 400, url
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    for number in ("x" * 500, "INV-2026-1", "' OR 1=1 --", "..%2F..%2Fetc"):
+        response = key.get(f"/v1/invoices/{number}")
+        assert response.status_code == 404, number
+        assert len(response.json()["error"]["message"]) < 100
+    for month in ("9999-12", "0001-01", "2026-1-1", ""):
+        built = staff.post("/api/invoices/build/", {"tenant": "acme", "month": month})
+        assert built.status_code == 400, month
+    assert staff.get("/api/invoices/?month=9999-12").status_code == 400
+    assert staff.get("/api/invoices/export/csv/?month=0001-01").status_code == 400
+    assert staff.get("/api/invoices/nope/").status_code == 404
+    assert not Invoice.objects.exists()

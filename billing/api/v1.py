@@ -6,6 +6,8 @@ Another tenant's invoice is not found, whatever its number.
 
 from __future__ import annotations
 
+import re
+
 from django.urls import reverse
 from rest_framework.response import Response
 
@@ -14,6 +16,8 @@ from routing.errors import RouteNotFound
 
 from ..exports import FORMATS, invoice_document, invoice_export
 from ..models import Invoice
+
+NUMBER = re.compile(r"INV-\d{4}-\d{6,}")
 
 
 def _issued(key):
@@ -25,9 +29,11 @@ def _issued(key):
 
 
 def _get(key, number: str) -> Invoice:
-    invoice = _issued(key).filter(number=number).first()
+    invoice = None
+    if NUMBER.fullmatch(number):
+        invoice = _issued(key).filter(number=number).first()
     if invoice is None:
-        raise RouteNotFound(f"No invoice '{number}' for this key's tenant.")
+        raise RouteNotFound(f"No invoice '{number[:40]}' for this key's tenant.")
     return invoice
 
 

@@ -130,6 +130,9 @@ class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
         data.is_valid(raise_exception=True)
         try:
             month = month_parse(data.validated_data["month"])
+        except InvoiceError as exc:
+            raise ValidationError({"month": str(exc)}) from None
+        try:
             invoice = invoice_build(tenant=data.validated_data["tenant"], month=month)
         except InvoiceError as exc:
             return _conflict(exc)
