@@ -297,7 +297,11 @@ def invoices_zip(invoices: Iterable[Invoice], fmt: str, *, name: str = "invoices
     buffer = io.BytesIO()
     summary = io.StringIO()
     writer = csv.writer(summary, lineterminator="\r\n")
-    writer.writerow(("invoice", "tenant", "month", "status", "total", "currency", "file"))
+    # A void invoice and its correction both appear: `corrects` says which replaces which,
+    # and `counts` which totals add up to what is owed.
+    writer.writerow(
+        ("invoice", "tenant", "month", "status", "total", "currency", "counts", "corrects", "file")
+    )
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for invoice in invoices:
             export = invoice_export(invoice, fmt)
@@ -310,6 +314,8 @@ def invoices_zip(invoices: Iterable[Invoice], fmt: str, *, name: str = "invoices
                     invoice.status,
                     _text(invoice.total),
                     invoice.currency,
+                    "no" if invoice.status == Invoice.Status.VOID else "yes",
+                    invoice.corrects.number if invoice.corrects_id else "",
                     export.filename,
                 )
             )

@@ -200,6 +200,8 @@ def test_a_month_of_invoices_as_one_zip(issued, shop):
             "status": "finalized",
             "total": str(october.total),
             "currency": "USD",
+            "counts": "yes",
+            "corrects": "",
             "file": f"{october.number}.csv",
         }
     ]
