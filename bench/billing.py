@@ -68,10 +68,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, date, datetime
@@ -84,7 +82,7 @@ import psycopg
 from psycopg import sql
 
 from .stack import PG_ADMIN_URL, ROOT, BenchEnv
-from .stats import fmt, table
+from .stats import fmt, machine, table
 
 RESULTS_DIR = ROOT / "bench-results"
 DB_NAME = "tollgate_bench_billing"
@@ -797,13 +795,6 @@ def report(results: dict) -> str:
 
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 (read-only query)
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     with psycopg.connect(PG_ADMIN_URL) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     return {
@@ -814,11 +805,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "limit_s": LIMIT_SECONDS,
         "repeat": args.repeat,
         "postgres": row[0] if row else None,
-        "cpus": os.cpu_count(),
-        "loadavg_before": os.getloadavg(),
-        "python": platform.python_version(),
-        "machine": platform.platform(),
-        "commit": commit,
+        **machine(ROOT),
     }
 
 

@@ -52,7 +52,6 @@ import contextlib
 import http.client
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -78,7 +77,7 @@ from .stack import (
     mock_start,
     uvicorn_available,
 )
-from .stats import fmt, summary, table
+from .stats import fmt, machine, summary, table
 
 RESULTS_DIR = ROOT / "bench-results"
 PHASES = ("latency", "rps", "streams")
@@ -739,13 +738,6 @@ def _hold(gateway: Gateway, mock_url: str, mock_pid: int, key: str, env: BenchEn
 
 
 def _meta(args: argparse.Namespace, plan: Plan) -> dict:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 (read-only query)
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     return {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "server": args.server,
@@ -756,11 +748,7 @@ def _meta(args: argparse.Namespace, plan: Plan) -> dict:
         "quick": args.quick,
         "phases": args.only or list(PHASES),
         "plan": asdict(plan),
-        "cpus": os.cpu_count(),
-        "loadavg_before": os.getloadavg(),
-        "python": platform.python_version(),
-        "machine": platform.platform(),
-        "commit": commit,
+        **machine(ROOT),
     }
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -45,3 +49,22 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def machine(root: Path) -> dict[str, object]:
+    """What a benchmark result was measured on: cores, load before the run, Python,
+    platform, and the commit of the checkout at `root`."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 (read-only query)
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg(),
+        "python": platform.python_version(),
+        "machine": platform.platform(),
+        "commit": commit,
+    }
