@@ -536,7 +536,7 @@ def test_the_beat_task_on_a_real_worker_closes_the_month_once(shop, settings):
     record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
     redis.Redis.from_url(TEST_BROKER_URL).flushdb()
     worker = celery_worker_start(database_url_of_tests(), TEST_BROKER_URL)
-    broker = Celery(broker=TEST_BROKER_URL)
+    broker = Celery(broker=TEST_BROKER_URL, set_as_current=False)  # the tests keep theirs
     try:
         broker.send_task("billing.tasks.invoices_close_due", kwargs={"now": "2026-11-01T00:30Z"})
         broker.send_task("billing.tasks.invoices_close_due", kwargs={"now": "2026-11-01T01:30Z"})
