@@ -17,7 +17,7 @@ from django.utils.html import format_html, format_html_join
 from routing.services import PriceChangeError, price_change_earliest, price_start_check
 from tenants.models import Tenant
 
-from .exports import FORMATS, invoice_document, invoice_export, invoices_zip
+from .exports import FORMATS, invoice_export, invoice_key_totals, invoices_zip
 from .invoicing import (
     InvoiceError,
     MonthClosed,
@@ -329,7 +329,7 @@ class InvoiceAdmin(admin.ModelAdmin):
 
     @admin.display(description="by API key")
     def by_key(self, invoice: Invoice) -> str:
-        keys = invoice_document(invoice)["keys"]
+        keys = invoice_key_totals(invoice)
         if not keys:
             return "-"
         rows = format_html_join(

@@ -22,6 +22,8 @@ from django.template.loader import render_to_string
 from fpdf import FPDF
 from fpdf.enums import XPos, YPos
 
+from tenants.budgets import places_at_least
+
 from .models import Invoice, InvoiceKeyLine, InvoiceLine
 
 FORMATS = ("csv", "json", "html", "pdf")
@@ -43,12 +45,7 @@ class Export:
 
 def _text(value: Decimal | None, places: int = 2) -> str:
     """A decimal as plain text with at least `places` decimals and no exponent."""
-    if value is None:
-        return ""
-    value = value.normalize()
-    if value.as_tuple().exponent > -places:
-        value = value.quantize(Decimal(1).scaleb(-places))
-    return f"{value:f}"
+    return "" if value is None else f"{places_at_least(value, places):f}"
 
 
 def _stem(invoice: Invoice) -> str:
@@ -67,6 +64,33 @@ def _price_label(line: InvoiceLine) -> str:
         )
         label = f"{kind} of {tenant_price.effective_from:%Y-%m-%d} on the {label}"
     return label
+
+
+def invoice_key_totals(invoice: Invoice) -> list[dict]:
+    """Per API key: tokens by bucket and the amount (its allocated cents), adding up to
+    the invoice's total. One GROUP BY over the key lines."""
+    per_key = (
+        InvoiceKeyLine.objects.filter(line__invoice=invoice)
+        .values("api_key_id", "api_key__prefix", "api_key__name", "line__bucket")
+        .annotate(quantity=Sum("quantity"), amount=Sum("amount"))
+        .order_by("api_key__prefix", "api_key_id")
+    )
+    keys: dict[int, dict] = {}
+    for row in per_key:
+        key = keys.setdefault(
+            row["api_key_id"],
+            {
+                "key": row["api_key__prefix"],
+                "name": row["api_key__name"],
+                "tokens": {bucket: 0 for bucket in InvoiceLine.Bucket.values},
+                "amount": Decimal(0),
+            },
+        )
+        key["tokens"][row["line__bucket"]] += row["quantity"]
+        key["amount"] += row["amount"]
+    for key in keys.values():
+        key["amount"] = _text(key["amount"])
+    return list(keys.values())
 
 
 def invoice_document(invoice: Invoice) -> dict:
@@ -94,27 +118,6 @@ def invoice_document(invoice: Invoice) -> dict:
         }
         for line in lines
     ]
-    per_key = (
-        InvoiceKeyLine.objects.filter(line__invoice=invoice)
-        .values("api_key_id", "api_key__prefix", "api_key__name", "line__bucket")
-        .annotate(quantity=Sum("quantity"), amount=Sum("amount"))
-        .order_by("api_key__prefix", "api_key_id")
-    )
-    keys: dict[int, dict] = {}
-    for row in per_key:
-        key = keys.setdefault(
-            row["api_key_id"],
-            {
-                "key": row["api_key__prefix"],
-                "name": row["api_key__name"],
-                "tokens": {bucket: 0 for bucket in InvoiceLine.Bucket.values},
-                "amount": Decimal(0),
-            },
-        )
-        key["tokens"][row["line__bucket"]] += row["quantity"]
-        key["amount"] += row["amount"]
-    for key in keys.values():
-        key["amount"] = _text(key["amount"])
     tenant = invoice.tenant
     return {
         "object": "invoice",
@@ -132,7 +135,7 @@ def invoice_document(invoice: Invoice) -> dict:
         "void_reason": invoice.void_reason or None,
         "corrects": invoice.corrects.number if invoice.corrects_id else None,
         "lines": rows,
-        "keys": list(keys.values()),
+        "keys": invoice_key_totals(invoice),
         "total": _text(invoice.total),
     }
 

@@ -58,12 +58,18 @@ class BudgetExceeded(Exception):
         )
 
 
+def places_at_least(amount: Decimal, places: int = 2) -> Decimal:
+    """12.5 -> 12.50, 3 -> 3.00, 0.000042000 -> 0.000042: at least `places` decimals,
+    every significant digit kept."""
+    amount = amount.normalize()
+    if amount.as_tuple().exponent > -places:
+        amount = amount.quantize(Decimal(1).scaleb(-places))
+    return amount
+
+
 def usd_format(amount: Decimal) -> str:
     """$12.50, $3.00, $0.000042: cents at least, every significant digit kept."""
-    amount = amount.normalize()
-    if amount.as_tuple().exponent > -2:
-        amount = amount.quantize(Decimal("0.01"))
-    return f"${amount:,f}"
+    return f"${places_at_least(amount):,f}"
 
 
 def pico_to_usd(pico: int) -> Decimal:

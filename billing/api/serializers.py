@@ -5,7 +5,7 @@ from rest_framework.reverse import reverse
 
 from tenants.api.scoping import VisibleTenantField
 
-from ..exports import FORMATS, invoice_document
+from ..exports import FORMATS, invoice_key_totals
 from ..models import Invoice, InvoiceLine, UsageEvent
 
 
@@ -117,7 +117,7 @@ class InvoiceDetailSerializer(InvoiceSerializer):
         read_only_fields = fields
 
     def get_keys(self, invoice) -> list[dict]:
-        return invoice_document(invoice)["keys"]
+        return invoice_key_totals(invoice)
 
 
 class InvoiceBuildSerializer(serializers.Serializer):
