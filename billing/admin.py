@@ -41,6 +41,7 @@ class UsageEventAdmin(admin.ModelAdmin):
         "key_prefix",
         "requested_model",
         "served_model",
+        "attempt",
         "status",
         "usage_source",
         "input_uncached_tokens",

@@ -88,7 +88,9 @@ class TenantPrice(models.Model):
 
 
 class UsageEvent(models.Model):
-    """One upstream call, keyed by the gateway's request id (unique per tenant, forever).
+    """One upstream call, keyed by the gateway's request id and the attempt (unique per
+    tenant, forever). A call to a route that falls back leaves one event per attempt that
+    reached for an upstream: 1, 2, ...; a direct call has attempt 1 only.
 
     Token buckets are disjoint: prompt = input_uncached + input_cached, and
     completion = output + reasoning. Reasoning is billed at the output price.
@@ -104,6 +106,9 @@ class UsageEvent(models.Model):
         CLIENT_CANCELLED = "client_cancelled", "Client cancelled"
 
     request_id = models.CharField(max_length=64)
+    attempt = models.PositiveSmallIntegerField(
+        default=1, help_text="1 for the first upstream attempt of the request, 2 for the next."
+    )
     tenant = models.ForeignKey(
         "tenants.Tenant", on_delete=models.PROTECT, related_name="usage_events"
     )
@@ -157,7 +162,8 @@ class UsageEvent(models.Model):
         ordering = ["-occurred_at"]
         constraints = [
             models.UniqueConstraint(
-                fields=["tenant", "request_id"], name="usage_event_request_unique_per_tenant"
+                fields=["tenant", "request_id", "attempt"],
+                name="usage_event_attempt_unique_per_tenant",
             ),
             models.CheckConstraint(condition=Q(cost__gte=0), name="usage_event_cost_not_negative"),
             models.CheckConstraint(condition=~Q(request_id=""), name="usage_event_request_id_set"),

@@ -57,6 +57,8 @@ class UsageFacts:
     raw_usage: dict | None = None
     upstream_status: int | None = None
     error_code: str = ""
+    attempt: int = 1  # the request's upstream attempt (routes fall back to a next one)
+    settles: bool = True  # False for an attempt a fallback follows: holds stay for the next
 
 
 def usage_record(facts: UsageFacts) -> UsageEvent:
@@ -76,6 +78,7 @@ def usage_record(facts: UsageFacts) -> UsageEvent:
     )
     event = UsageEvent(
         request_id=facts.request_id,
+        attempt=facts.attempt,
         tenant_id=facts.tenant_id,
         api_key_id=facts.api_key_id,
         requested_model=facts.requested_model,
@@ -115,14 +118,16 @@ def usage_record(facts: UsageFacts) -> UsageEvent:
                         request_id=facts.request_id,
                         at=facts.occurred_at,
                         cost=event.cost,
-                        holds=facts.budget_holds,
+                        # An attempt a fallback follows releases nothing: the hold
+                        # covers the next attempt.
+                        holds=facts.budget_holds if facts.settles else {},
                     )
         else:
             # Autocommit: one INSERT, committed when it returns.
             event.save(force_insert=True)
     except IntegrityError:
         existing = UsageEvent.objects.filter(
-            tenant_id=facts.tenant_id, request_id=facts.request_id
+            tenant_id=facts.tenant_id, request_id=facts.request_id, attempt=facts.attempt
         ).first()
         if existing is None:
             raise

@@ -113,6 +113,14 @@ class UpstreamFailed(GatewayError):
     code = "upstream_error"
 
 
+class NoTargetAvailable(GatewayError):
+    """Every target of a route is skipped for now (breakers open): retry later."""
+
+    status = 503
+    type = "api_error"
+    code = "no_target_available"
+
+
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "api_error"

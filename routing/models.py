@@ -167,3 +167,161 @@ class ModelPrice(models.Model):
         if self.cached_input_per_mtok is not None:
             return self.cached_input_per_mtok
         return self.input_per_mtok
+
+
+ROUTE_NAME_HELP = (
+    "The name clients send as `model`, e.g. auto, tier-1, support-default. Letters, digits "
+    "and . _ - : / only; not the id of a catalog model."
+)
+
+
+class Route(models.Model):
+    """A name a key calls like a model, resolved per request to catalog models.
+
+    An alias is the simplest route: a fallback chain of one model. Routes compose: a target
+    is a catalog model or another route (never the route itself, directly or not).
+    """
+
+    class Strategy(models.TextChoices):
+        FALLBACK = "fallback", "Fallback chain: targets in order, the next after a failure"
+        RULES = "rules", "Rules: the first target whose conditions match the request"
+        SPLIT = "split", "Weighted split: one target by weight, fixed per request id"
+
+    name = models.CharField(max_length=200, unique=True, help_text=ROUTE_NAME_HELP)
+    description = models.CharField(max_length=500, blank=True)
+    strategy = models.CharField(max_length=16, choices=Strategy.choices, default=Strategy.FALLBACK)
+    enabled = models.BooleanField(
+        default=True, help_text="A disabled route is not listed and cannot be called."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RouteTarget(models.Model):
+    """One target of a route: a catalog model or another route, in order.
+
+    Fallback chains use `timeout_seconds` (per attempt), splits use `weight`, rules use
+    the conditions: every condition set must hold; a target with none always matches.
+    """
+
+    route = models.ForeignKey(Route, on_delete=models.CASCADE, related_name="targets")
+    position = models.PositiveSmallIntegerField(default=0)
+    model = models.ForeignKey(
+        CatalogModel,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="route_targets",
+    )
+    subroute = models.ForeignKey(
+        Route,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="used_by",
+        verbose_name="route",
+        help_text="Another route, instead of a model.",
+    )
+    timeout_seconds = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Per attempt, e.g. 10. Empty: the provider's timeout (or the enclosing "
+        "target's).",
+    )
+    weight = models.PositiveIntegerField(default=1, help_text="Weighted splits: its share.")
+    when_image = models.BooleanField(
+        "has an image", default=False, help_text="Rules: the request carries image content."
+    )
+    when_reasoning = models.BooleanField(
+        "asks for reasoning",
+        default=False,
+        help_text="Rules: the body or its metadata asks for reasoning (enable_thinking, "
+        "reasoning_effort, thinking, reasoning, metadata.reasoning).",
+    )
+    min_prompt_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Rules: the prompt has at least this many tokens."
+    )
+    max_prompt_chars = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Rules: the prompt is shorter than this many characters."
+    )
+
+    class Meta:
+        ordering = ["route_id", "position", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(model__isnull=False, subroute__isnull=True)
+                | Q(model__isnull=True, subroute__isnull=False),
+                name="route_target_model_or_route",
+            ),
+            models.CheckConstraint(condition=Q(weight__gt=0), name="route_target_weight_positive"),
+            models.CheckConstraint(
+                condition=Q(timeout_seconds__isnull=True) | Q(timeout_seconds__gt=0),
+                name="route_target_timeout_positive",
+            ),
+            models.CheckConstraint(
+                condition=~Q(subroute=models.F("route")), name="route_target_not_itself"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.route.name} #{self.position}: {self.target_name}"
+
+    @property
+    def target_name(self) -> str:
+        if self.model_id:
+            return self.model.public_id
+        return self.subroute.name if self.subroute_id else "?"
+
+    @property
+    def conditions(self) -> list[str]:
+        out = []
+        if self.when_image:
+            out.append("has an image")
+        if self.when_reasoning:
+            out.append("asks for reasoning")
+        if self.min_prompt_tokens is not None:
+            out.append(f"prompt >= {self.min_prompt_tokens} tokens")
+        if self.max_prompt_chars is not None:
+            out.append(f"prompt < {self.max_prompt_chars} characters")
+        return out
+
+
+class CircuitBreaker(models.Model):
+    """The breaker of one catalog model, shared by every gateway process.
+
+    Closed: calls go through; each routed failure (timeout, connection error, 429, 5xx)
+    adds one to `consecutive_failures`, a success resets it. At
+    TOLLGATE_BREAKER_FAILURES it opens until `open_until`: routes skip the model. After
+    that, one request claims the half-open probe (`probe_until`); its success closes the
+    breaker, its failure opens it again for another cooldown.
+    """
+
+    model = models.OneToOneField(
+        CatalogModel, on_delete=models.CASCADE, primary_key=True, related_name="breaker"
+    )
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    open_until = models.DateTimeField(null=True, blank=True)
+    probe_until = models.DateTimeField(null=True, blank=True)
+    times_opened = models.PositiveIntegerField(default=0)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=200, blank=True)
+    changed_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model_id"]
+
+    def __str__(self) -> str:
+        return f"breaker of {self.model_id}"
+
+    def state(self, now) -> str:
+        if self.open_until is None:
+            return "closed"
+        if self.open_until > now:
+            return "open"
+        return "half-open"

@@ -1,8 +1,11 @@
 """One chat completion through the gateway: resolve, forward, relay, meter.
 
-The views call `chat_target_resolve`, then `chat_complete` or `chat_stream`. Every call
-that reached for an upstream leaves exactly one usage event, written before the client
-gets its last byte (plain: before the response; stream: before `data: [DONE]`).
+The views call `chat_targets` (a model, or a route's plan), `chat_admit`, then
+`chat_complete` or `chat_stream`. Every attempt that reached for an upstream leaves
+exactly one usage event (a direct call has one attempt; a route may fall back to
+more), written before the client gets its last byte (plain: before the response; stream:
+before `data: [DONE]`). The budget hold and the concurrency lease of a call are released
+with its last attempt's event.
 
 Client disconnect policy (streams): when the client goes away mid-stream, the gateway
 keeps reading the upstream, without relaying, for up to TOLLGATE_DISCONNECT_DRAIN_SECONDS
@@ -38,7 +41,7 @@ from billing.metering import (
 from billing.models import UsageEvent
 from billing.pricing import UnitPrices, unit_prices_for_call
 from billing.services import UsageFacts, usage_record
-from tenants.budgets import BudgetExceeded, budget_reserve
+from tenants.budgets import BudgetExceeded, budget_release, budget_reserve, usd_format
 from tenants.limits import (
     LEASE_TTL,
     RateLimited,
@@ -50,16 +53,21 @@ from tenants.limits import (
 from tenants.models import ApiKey
 from tenants.selectors import model_for_key
 
+from . import breaker
 from .errors import (
     BudgetExhausted,
     GatewayError,
     ModelNotAllowed,
     ModelNotFound,
     ModelNotPriced,
+    NoTargetAvailable,
     RateLimitExceeded,
     UpstreamFailed,
+    UpstreamRateLimited,
+    UpstreamTimeout,
 )
 from .models import CatalogModel
+from .routes import Plan, request_features, route_models, route_plan, route_spec, routes_all
 from .upstream import (
     UpstreamFailure,
     UpstreamStream,
@@ -75,9 +83,22 @@ logger = logging.getLogger(__name__)
 UPSTREAM_ERRORS = (openai.APIError, httpx2.HTTPError)
 
 
+@dataclass(frozen=True)
+class Target:
+    """A catalog model a call may be served by, its prices, its attempt's timeout."""
+
+    model: CatalogModel
+    units: UnitPrices
+    timeout: float | None = None  # seconds; None: the provider's
+
+
 @dataclass
 class ChatCall:
-    """One client request, resolved to the catalog model and price that will serve it."""
+    """One client request, resolved to the catalog model and price that will serve it.
+
+    A call to a route holds the targets still to try; `model`, `units` and `timeout` are
+    those of the current attempt (`attempt`, from 1).
+    """
 
     request_id: str
     received_at: datetime
@@ -88,6 +109,24 @@ class ChatCall:
     units: UnitPrices  # what the call is billed at: list price, or the tenant's own
     rate: RateState | None = None
     budget_holds: dict[int, int] = field(default_factory=dict)  # period id -> picodollars
+    route: str | None = None  # the route the client called, if it called one
+    targets: list[Target] = field(default_factory=list)  # still to try (routes)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (model, why not tried)
+    timeout: float | None = None
+    attempt: int = 0
+    attempt_started: float = 0.0
+
+    def use(self, target: Target) -> None:
+        """Make `target` the current attempt."""
+        self.model, self.units, self.timeout = target.model, target.units, target.timeout
+        self.attempt += 1
+        self.attempt_started = self.started if self.attempt == 1 else time.monotonic()
+
+    def headers(self) -> dict[str, str]:
+        """x-route and x-attempts, for a call to a route."""
+        if self.route is None:
+            return {}
+        return {"x-route": self.route, "x-attempts": str(self.attempt)}
 
     @property
     def tz_name(self) -> str:
@@ -99,11 +138,25 @@ class ChatCall:
         return bool(options.get("include_usage"))
 
     def elapsed_ms(self) -> int:
-        return int((time.monotonic() - self.started) * 1000)
+        """Since this attempt started (the request's arrival, for the first)."""
+        return int((time.monotonic() - (self.attempt_started or self.started)) * 1000)
+
+
+def _target_prices(key: ApiKey, entry, at: datetime) -> UnitPrices | None:
+    """The unit prices a call by `key` to a catalog entry is billed at, or None when the
+    model has no output price at `at`."""
+    price = entry.price_at(at)
+    if price is None:
+        return None
+    units = unit_prices_for_call(
+        tenant_id=key.tenant_id, model_id=entry.model.pk, price=price, at=at
+    )
+    return units if units.output is not None else None
 
 
 def chat_target_resolve(*, key: ApiKey, name: str, at: datetime) -> tuple[CatalogModel, UnitPrices]:
-    """The catalog model a key's request for `name` is served by, and its unit prices."""
+    """The catalog model a key's request for `name` (a model id) is served by, and its
+    unit prices."""
     entry, allowed = model_for_key(key=key, public_id=name)
     if entry is None:
         raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
@@ -111,13 +164,8 @@ def chat_target_resolve(*, key: ApiKey, name: str, at: datetime) -> tuple[Catalo
         raise ModelNotAllowed(
             f"This API key is not allowed to use the model '{name}'.", param="model"
         )
-    price = entry.price_at(at)
-    units = (
-        unit_prices_for_call(tenant_id=key.tenant_id, model_id=entry.model.pk, price=price, at=at)
-        if price is not None
-        else None
-    )
-    if units is None or units.output is None:
+    units = _target_prices(key, entry, at)
+    if units is None:
         raise ModelNotPriced(
             f"The model '{name}' has no price yet; an administrator must price it before it "
             "can be called.",
@@ -126,48 +174,131 @@ def chat_target_resolve(*, key: ApiKey, name: str, at: datetime) -> tuple[Catalo
     return entry.model, units
 
 
-def chat_cost_bound(call: ChatCall) -> tuple[Decimal, int]:
-    """(worst-case cost, output tokens it assumes) of a call, for budget reservations.
+def chat_targets(
+    *, key: ApiKey, name: str, body: dict, at: datetime, split_key: str
+) -> tuple[str | None, list[Target], Plan | None]:
+    """(route name or None, targets in order, the route's plan) for a request to `name`:
+    a catalog model (one target) or a route. Raises the error the client gets when
+    nothing can serve it."""
+    if name not in routes_all() or model_for_key(key=key, public_id=name)[0] is not None:
+        model, units = chat_target_resolve(key=key, name=name, at=at)
+        return None, [Target(model, units)], None
+    plan = route_plan_for_key(key=key, name=name, body=body, at=at, split_key=split_key)
+    targets = []
+    for candidate in plan.candidates:
+        entry = model_for_key(key=key, public_id=candidate.model)[0]
+        targets.append(Target(entry.model, _target_prices(key, entry, at), candidate.timeout))
+    if not targets:
+        raise _no_target_error(name, plan.skipped)
+    return name, targets, plan
+
+
+def route_plan_for_key(*, key: ApiKey, name: str, body: dict, at: datetime, split_key: str) -> Plan:
+    """The plan of a route for one request of a key: what it may use now, in order."""
+    spec = route_spec(name)
+    now = timezone.now()
+    entries = {m: model_for_key(key=key, public_id=m) for m in route_models(spec)}
+    breakers = breaker.breakers_open(
+        [entry.model.pk for entry, _ in entries.values() if entry is not None], now
+    )
+
+    def usable(public_id: str) -> str | None:
+        entry, allowed = entries.get(public_id) or model_for_key(key=key, public_id=public_id)
+        if entry is None:
+            return "not in the catalog, or disabled"
+        if not allowed:
+            return "not in this key's model allowlist"
+        if _target_prices(key, entry, at) is None:
+            return "no price yet"
+        return breaker.breaker_skip_reason(breakers.get(entry.model.pk), now)
+
+    return route_plan(spec, features=request_features(body), split_key=split_key, usable=usable)
+
+
+def _no_target_error(route: str, skipped: list[tuple[str, str]]) -> GatewayError:
+    reasons = "; ".join(f"{model}: {why}" for model, why in skipped) or "it has no targets"
+    message = f"No target of the route '{route}' can serve this request ({reasons})."
+    if any(why.startswith("circuit") for _, why in skipped):
+        return NoTargetAvailable(
+            message, headers={"Retry-After": str(int(settings.TOLLGATE_BREAKER_COOLDOWN_SECONDS))}
+        )
+    if any("budget" in why for _, why in skipped):
+        return BudgetExhausted(message)
+    if skipped and all(why == "no price yet" for _, why in skipped):
+        return ModelNotPriced(message, param="model")
+    return ModelNotAllowed(message, param="model")
+
+
+def _cost_bound(body: dict, model: CatalogModel, units: UnitPrices) -> Decimal:
+    """Worst-case cost of a call served by `model` at `units`, for budget reservations.
 
     Input: the UTF-8 size of the messages, since a token is at least one byte, at the
     dearer of the input and cached input prices. Output: the client's max_tokens (or
     max_completion_tokens), else the model's output cap, times n, at the output price.
     """
-    body = call.body
     prompt_bound = len(json.dumps(body["messages"], ensure_ascii=False).encode())
     output_bound = (
-        body.get("max_completion_tokens") or body.get("max_tokens") or call.model.max_output_tokens
+        body.get("max_completion_tokens") or body.get("max_tokens") or model.max_output_tokens
     ) * (body.get("n") or 1)
-    units = call.units
     input_unit = max(
         (p for p in (units.input, units.cached_input) if p is not None), default=Decimal(0)
     )
-    cost = (prompt_bound * input_unit + output_bound * units.output).scaleb(-6)
-    return cost, output_bound
+    return (prompt_bound * input_unit + output_bound * units.output).scaleb(-6)
+
+
+def chat_cost_bound(call: ChatCall) -> Decimal:
+    """The worst-case cost of a call: of its dearest target still to try."""
+    targets = call.targets or [Target(call.model, call.units)]
+    return max(_cost_bound(call.body, t.model, t.units) for t in targets)
 
 
 def chat_admit(call: ChatCall) -> None:
     """Rate limits, then the budget, in one transaction: refuse with a 429 before anything
-    reaches a provider, and leave nothing counted or held for a refused call."""
-    cost, _ = chat_cost_bound(call)
-    try:
-        with transaction.atomic():
-            call.rate = rate_limit_admit(
-                key=call.key, request_id=call.request_id, at=call.received_at
-            )
-            call.budget_holds = budget_reserve(
-                key=call.key,
-                tz_name=call.tz_name,
-                request_id=call.request_id,
-                at=call.received_at,
-                amount=cost,
-            )
-    except RateLimited as exc:
-        headers = exc.state.headers(timezone.now()) if exc.state else {}
-        headers["Retry-After"] = str(exc.retry_after)
-        raise RateLimitExceeded(exc.message, headers=headers) from None
-    except BudgetExceeded as exc:
-        raise BudgetExhausted(exc.message) from None
+    reaches a provider, and leave nothing counted or held for a refused call.
+
+    A route's targets whose worst-case cost does not fit the budget are skipped (the call
+    holds the worst case of the dearest target left); a direct call is refused.
+    """
+    while True:
+        cost = chat_cost_bound(call)
+        try:
+            with transaction.atomic():
+                call.rate = rate_limit_admit(
+                    key=call.key, request_id=call.request_id, at=call.received_at
+                )
+                call.budget_holds = budget_reserve(
+                    key=call.key,
+                    tz_name=call.tz_name,
+                    request_id=call.request_id,
+                    at=call.received_at,
+                    amount=cost,
+                )
+            return
+        except RateLimited as exc:
+            headers = exc.state.headers(timezone.now()) if exc.state else {}
+            headers["Retry-After"] = str(exc.retry_after)
+            raise RateLimitExceeded(exc.message, headers=headers) from None
+        except BudgetExceeded as exc:
+            if call.route is None:
+                raise BudgetExhausted(exc.message) from None
+            fits = []
+            for target in call.targets:
+                bound = _cost_bound(call.body, target.model, target.units)
+                if bound <= exc.remaining:
+                    fits.append(target)
+                else:
+                    call.skipped.append(
+                        (
+                            target.model.public_id,
+                            f"may cost up to {usd_format(bound)}, more than the "
+                            f"{usd_format(exc.remaining)} left in the monthly budget",
+                        )
+                    )
+            if not fits:
+                raise _no_target_error(call.route, call.skipped) from None
+            if len(fits) == len(call.targets):  # it fitted a moment ago: spent since
+                raise BudgetExhausted(exc.message) from None
+            call.targets = fits
 
 
 def db_connection_release() -> None:
@@ -199,7 +330,10 @@ def _meter(
     raw_usage: dict | None = None,
     ttft_ms: int | None = None,
     failure: UpstreamFailure | None = None,
+    final: bool = True,
 ) -> UsageEvent:
+    """Record the current attempt. `final`: no other attempt follows, so the call's
+    budget holds and concurrency lease are released with it."""
     facts = UsageFacts(
         request_id=call.request_id,
         tenant_id=call.key.tenant_id,
@@ -221,6 +355,8 @@ def _meter(
         budget_holds=call.budget_holds,
         upstream_status=failure.upstream_status if failure else None,
         error_code=(failure.error.code or "") if failure else "",
+        attempt=max(call.attempt, 1),
+        settles=final,
     )
     try:
         return usage_record(facts)
@@ -229,21 +365,72 @@ def _meter(
         logger.exception("Could not record usage: %r", facts)
         raise
     finally:
-        rate_limit_release(
-            key=call.key,
-            request_id=call.request_id,
-            at=call.received_at,
-            tokens=buckets.prompt + buckets.completion,
-        )
+        if final:
+            rate_limit_release(
+                key=call.key,
+                request_id=call.request_id,
+                at=call.received_at,
+                tokens=buckets.prompt + buckets.completion,
+            )
 
 
-def _failure(exc: Exception, provider) -> UpstreamFailure:
+def _failure(exc: Exception, call: ChatCall) -> UpstreamFailure:
     if isinstance(exc, GatewayError):  # e.g. the provider has no key configured
         return UpstreamFailure(exc, None)
-    return upstream_failure(exc, provider)
+    return upstream_failure(exc, call.model.provider, call.timeout)
 
 
-def _meter_failure(call: ChatCall, failure: UpstreamFailure, *, streamed: bool) -> None:
+def _falls_through(failure: UpstreamFailure) -> bool:
+    """Whether a route moves on to its next target after this failure: after a timeout,
+    a connection error, a 429, a 5xx or an unusable answer; never after another 4xx,
+    which the next provider would refuse as well."""
+    if isinstance(failure.error, UpstreamTimeout | UpstreamRateLimited):
+        return True
+    status = failure.upstream_status
+    if status is not None and 400 <= status < 500:
+        return status == 429
+    return isinstance(failure.error, UpstreamFailed)
+
+
+def _next_target(call: ChatCall) -> Target | None:
+    """The next target still worth trying, taken off the list; None when none is left.
+    A routed target whose breaker is open or already being probed is skipped here."""
+    while call.targets:
+        target = call.targets.pop(0)
+        if call.route is not None and not breaker.breaker_probe_claim(
+            target.model.pk, now=timezone.now(), timeout=_attempt_timeout(target)
+        ):
+            call.skipped.append((target.model.public_id, "circuit open"))
+            continue
+        return target
+    return None
+
+
+def _attempt_timeout(target: Target) -> float:
+    return target.timeout if target.timeout is not None else target.model.provider.timeout_seconds
+
+
+def _attempt_first(call: ChatCall) -> None:
+    """Start the call's first attempt, or raise when every target was skipped."""
+    target = _next_target(call)
+    if target is None:
+        # Breakers opened since the plan: nothing was tried, so nothing stays held.
+        budget_release(request_id=call.request_id)
+        rate_limit_release(key=call.key, request_id=call.request_id, at=call.received_at, tokens=0)
+        raise _no_target_error(call.route or call.model.public_id, call.skipped)
+    call.use(target)
+
+
+def _attempt_failed(call: ChatCall, failure: UpstreamFailure, *, streamed: bool) -> None:
+    """Record a failed attempt. Returns when the call goes on with its next target (now
+    the current one); raises the error for the client when it does not."""
+    retry = call.route is not None and _falls_through(failure)
+    if call.route is not None:
+        if retry:  # the provider's side failed: its breaker counts it
+            breaker.breaker_failure(call.model.pk, error=failure.error.message)
+        else:  # the provider answered (a 4xx about the request): it is up
+            breaker.breaker_success(call.model.pk)
+    following = _next_target(call) if retry else None
     _meter(
         call,
         buckets=TokenBuckets(),
@@ -251,23 +438,40 @@ def _meter_failure(call: ChatCall, failure: UpstreamFailure, *, streamed: bool) 
         status=UsageEvent.Status.UPSTREAM_ERROR,
         streamed=streamed,
         failure=failure,
+        final=following is None,
     )
+    if following is None:
+        failure.error.headers = {**failure.error.headers, **call.headers()}
+        raise failure.error
+    logger.info(
+        "Route %s: %s failed (%s); trying %s",
+        call.route,
+        call.model.public_id,
+        failure.error.code,
+        following.model.public_id,
+    )
+    call.use(following)
+
+
+def _attempt_succeeded(call: ChatCall) -> None:
+    if call.route is not None:
+        breaker.breaker_success(call.model.pk)
 
 
 # --- plain ---------------------------------------------------------------------------
 
 
-def chat_complete(call: ChatCall) -> bytes:
-    """Forward a non-streaming call; return the JSON the client gets."""
+def _complete_attempt(call: ChatCall) -> dict | None:
+    """One attempt: the provider's completion, or None when the call moved on to its
+    next target (the failure recorded). Raises the client's error on the last failure."""
     provider = call.model.provider
     try:
         client = upstream_client(provider)
         db_connection_release()
-        content = chat_completion(client, _upstream_body(call, stream=False))
+        content = chat_completion(client, _upstream_body(call, stream=False), call.timeout)
     except (*UPSTREAM_ERRORS, GatewayError) as exc:
-        failure = _failure(exc, provider)
-        _meter_failure(call, failure, streamed=False)
-        raise failure.error from None
+        _attempt_failed(call, _failure(exc, call), streamed=False)
+        return None
     completion = _json_object(content)
     if completion is None or not isinstance(completion.get("choices"), list):
         failure = UpstreamFailure(
@@ -276,9 +480,20 @@ def chat_complete(call: ChatCall) -> bytes:
             ),
             200,
         )
-        _meter_failure(call, failure, streamed=False)
-        raise failure.error
+        _attempt_failed(call, failure, streamed=False)
+        return None
+    return completion
 
+
+def chat_complete(call: ChatCall) -> bytes:
+    """Forward a non-streaming call; return the JSON the client gets. A route tries its
+    targets in turn until one answers (see `_attempt_failed`)."""
+    _attempt_first(call)
+    while True:
+        completion = _complete_attempt(call)
+        if completion is not None:
+            break
+    _attempt_succeeded(call)
     completion.setdefault("object", "chat.completion")
     completion["model"] = call.model.public_id
     for choice in completion["choices"]:
@@ -404,20 +619,34 @@ def chat_stream(call: ChatCall) -> Iterator[bytes]:
 
     Failures before the first event (refusals, timeouts, cuts, an error event) raise
     GatewayError here, so the client gets a proper status code and its SDK the matching
-    exception; later ones travel inside the stream as an error event.
+    exception, or, for a route, move on to its next target: nothing has reached the client
+    yet. Later ones travel inside the stream as an error event and are never retried.
     """
+    _attempt_first(call)
+    while True:
+        opened = _stream_attempt(call)
+        if opened is not None:
+            break
+    _attempt_succeeded(call)
+    upstream, events = opened
+    return _relay(call, upstream, events)
+
+
+def _stream_attempt(call: ChatCall) -> tuple[UpstreamStream, Iterator[str]] | None:
+    """One attempt: the open stream and its events (the first one read), or None when the
+    call moved on to its next target. Raises the client's error on the last failure."""
     provider = call.model.provider
     try:
         client = upstream_client(provider)
         db_connection_release()
-        upstream = chat_completion_stream(client, _upstream_body(call, stream=True))
+        upstream = chat_completion_stream(client, _upstream_body(call, stream=True), call.timeout)
     except (*UPSTREAM_ERRORS, GatewayError) as exc:
-        failure = _failure(exc, provider)
-        _meter_failure(call, failure, streamed=True)
-        raise failure.error from None
+        _attempt_failed(call, _failure(exc, call), streamed=True)
+        return None
 
     first: str | None = None
     failure: UpstreamFailure | None = None
+    events: Iterator[str] = iter(())
     if "text/event-stream" not in upstream.content_type:
         failure = UpstreamFailure(
             UpstreamFailed("The upstream provider answered a stream request without a stream."),
@@ -426,19 +655,31 @@ def chat_stream(call: ChatCall) -> Iterator[bytes]:
     else:
         events = upstream.events()
         try:
-            first = next((data for data in events if data != ":"), None)
+            first = _first_event(events, call)
         except UPSTREAM_ERRORS as exc:
-            failure = upstream_failure(exc, provider)
+            failure = upstream_failure(exc, provider, call.timeout)
         else:
             chunk = _json_object(first) if first is not None else None
             if chunk is not None and chunk.get("error"):
                 failure = _stream_upstream_error(chunk["error"])
     if failure is not None:
         upstream.close()
-        _meter_failure(call, failure, streamed=True)
-        raise failure.error
+        _attempt_failed(call, failure, streamed=True)
+        return None
     head = [] if first is None else [first]
-    return _relay(call, upstream, itertools.chain(head, events))
+    return upstream, itertools.chain(head, events)
+
+
+def _first_event(events: Iterator[str], call: ChatCall) -> str | None:
+    """The first event with data. Keep-alive comments do not count: a routed attempt with
+    a timeout that only ever sends them times out all the same."""
+    deadline = None if call.timeout is None else call.attempt_started + call.timeout
+    for data in events:
+        if data != ":":
+            return data
+        if deadline is not None and time.monotonic() > deadline:
+            raise httpx2.ReadTimeout("no event before the attempt's timeout")
+    return None
 
 
 def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> Iterator[bytes]:
@@ -491,7 +732,7 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
                 if out is not None:
                     yield _sse(out)
         except UPSTREAM_ERRORS as exc:
-            failure = upstream_failure(exc, call.model.provider)
+            failure = upstream_failure(exc, call.model.provider, call.timeout)
 
         if failure is not None:
             # The status line is long gone: the error travels inside the stream.

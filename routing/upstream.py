@@ -55,9 +55,7 @@ def upstream_client(provider: Provider) -> openai.OpenAI:
         if cached is not None and cached[0] == config:
             return cached[1]
         limit = settings.TOLLGATE_UPSTREAM_MAX_CONNECTIONS
-        timeout = httpx2.Timeout(
-            provider.timeout_seconds, connect=min(provider.timeout_seconds, 10.0)
-        )
+        timeout = _timeout(provider.timeout_seconds)
         client = openai.OpenAI(
             api_key=api_key,
             base_url=provider.base_url,
@@ -97,13 +95,14 @@ class UpstreamFailure:
     upstream_status: int | None
 
 
-def upstream_failure(exc: Exception, provider: Provider) -> UpstreamFailure:
+def upstream_failure(
+    exc: Exception, provider: Provider, timeout: float | None = None
+) -> UpstreamFailure:
     """Map an SDK or transport exception to the gateway's error for the client."""
     if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+        seconds = timeout if timeout is not None else provider.timeout_seconds
         return UpstreamFailure(
-            UpstreamTimeout(
-                f"The upstream provider did not answer within {provider.timeout_seconds:g} s."
-            ),
+            UpstreamTimeout(f"The upstream provider did not answer within {seconds:g} s."),
             None,
         )
     if isinstance(exc, openai.APIStatusError):
@@ -173,14 +172,19 @@ def _error_message(body: object) -> str | None:
     return str(message)[:2000] if message else None
 
 
-def chat_completion(client: openai.OpenAI, body: Mapping) -> bytes:
+def _timeout(seconds: float) -> httpx2.Timeout:
+    return httpx2.Timeout(seconds, connect=min(seconds, 10.0))
+
+
+def chat_completion(client: openai.OpenAI, body: Mapping, timeout: float | None = None) -> bytes:
     """Send a non-streaming chat completion; return the provider's JSON bytes.
 
     The SDK's generic `post` with `cast_to=httpx2.Response` (its documented way to call
     any endpoint) sends the body as it is and skips the typed parameter transformation,
     which costs more CPU than the rest of the request path.
     """
-    response = client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+    options = {"timeout": _timeout(timeout)} if timeout is not None else {}
+    response = client.post("/chat/completions", body=body, cast_to=httpx2.Response, options=options)
     return response.content
 
 
@@ -219,11 +223,15 @@ class UpstreamStream:
         self._response.close()
 
 
-def chat_completion_stream(client: openai.OpenAI, body: Mapping) -> UpstreamStream:
-    """Open a streaming chat completion. Errors before the first byte raise here."""
+def chat_completion_stream(
+    client: openai.OpenAI, body: Mapping, timeout: float | None = None
+) -> UpstreamStream:
+    """Open a streaming chat completion. Errors before the first byte raise here.
+    `timeout` (seconds) bounds the connection, the headers and each gap between reads."""
     model, messages, rest = _split(body)
     rest.pop("stream", None)
+    extra = {"timeout": _timeout(timeout)} if timeout is not None else {}
     manager = client.chat.completions.with_streaming_response.create(
-        model=model, messages=messages, stream=True, extra_body=rest
+        model=model, messages=messages, stream=True, extra_body=rest, **extra
     )
     return UpstreamStream(manager.__enter__())

@@ -20,6 +20,7 @@ class UsageEventSerializer(serializers.ModelSerializer):
         fields = (
             "id",
             "request_id",
+            "attempt",
             "occurred_at",
             "tenant",
             "api_key",

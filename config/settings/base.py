@@ -193,6 +193,13 @@ TOLLGATE_CONFIG_CACHE_SECONDS = env.float("TOLLGATE_CONFIG_CACHE_SECONDS", defau
 TOLLGATE_INVOICE_GRACE_SECONDS = env.int("TOLLGATE_INVOICE_GRACE_SECONDS", default=3600)
 # Pooled connections per upstream provider, shared by all threads of a process.
 TOLLGATE_UPSTREAM_MAX_CONNECTIONS = env.int("TOLLGATE_UPSTREAM_MAX_CONNECTIONS", default=1000)
+# Circuit breaker of routed targets: this many consecutive failures open it for the cooldown.
+TOLLGATE_BREAKER_FAILURES = env.int("TOLLGATE_BREAKER_FAILURES", default=5)
+TOLLGATE_BREAKER_COOLDOWN_SECONDS = env.float("TOLLGATE_BREAKER_COOLDOWN_SECONDS", default=30.0)
+# Health figures (admin, /metrics) cover this many recent minutes of the ledger.
+TOLLGATE_HEALTH_WINDOW_MINUTES = env.int("TOLLGATE_HEALTH_WINDOW_MINUTES", default=15)
+# /metrics asks for `Authorization: Bearer <this>` when set.
+TOLLGATE_METRICS_TOKEN = env("TOLLGATE_METRICS_TOKEN", default="")
 
 LOGGING = {
     "version": 1,

@@ -24,7 +24,7 @@ from ..errors import (
     openai_exception_handler,
 )
 from ..models import CatalogModel
-from ..proxy import ChatCall, chat_admit, chat_complete, chat_stream, chat_target_resolve
+from ..proxy import ChatCall, chat_admit, chat_complete, chat_stream, chat_targets
 from ..validation import chat_request_parse
 
 
@@ -96,8 +96,12 @@ class ChatCompletionsView(OpenAIView):
         except RequestDataTooBig:
             raise PayloadTooLarge("The request body is larger than this gateway accepts.") from None
         body = chat_request_parse(raw)
-        model, units = chat_target_resolve(
-            key=request.auth, name=body["model"], at=django_request.received_at
+        route, targets, _ = chat_targets(
+            key=request.auth,
+            name=body["model"],
+            body=body,
+            at=django_request.received_at,
+            split_key=split_key(django_request),
         )
         call = ChatCall(
             request_id=django_request.request_id,
@@ -105,8 +109,10 @@ class ChatCompletionsView(OpenAIView):
             started=django_request.started,
             key=request.auth,
             body=body,
-            model=model,
-            units=units,
+            model=targets[0].model,
+            units=targets[0].units,
+            route=route,
+            targets=targets,
         )
         chat_admit(call)
         if body.get("stream"):
@@ -118,7 +124,20 @@ class ChatCompletionsView(OpenAIView):
         if call.rate is not None:
             for name, value in call.rate.headers(timezone.now()).items():
                 response[name] = value
+        for name, value in call.headers().items():
+            response[name] = value
         return response
+
+
+def split_key(request) -> str:
+    """What a weighted split hashes: the client's own id for the request when it sends
+    one (Idempotency-Key, X-Client-Request-Id), so that its retries land on the same
+    target, else the gateway's request id."""
+    for header in ("HTTP_IDEMPOTENCY_KEY", "HTTP_X_CLIENT_REQUEST_ID"):
+        value = request.META.get(header, "").strip()
+        if value:
+            return value[:200]
+    return request.request_id
 
 
 class BudgetView(OpenAIView):
