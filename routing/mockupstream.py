@@ -12,6 +12,9 @@ provider style; "" uses the `--style` default):
     GET  PREFIX/v1/models
     GET  /_mock/stats          counters, see `Stats`
     POST /_mock/stats/reset
+    POST /_mock/faults         a JSON object of `mock` knobs applied to every chat request
+                               from now on (a request's own knobs win); {} clears them.
+                               Lets a test make one mock process slow or failing.
 
 Run it with `manage.py mockupstream --port N` (options: --host, --port, --latency-ms,
 --chunks, --interval-ms, --style, --api-key; see `add_arguments`) or, without Django,
@@ -562,6 +565,7 @@ class ChunkWriter:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DEFAULTS_KEY = web.AppKey("defaults", MockDefaults)
 STATS_KEY = web.AppKey("stats", Stats)
+FAULTS_KEY = web.AppKey("faults", dict)
 _ids = itertools.count(1)
 
 
@@ -647,6 +651,9 @@ def _chat_handler(prefix_style: str | None) -> Handler:
             return error_response(400, style, "The request body is not valid JSON.")
         if not isinstance(body, dict):
             return error_response(400, style, "The request body must be a JSON object.")
+        faults = request.app[FAULTS_KEY]
+        if faults and isinstance(body.get("mock", {}), dict):
+            body["mock"] = {**faults, **body.get("mock", {})}
         try:
             plan = build_plan(body, prefix_style, defaults)
         except KnobError as exc:
@@ -724,6 +731,21 @@ async def _stats_reset(request: web.Request) -> web.Response:
     return web.json_response(asdict(stats))
 
 
+async def _faults_set(request: web.Request) -> web.Response:
+    try:
+        faults = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        faults = None
+    if not isinstance(faults, dict):
+        return error_response(400, "openai", "Send a JSON object of mock knobs.")
+    unknown = sorted(set(faults) - KNOBS)
+    if unknown:
+        return error_response(400, "openai", f"unknown mock knobs: {', '.join(unknown)}", "mock")
+    request.app[FAULTS_KEY].clear()
+    request.app[FAULTS_KEY].update(faults)
+    return web.json_response(faults)
+
+
 def create_app(defaults: MockDefaults | None = None) -> web.Application:
     """The mock upstream as an aiohttp application."""
     defaults = defaults or MockDefaults()
@@ -735,12 +757,14 @@ def create_app(defaults: MockDefaults | None = None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[DEFAULTS_KEY] = defaults
     app[STATS_KEY] = Stats()
+    app[FAULTS_KEY] = {}
     for prefix_style in (None, *STYLES):
         prefix = f"/{prefix_style}" if prefix_style else ""
         app.router.add_post(f"{prefix}/v1/chat/completions", _chat_handler(prefix_style))
         app.router.add_get(f"{prefix}/v1/models", _models_handler(prefix_style))
     app.router.add_get("/_mock/stats", _stats)
     app.router.add_post("/_mock/stats/reset", _stats_reset)
+    app.router.add_post("/_mock/faults", _faults_set)
     return app
 
 

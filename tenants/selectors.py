@@ -9,6 +9,7 @@ from django.db.models import QuerySet
 
 from routing.config_cache import ConfigCache
 from routing.models import CatalogModel
+from routing.routes import RouteSpec, route_models, routes_all
 from routing.selectors import CatalogEntry, catalog_entry
 
 from .models import ApiKey, Tenant
@@ -94,6 +95,19 @@ def models_for_key(*, key: ApiKey) -> list[CatalogModel]:
         enabled=True, pk__in=_tenant_model_ids(key.tenant_id)
     ).order_by("public_id")
     return [m for m in candidates if _allows(key, m.pk)]
+
+
+def routes_for_key(*, key: ApiKey) -> list[RouteSpec]:
+    """Enabled routes that reach at least one model the key may use, by name."""
+    routes = routes_all()
+    usable = []
+    for spec in routes.values():
+        for public_id in route_models(spec, routes):
+            entry, allowed = model_for_key(key=key, public_id=public_id)
+            if entry is not None and allowed:
+                usable.append(spec)
+                break
+    return sorted(usable, key=lambda spec: spec.name)
 
 
 def tenants_visible_to(user) -> QuerySet[Tenant]:

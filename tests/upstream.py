@@ -12,6 +12,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,6 +38,19 @@ class MockUpstream:
 
     def stop(self) -> None:
         process_stop(self.process)
+
+    def faults(self, **knobs) -> None:
+        """Apply `mock` knobs to every chat request this process gets; none: clear them."""
+        self._post("/_mock/faults", knobs)
+
+    def stats(self) -> dict:
+        return httpx2.get(f"{self.base}/_mock/stats", timeout=10).raise_for_status().json()
+
+    def stats_reset(self) -> None:
+        self._post("/_mock/stats/reset", {})
+
+    def _post(self, path: str, payload: dict) -> dict:
+        return httpx2.post(f"{self.base}{path}", json=payload, timeout=10).raise_for_status().json()
 
 
 def mock_upstream_start(*args: str) -> MockUpstream:

@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 
 from tenants.auth import ApiKeyAuthentication
 from tenants.budgets import budget_status, budgets_for_key
-from tenants.selectors import model_for_key, models_for_key
+from tenants.selectors import model_for_key, models_for_key, routes_for_key
 
 from ..errors import (
     ModelNotFound,
@@ -25,6 +25,7 @@ from ..errors import (
 )
 from ..models import CatalogModel
 from ..proxy import ChatCall, chat_admit, chat_complete, chat_stream, chat_targets
+from ..routes import RouteSpec
 from ..validation import chat_request_parse
 
 
@@ -71,15 +72,26 @@ def _model_object(model: CatalogModel) -> dict:
     }
 
 
+def _route_object(spec: RouteSpec) -> dict:
+    return {"id": spec.name, "object": "model", "created": spec.created, "owned_by": "tollgate"}
+
+
 class ModelListView(OpenAIView):
+    """The models the key may call, then the routes that reach one of them."""
+
     def get(self, request):
-        models = models_for_key(key=request.auth)
-        return Response({"object": "list", "data": [_model_object(m) for m in models]})
+        models = [_model_object(m) for m in models_for_key(key=request.auth)]
+        routes = [_route_object(r) for r in routes_for_key(key=request.auth)]
+        return Response({"object": "list", "data": models + routes})
 
 
 class ModelDetailView(OpenAIView):
     def get(self, request, model_id: str):
         entry, allowed = model_for_key(key=request.auth, public_id=model_id)
+        if entry is None:
+            for spec in routes_for_key(key=request.auth):
+                if spec.name == model_id:
+                    return Response(_route_object(spec))
         if entry is None or not allowed:
             raise ModelNotFound(
                 f"The model '{model_id}' does not exist or you do not have access to it.",
