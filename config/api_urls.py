@@ -3,6 +3,7 @@
 from rest_framework.routers import DefaultRouter
 
 from billing.api.views import InvoiceViewSet, UsageEventViewSet
+from routing.api.management import RouteViewSet
 from tenants.api.views import ApiKeyViewSet, BudgetViewSet, TenantViewSet
 
 router = DefaultRouter()
@@ -11,5 +12,6 @@ router.register("keys", ApiKeyViewSet, basename="apikey")
 router.register("budgets", BudgetViewSet, basename="budget")
 router.register("usage", UsageEventViewSet, basename="usage")
 router.register("invoices", InvoiceViewSet, basename="invoice")
+router.register("routes", RouteViewSet, basename="route")
 
 urlpatterns = router.urls

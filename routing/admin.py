@@ -10,12 +10,24 @@ from datetime import timedelta
 
 from django import forms
 from django.contrib import admin
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Prefetch
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
-from .models import CAPABILITIES, MODALITIES, CatalogModel, ModelPrice, Provider
+from .models import (
+    CAPABILITIES,
+    MODALITIES,
+    CatalogModel,
+    CircuitBreaker,
+    ModelPrice,
+    Provider,
+    Route,
+    RouteTarget,
+)
+from .routes import TargetDraft, route_name_validate, route_targets_validate
 from .services import (
     PriceChangeError,
     model_price_change_check,
@@ -220,3 +232,132 @@ class ModelPriceAdmin(admin.ModelAdmin):
             effective_from=data["effective_from"],
         )
         obj.pk = created.pk
+
+
+# --- Routes and breakers ---------------------------------------------------------------
+
+
+class RouteForm(forms.ModelForm):
+    class Meta:
+        model = Route
+        fields = ("name", "description", "strategy", "enabled")
+
+    def clean_name(self) -> str:
+        name = self.cleaned_data["name"]
+        try:
+            route_name_validate(name)
+        except ValidationError as exc:
+            raise ValidationError(exc.message_dict["name"]) from None
+        return name
+
+
+class RouteTargetFormSet(forms.BaseInlineFormSet):
+    """Validates the targets together: each names one model or route, weights and
+    timeouts are positive, and the route does not reach itself."""
+
+    def clean(self) -> None:
+        super().clean()
+        if any(self.errors):
+            return
+        drafts = []
+        for form in self.forms:
+            data = getattr(form, "cleaned_data", None)
+            if not data or data.get("DELETE"):
+                continue
+            drafts.append(
+                TargetDraft(
+                    model=data.get("model"),
+                    subroute=data.get("subroute"),
+                    weight=data.get("weight"),
+                    timeout_seconds=data.get("timeout_seconds"),
+                )
+            )
+        route_targets_validate(self.instance, drafts)
+
+
+class RouteTargetInline(admin.TabularInline):
+    model = RouteTarget
+    formset = RouteTargetFormSet
+    fk_name = "route"
+    extra = 1
+    fields = (
+        "position",
+        "model",
+        "subroute",
+        "timeout_seconds",
+        "weight",
+        "when_image",
+        "when_reasoning",
+        "min_prompt_tokens",
+        "max_prompt_chars",
+    )
+    autocomplete_fields = ("model",)
+    verbose_name_plural = (
+        "Targets, in order (fallback: timeout per attempt; split: weight; rules: conditions, "
+        "all of which must hold, none for the default)"
+    )
+
+
+@admin.register(Route)
+class RouteAdmin(admin.ModelAdmin):
+    form = RouteForm
+    inlines = [RouteTargetInline]
+    list_display = ("name", "strategy", "enabled", "targets_summary", "updated_at")
+    list_filter = ("strategy", "enabled")
+    search_fields = ("name", "description")
+    readonly_fields = ("created_at", "updated_at")
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related(
+                Prefetch(
+                    "targets",
+                    queryset=RouteTarget.objects.select_related("model", "subroute"),
+                )
+            )
+        )
+
+    @admin.display(description="targets")
+    def targets_summary(self, route: Route) -> str:
+        parts = []
+        for target in route.targets.all():
+            label = target.target_name
+            if route.strategy == Route.Strategy.SPLIT:
+                label += f" (weight {target.weight})"
+            elif route.strategy == Route.Strategy.FALLBACK and target.timeout_seconds:
+                label += f" ({target.timeout_seconds:g} s)"
+            elif route.strategy == Route.Strategy.RULES:
+                label += f" if {' and '.join(target.conditions)}" if target.conditions else ""
+            parts.append(label)
+        return " → ".join(parts) if route.strategy == Route.Strategy.FALLBACK else "; ".join(parts)
+
+
+@admin.register(CircuitBreaker)
+class CircuitBreakerAdmin(admin.ModelAdmin):
+    list_display = (
+        "model",
+        "state",
+        "consecutive_failures",
+        "open_until",
+        "times_opened",
+        "last_failure_at",
+        "last_error",
+    )
+    list_select_related = ("model",)
+    readonly_fields = (*list_display, "probe_until", "changed_at")
+    fields = readonly_fields
+    actions = ["close_breakers"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.display(description="state")
+    def state(self, breaker: CircuitBreaker) -> str:
+        return breaker.state(timezone.now())
+
+    @admin.action(description="Close the selected breakers (the next call goes through)")
+    def close_breakers(self, request, queryset) -> None:
+        closed = queryset.update(consecutive_failures=0, open_until=None, probe_until=None)
+        self.message_user(request, f"Closed {closed} breaker(s).")

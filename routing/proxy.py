@@ -21,7 +21,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -39,7 +39,7 @@ from billing.metering import (
     usage_openai_shape,
 )
 from billing.models import UsageEvent
-from billing.pricing import UnitPrices, unit_prices_for_call
+from billing.pricing import UnitPrices, unit_prices, unit_prices_for_call
 from billing.services import UsageFacts, usage_record
 from tenants.budgets import BudgetExceeded, budget_release, budget_reserve, usd_format
 from tenants.limits import (
@@ -68,6 +68,7 @@ from .errors import (
 )
 from .models import CatalogModel
 from .routes import Plan, request_features, route_models, route_plan, route_spec, routes_all
+from .selectors import catalog_entry
 from .upstream import (
     UpstreamFailure,
     UpstreamStream,
@@ -142,15 +143,18 @@ class ChatCall:
         return int((time.monotonic() - (self.attempt_started or self.started)) * 1000)
 
 
-def _target_prices(key: ApiKey, entry, at: datetime) -> UnitPrices | None:
-    """The unit prices a call by `key` to a catalog entry is billed at, or None when the
-    model has no output price at `at`."""
+def _target_prices(tenant_id: int | None, entry, at: datetime) -> UnitPrices | None:
+    """The unit prices a tenant's call to a catalog entry is billed at (the list price
+    when no tenant is given), or None when the model has no output price at `at`."""
     price = entry.price_at(at)
     if price is None:
         return None
-    units = unit_prices_for_call(
-        tenant_id=key.tenant_id, model_id=entry.model.pk, price=price, at=at
-    )
+    if tenant_id is None:
+        units = unit_prices(price, None)
+    else:
+        units = unit_prices_for_call(
+            tenant_id=tenant_id, model_id=entry.model.pk, price=price, at=at
+        )
     return units if units.output is not None else None
 
 
@@ -164,7 +168,7 @@ def chat_target_resolve(*, key: ApiKey, name: str, at: datetime) -> tuple[Catalo
         raise ModelNotAllowed(
             f"This API key is not allowed to use the model '{name}'.", param="model"
         )
-    units = _target_prices(key, entry, at)
+    units = _target_prices(key.tenant_id, entry, at)
     if units is None:
         raise ModelNotPriced(
             f"The model '{name}' has no price yet; an administrator must price it before it "
@@ -180,42 +184,57 @@ def chat_targets(
     """(route name or None, targets in order, the route's plan) for a request to `name`:
     a catalog model (one target) or a route. Raises the error the client gets when
     nothing can serve it."""
-    if name not in routes_all() or model_for_key(key=key, public_id=name)[0] is not None:
+    if name not in routes_all() or catalog_entry(name) is not None:
         model, units = chat_target_resolve(key=key, name=name, at=at)
         return None, [Target(model, units)], None
-    plan = route_plan_for_key(key=key, name=name, body=body, at=at, split_key=split_key)
-    targets = []
-    for candidate in plan.candidates:
-        entry = model_for_key(key=key, public_id=candidate.model)[0]
-        targets.append(Target(entry.model, _target_prices(key, entry, at), candidate.timeout))
+    plan, targets = route_plan_for(
+        name=name,
+        body=body,
+        at=at,
+        split_key=split_key,
+        tenant_id=key.tenant_id,
+        allows=lambda public_id: model_for_key(key=key, public_id=public_id)[1],
+    )
     if not targets:
-        raise _no_target_error(name, plan.skipped)
+        raise no_target_error(name, plan.skipped)
     return name, targets, plan
 
 
-def route_plan_for_key(*, key: ApiKey, name: str, body: dict, at: datetime, split_key: str) -> Plan:
-    """The plan of a route for one request of a key: what it may use now, in order."""
+def route_plan_for(
+    *,
+    name: str,
+    body: dict,
+    at: datetime,
+    split_key: str,
+    tenant_id: int | None,
+    allows: Callable[[str], bool],
+) -> tuple[Plan, list[Target]]:
+    """The plan of a route for one request, and its targets: the models it may use now
+    (`allows(public id)`: the allowlists), priced for the tenant, breakers considered."""
     spec = route_spec(name)
     now = timezone.now()
-    entries = {m: model_for_key(key=key, public_id=m) for m in route_models(spec)}
-    breakers = breaker.breakers_open(
-        [entry.model.pk for entry, _ in entries.values() if entry is not None], now
-    )
+    entries = {m: catalog_entry(m) for m in route_models(spec)}
+    breakers = breaker.breakers_open([e.model.pk for e in entries.values() if e is not None], now)
+    prices: dict[str, UnitPrices] = {}
 
     def usable(public_id: str) -> str | None:
-        entry, allowed = entries.get(public_id) or model_for_key(key=key, public_id=public_id)
+        entry = entries.get(public_id) or catalog_entry(public_id)
         if entry is None:
             return "not in the catalog, or disabled"
-        if not allowed:
+        if not allows(public_id):
             return "not in this key's model allowlist"
-        if _target_prices(key, entry, at) is None:
+        units = _target_prices(tenant_id, entry, at)
+        if units is None:
             return "no price yet"
+        prices[public_id] = units
         return breaker.breaker_skip_reason(breakers.get(entry.model.pk), now)
 
-    return route_plan(spec, features=request_features(body), split_key=split_key, usable=usable)
+    plan = route_plan(spec, features=request_features(body), split_key=split_key, usable=usable)
+    targets = [Target(entries[c.model].model, prices[c.model], c.timeout) for c in plan.candidates]
+    return plan, targets
 
 
-def _no_target_error(route: str, skipped: list[tuple[str, str]]) -> GatewayError:
+def no_target_error(route: str, skipped: list[tuple[str, str]]) -> GatewayError:
     reasons = "; ".join(f"{model}: {why}" for model, why in skipped) or "it has no targets"
     message = f"No target of the route '{route}' can serve this request ({reasons})."
     if any(why.startswith("circuit") for _, why in skipped):
@@ -229,7 +248,7 @@ def _no_target_error(route: str, skipped: list[tuple[str, str]]) -> GatewayError
     return ModelNotAllowed(message, param="model")
 
 
-def _cost_bound(body: dict, model: CatalogModel, units: UnitPrices) -> Decimal:
+def target_cost_bound(body: dict, model: CatalogModel, units: UnitPrices) -> Decimal:
     """Worst-case cost of a call served by `model` at `units`, for budget reservations.
 
     Input: the UTF-8 size of the messages, since a token is at least one byte, at the
@@ -249,7 +268,7 @@ def _cost_bound(body: dict, model: CatalogModel, units: UnitPrices) -> Decimal:
 def chat_cost_bound(call: ChatCall) -> Decimal:
     """The worst-case cost of a call: of its dearest target still to try."""
     targets = call.targets or [Target(call.model, call.units)]
-    return max(_cost_bound(call.body, t.model, t.units) for t in targets)
+    return max(target_cost_bound(call.body, t.model, t.units) for t in targets)
 
 
 def chat_admit(call: ChatCall) -> None:
@@ -283,7 +302,7 @@ def chat_admit(call: ChatCall) -> None:
                 raise BudgetExhausted(exc.message) from None
             fits = []
             for target in call.targets:
-                bound = _cost_bound(call.body, target.model, target.units)
+                bound = target_cost_bound(call.body, target.model, target.units)
                 if bound <= exc.remaining:
                     fits.append(target)
                 else:
@@ -295,7 +314,7 @@ def chat_admit(call: ChatCall) -> None:
                         )
                     )
             if not fits:
-                raise _no_target_error(call.route, call.skipped) from None
+                raise no_target_error(call.route, call.skipped) from None
             if len(fits) == len(call.targets):  # it fitted a moment ago: spent since
                 raise BudgetExhausted(exc.message) from None
             call.targets = fits
@@ -417,7 +436,7 @@ def _attempt_first(call: ChatCall) -> None:
         # Breakers opened since the plan: nothing was tried, so nothing stays held.
         budget_release(request_id=call.request_id)
         rate_limit_release(key=call.key, request_id=call.request_id, at=call.received_at, tokens=0)
-        raise _no_target_error(call.route or call.model.public_id, call.skipped)
+        raise no_target_error(call.route or call.model.public_id, call.skipped)
     call.use(target)
 
 

@@ -33,7 +33,7 @@ from django.core.exceptions import ValidationError
 from .config_cache import ConfigCache
 from .models import CatalogModel, Route, RouteTarget
 
-ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$")
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
 _OFF = frozenset({"", "0", "false", "no", "off", "none", "disabled"})
 
@@ -365,7 +365,7 @@ class TargetDraft:
 def route_name_validate(name: str, *, route_id: int | None = None) -> None:
     if not ROUTE_NAME.match(name or ""):
         raise ValidationError(
-            {"name": "Use letters, digits and . _ - : / only, starting with a letter or digit."}
+            {"name": "Use letters, digits and . _ - : only, starting with a letter or digit."}
         )
     if CatalogModel.objects.filter(public_id=name).exists():
         raise ValidationError(

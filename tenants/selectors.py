@@ -75,6 +75,12 @@ def _allows(key: ApiKey, model_id: int) -> bool:
     return not narrowed or model_id in narrowed
 
 
+def tenant_allows(*, tenant_id: int, public_id: str) -> bool:
+    """Whether the tenant's allowlist holds this enabled catalog model."""
+    entry = catalog_entry(public_id)
+    return entry is not None and entry.model.pk in _tenant_model_ids(tenant_id)
+
+
 def allowlist_cache_clear(**kwargs) -> None:
     """Drop this process's cached allowlists (connected to the m2m_changed signals)."""
     _allowlists.clear()
