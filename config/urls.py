@@ -2,10 +2,16 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from routing.health import health_page
+from routing.metrics import metrics_view
+
 urlpatterns = [
     path("v1/", include("routing.api.urls")),
     path("api/", include("config.api_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("metrics", metrics_view, name="metrics"),
+    # A staff page beside the catalog's admin; before admin/, which would claim the path.
+    path("admin/routing/health/", admin.site.admin_view(health_page), name="routing_health"),
     path("admin/", admin.site.urls),
 ]
