@@ -18,6 +18,7 @@ from billing.invoicing import invoice_build
 from billing.models import UsageEvent
 from routing.models import CatalogModel, CircuitBreaker, Provider, Route, RouteTarget
 from tenants.budgets import budget_set
+from tenants.models import BudgetPeriod, BudgetReservation
 from tenants.services import api_key_issue
 
 from .conftest import World, model_create
@@ -386,3 +387,45 @@ def test_each_attempt_is_in_the_ledger_and_the_invoice(fleet):
     assert billed == {"fleet-a", "fleet-b"}
     tokens_a = sum(line.quantity for line in invoice.lines.all() if line.model_name == "fleet-a")
     assert tokens_a == ledger[2].prompt_tokens + ledger[2].completion_tokens
+
+
+def test_a_fallback_settles_the_budget_once_and_gives_the_lease_back(fleet):
+    fleet.mocks["a"].faults(status=503)
+    fleet.route(
+        "chain", Route.Strategy.FALLBACK, {"model": fleet.models["a"]}, {"model": fleet.models["b"]}
+    )
+    budget_set(tenant=fleet.world.tenant, limit_usd=Decimal("5.00"), hard=True)
+    key = api_key_issue(tenant=fleet.world.tenant, name="one-at-a-time", concurrency_limit=1)
+    client = fleet.world.client(key.secret)
+
+    for _ in range(3):  # a lease left behind would refuse the second call
+        assert client.chat.completions.create(model="chain", messages=SHORT).model == "fleet-b"
+
+    period = BudgetPeriod.objects.get()
+    spent = sum(e.cost for e in UsageEvent.objects.all())
+    assert UsageEvent.objects.count() == 6
+    assert period.reserved_pico == 0
+    assert Decimal(period.spent_pico).scaleb(-12) == spent
+    assert not BudgetReservation.objects.exists()
+
+
+def test_the_breaker_is_shared_by_separate_server_processes(
+    fleet, gunicorn_gateway, second_gunicorn_gateway
+):
+    fleet.mocks["a"].faults(status=503)
+    fleet.route(
+        "chain", Route.Strategy.FALLBACK, {"model": fleet.models["a"]}, {"model": fleet.models["b"]}
+    )
+    first = openai.OpenAI(base_url=gunicorn_gateway.url, api_key=fleet.world.secret, max_retries=0)
+    second = openai.OpenAI(
+        base_url=second_gunicorn_gateway.url, api_key=fleet.world.secret, max_retries=0
+    )
+
+    for _ in range(5):  # the servers' default threshold
+        first.chat.completions.create(model="chain", messages=SHORT)
+    assert CircuitBreaker.objects.get(model=fleet.models["a"]).state(timezone.now()) == "open"
+
+    for _ in range(5):
+        raw = second.chat.completions.with_raw_response.create(model="chain", messages=SHORT)
+        assert (raw.parse().model, raw.headers["x-attempts"]) == ("fleet-b", "1")
+    assert fleet.mocks["a"].stats()["requests"] == 5
