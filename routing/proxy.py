@@ -21,7 +21,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -67,7 +67,14 @@ from .errors import (
     UpstreamTimeout,
 )
 from .models import CatalogModel
-from .routes import Plan, request_features, route_models, route_plan, route_spec, routes_all
+from .routes import (
+    Plan,
+    RouteSpec,
+    request_features,
+    route_models,
+    route_plan,
+    routes_all,
+)
 from .selectors import catalog_entry
 from .upstream import (
     UpstreamFailure,
@@ -184,11 +191,13 @@ def chat_targets(
     """(route name or None, targets in order, the route's plan) for a request to `name`:
     a catalog model (one target) or a route. Raises the error the client gets when
     nothing can serve it."""
-    if name not in routes_all() or catalog_entry(name) is not None:
+    routes = routes_all()
+    if name not in routes or catalog_entry(name) is not None:
         model, units = chat_target_resolve(key=key, name=name, at=at)
         return None, [Target(model, units)], None
     plan, targets = route_plan_for(
-        name=name,
+        spec=routes[name],
+        routes=routes,
         body=body,
         at=at,
         split_key=split_key,
@@ -202,7 +211,8 @@ def chat_targets(
 
 def route_plan_for(
     *,
-    name: str,
+    spec: RouteSpec,
+    routes: Mapping[str, RouteSpec],
     body: dict,
     at: datetime,
     split_key: str,
@@ -211,9 +221,8 @@ def route_plan_for(
 ) -> tuple[Plan, list[Target]]:
     """The plan of a route for one request, and its targets: the models it may use now
     (`allows(public id)`: the allowlists), priced for the tenant, breakers considered."""
-    spec = route_spec(name)
     now = timezone.now()
-    entries = {m: catalog_entry(m) for m in route_models(spec)}
+    entries = {m: catalog_entry(m) for m in route_models(spec, routes)}
     breakers = breaker.breakers_open([e.model.pk for e in entries.values() if e is not None], now)
     prices: dict[str, UnitPrices] = {}
 
@@ -229,7 +238,9 @@ def route_plan_for(
         prices[public_id] = units
         return breaker.breaker_skip_reason(breakers.get(entry.model.pk), now)
 
-    plan = route_plan(spec, features=request_features(body), split_key=split_key, usable=usable)
+    plan = route_plan(
+        spec, features=request_features(body), split_key=split_key, usable=usable, routes=routes
+    )
     targets = [Target(entries[c.model].model, prices[c.model], c.timeout) for c in plan.candidates]
     return plan, targets
 

@@ -185,13 +185,12 @@ def _routes_load() -> dict[str, RouteSpec]:
     }
 
 
-def routes_all() -> dict[str, RouteSpec]:
-    """Every enabled route by name, from the process snapshot."""
+def routes_all(*, fresh: bool = False) -> dict[str, RouteSpec]:
+    """Every enabled route by name, from the process snapshot (`fresh`: from the
+    database, for the admin's and the API's reads)."""
+    if fresh:
+        return _routes_load()
     return _routes.get_or_load("routes", _routes_load)
-
-
-def route_spec(name: str) -> RouteSpec | None:
-    return routes_all().get(name)
 
 
 def routes_cache_clear(**kwargs) -> None:

@@ -429,3 +429,26 @@ def test_the_breaker_is_shared_by_separate_server_processes(
         raw = second.chat.completions.with_raw_response.create(model="chain", messages=SHORT)
         assert (raw.parse().model, raw.headers["x-attempts"]) == ("fleet-b", "1")
     assert fleet.mocks["a"].stats()["requests"] == 5
+
+
+def test_the_served_model_is_metered_at_its_own_price(fleet):
+    fleet.mocks["a"].faults(status=500)
+    pricey = model_create(
+        "fleet-pricey",
+        provider=fleet.models["b"].provider,
+        input_=Decimal("2"),
+        cached=None,
+        output=Decimal("8"),
+    )
+    fleet.world.tenant.allowed_models.add(pricey)
+    fleet.route("chain", Route.Strategy.FALLBACK, {"model": fleet.models["a"]}, {"model": pricey})
+
+    completion, _ = fleet.call("chain")
+
+    failed, served = events(completion._request_id)
+    assert completion.model == "fleet-pricey"
+    assert served.served_model == pricey
+    assert served.price == pricey.prices.get()
+    # 6 prompt tokens at $2 and 5 output tokens at $8 per 1M.
+    assert served.cost == Decimal("0.000052000000")
+    assert (failed.served_model_id, failed.cost) == (fleet.models["a"].pk, 0)

@@ -27,6 +27,7 @@ from ..routes import (
     request_features,
     route_name_validate,
     route_targets_validate,
+    routes_all,
 )
 from ..validation import chat_request_validate
 
@@ -271,8 +272,10 @@ def route_explain(route: Route, body: dict, *, key, tenant, split_key: str) -> d
         tenant_id = None
         allows = lambda public_id: True  # noqa: E731
         answer["steps"].append("No tenant or key given: allowlists and budgets not checked.")
+    routes = routes_all(fresh=True)
     plan, targets = route_plan_for(
-        name=route.name,
+        spec=routes[route.name],
+        routes=routes,
         body=body,
         at=timezone.now(),
         split_key=split_key,
