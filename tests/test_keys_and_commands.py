@@ -11,7 +11,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from routing.models import Provider
+from routing.models import Provider, Route
 from tenants.models import ApiKey, Tenant
 from tenants.services import LAST_USED_RESOLUTION, api_key_issue, key_digest, key_touch
 
@@ -162,4 +162,14 @@ def test_demo_setup_is_harmless_to_run_twice(settings, tmp_path):
     )
     assert Provider.objects.get(name="global-api").base_url == "http://127.0.0.1:8001/v1"
     assert 'OpenAI(base_url="http://127.0.0.1:8000/v1"' in first
+    # The seeds' routing, once.
+    auto = Route.objects.get(name="auto")
+    assert [t.model.public_id for t in auto.targets.all()] == [
+        "Qwen/Qwen3-VL-32B",
+        "Qwen/Qwen3.5-397B",
+        "Qwen/Qwen3-8B",
+        "Qwen/Qwen3-32B",
+    ]
+    assert Route.objects.count() == 2
+    assert "auto (the seeds' router)" in first
     assert oct((tmp_path / ".run" / "demo-key").stat().st_mode & 0o777) == "0o600"

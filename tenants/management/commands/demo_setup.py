@@ -16,7 +16,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from routing.models import CatalogModel, ModelPrice
+from routing.models import CatalogModel, ModelPrice, Route, RouteTarget
 from routing.services import provider_set
 from tenants.models import ApiKey, Tenant
 from tenants.services import api_key_issue, key_digest, tenant_allowlist_set, tenant_create
@@ -49,6 +49,7 @@ class Command(BaseCommand):
         password = self._admin()
         upstream = self._provider(mock_url)
         key = self._demo_key()
+        self._routes()
         self.stdout.write(self._banner(gateway_url.rstrip("/"), password, key, upstream))
 
     def _admin(self) -> str | None:
@@ -96,6 +97,39 @@ class Command(BaseCommand):
         _write_private(path, secret)
         return secret
 
+    def _routes(self) -> None:
+        """The seeds' routing as two routes, unless an admin already has routes."""
+        if Route.objects.exists():
+            return
+        models = {m.public_id: m for m in CatalogModel.objects.all()}
+
+        def route(name: str, strategy: str, description: str, targets: list[dict]) -> None:
+            created = Route.objects.create(name=name, strategy=strategy, description=description)
+            for position, target in enumerate(targets):
+                target["model"] = models[target["model"]]
+                RouteTarget.objects.create(route=created, position=position, **target)
+
+        route(
+            "auto",
+            Route.Strategy.RULES,
+            "The seeds' router: vision, heavy reasoning, cheap and fast, general default.",
+            [
+                {"model": "Qwen/Qwen3-VL-32B", "when_image": True},
+                {"model": "Qwen/Qwen3.5-397B", "when_reasoning": True, "min_prompt_tokens": 2000},
+                {"model": "Qwen/Qwen3-8B", "max_prompt_chars": 200},
+                {"model": "Qwen/Qwen3-32B"},
+            ],
+        )
+        route(
+            "tier-1",
+            Route.Strategy.FALLBACK,
+            "DeepSeek V4 Flash, failing fast to Qwen3-32B after 10 s.",
+            [
+                {"model": "deepseek-v4-flash", "timeout_seconds": 10},
+                {"model": "Qwen/Qwen3-32B", "timeout_seconds": 10},
+            ],
+        )
+
     def _banner(self, url: str, password: str | None, key: str, upstream: str) -> str:
         login = f"admin / {password}" if password else "admin (password unchanged)"
         return f"""
@@ -105,6 +139,8 @@ class Command(BaseCommand):
     API docs    {url}/api/docs/
     Demo key    {key}
     Upstream    {upstream}
+    Routes      auto (the seeds' router), tier-1 (flash, then Qwen3-32B after 10 s):
+                call them as models; edit them in the admin under Routing > Routes
 
   Try it (the virtual environment has the openai SDK):
 
