@@ -171,6 +171,8 @@ class UsageEvent(models.Model):
         indexes = [
             models.Index(fields=["tenant", "occurred_at"], name="usage_tenant_time"),
             models.Index(fields=["served_model", "occurred_at"], name="usage_model_time"),
+            # The health window (routing.health) reads recent events of every model.
+            models.Index(fields=["occurred_at"], name="usage_time"),
         ]
 
     def __str__(self) -> str:

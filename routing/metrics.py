@@ -19,7 +19,8 @@ a figure without calls to measure it on is left out rather than reported as 0:
     tollgate_output_tokens_per_second
     tollgate_circuit_open{model}                     1 open, 0.5 half-open, 0 closed
 
-With TOLLGATE_METRICS_TOKEN set, a scrape needs `Authorization: Bearer <token>`.
+With TOLLGATE_METRICS_TOKEN set, a scrape needs `Authorization: Bearer <token>`. Without
+it, production settings refuse every scrape (403); other settings serve it openly.
 """
 
 from __future__ import annotations
@@ -170,6 +171,12 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     """Prometheus scrape endpoint. 401 without the token when one is configured; 503,
     never a 500, when the figures cannot be read (Prometheus then marks the target down)."""
     token = settings.TOLLGATE_METRICS_TOKEN
+    if not token and not settings.TOLLGATE_METRICS_OPEN:
+        return HttpResponse(
+            "Set TOLLGATE_METRICS_TOKEN to serve /metrics, and scrape with that bearer token.\n",
+            status=403,
+            content_type="text/plain; charset=utf-8",
+        )
     if token and not _authorized(request, token):
         return HttpResponse(
             "Send Authorization: Bearer <TOLLGATE_METRICS_TOKEN>.\n",

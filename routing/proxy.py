@@ -29,7 +29,7 @@ from decimal import Decimal
 import httpx2
 import openai
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from billing.metering import (
@@ -123,6 +123,7 @@ class ChatCall:
     timeout: float | None = None
     attempt: int = 0
     attempt_started: float = 0.0
+    released: bool = False  # the budget hold and the lease are given back
 
     def use(self, target: Target) -> None:
         """Make `target` the current attempt."""
@@ -227,7 +228,7 @@ def route_plan_for(
     prices: dict[str, UnitPrices] = {}
 
     def usable(public_id: str) -> str | None:
-        entry = entries.get(public_id) or catalog_entry(public_id)
+        entry = entries.get(public_id)
         if entry is None:
             return "not in the catalog, or disabled"
         if not allows(public_id):
@@ -396,6 +397,7 @@ def _meter(
         raise
     finally:
         if final:
+            call.released = True
             rate_limit_release(
                 key=call.key,
                 request_id=call.request_id,
@@ -422,13 +424,29 @@ def _falls_through(failure: UpstreamFailure) -> bool:
     return isinstance(failure.error, UpstreamFailed)
 
 
+def _breaker(action: Callable, *args, **kwargs):
+    """Run a breaker update. Breakers are advisory: a database error there is logged and
+    must not fail a call that has its answer, nor leave its hold and lease behind."""
+    try:
+        return action(*args, **kwargs)
+    except DatabaseError:
+        logger.exception("Circuit breaker update failed")
+        return None
+
+
 def _next_target(call: ChatCall) -> Target | None:
     """The next target still worth trying, taken off the list; None when none is left.
     A routed target whose breaker is open or already being probed is skipped here."""
     while call.targets:
         target = call.targets.pop(0)
-        if call.route is not None and not breaker.breaker_probe_claim(
-            target.model.pk, now=timezone.now(), timeout=_attempt_timeout(target)
+        if call.route is not None and (
+            _breaker(
+                breaker.breaker_probe_claim,
+                target.model.pk,
+                now=timezone.now(),
+                timeout=_attempt_timeout(target),
+            )
+            is False
         ):
             call.skipped.append((target.model.public_id, "circuit open"))
             continue
@@ -440,13 +458,22 @@ def _attempt_timeout(target: Target) -> float:
     return target.timeout if target.timeout is not None else target.model.provider.timeout_seconds
 
 
+def _release(call: ChatCall) -> None:
+    """Give back the call's budget hold and concurrency lease when no attempt's event
+    settles them: every target was skipped, or something failed between attempts."""
+    if call.released:
+        return
+    call.released = True
+    budget_release(request_id=call.request_id)
+    rate_limit_release(key=call.key, request_id=call.request_id, at=call.received_at, tokens=0)
+
+
 def _attempt_first(call: ChatCall) -> None:
     """Start the call's first attempt, or raise when every target was skipped."""
     target = _next_target(call)
     if target is None:
         # Breakers opened since the plan: nothing was tried, so nothing stays held.
-        budget_release(request_id=call.request_id)
-        rate_limit_release(key=call.key, request_id=call.request_id, at=call.received_at, tokens=0)
+        _release(call)
         raise no_target_error(call.route or call.model.public_id, call.skipped)
     call.use(target)
 
@@ -457,10 +484,10 @@ def _attempt_failed(call: ChatCall, failure: UpstreamFailure, *, streamed: bool)
     retry = call.route is not None and _falls_through(failure)
     if call.route is not None:
         if retry:  # the provider's side failed: its breaker counts it
-            breaker.breaker_failure(call.model.pk, error=failure.error.message)
+            _breaker(breaker.breaker_failure, call.model.pk, error=failure.error.message)
         else:  # the provider answered (a 4xx about the request): it is up
-            breaker.breaker_success(call.model.pk)
-    following = _next_target(call) if retry else None
+            _breaker(breaker.breaker_success, call.model.pk)
+    going_on = retry and bool(call.targets)
     _meter(
         call,
         buckets=TokenBuckets(),
@@ -468,9 +495,11 @@ def _attempt_failed(call: ChatCall, failure: UpstreamFailure, *, streamed: bool)
         status=UsageEvent.Status.UPSTREAM_ERROR,
         streamed=streamed,
         failure=failure,
-        final=following is None,
+        final=not going_on,
     )
+    following = _next_target(call) if going_on else None
     if following is None:
+        _release(call)  # when the targets left were all skipped by their breakers
         failure.error.headers = {**failure.error.headers, **call.headers()}
         raise failure.error
     logger.info(
@@ -485,7 +514,27 @@ def _attempt_failed(call: ChatCall, failure: UpstreamFailure, *, streamed: bool)
 
 def _attempt_succeeded(call: ChatCall) -> None:
     if call.route is not None:
-        breaker.breaker_success(call.model.pk)
+        _breaker(breaker.breaker_success, call.model.pk)
+
+
+def _attempts(call: ChatCall, attempt: Callable[[ChatCall], object | None]):
+    """Run `attempt` on the call's targets in turn until one returns something. Whatever
+    goes wrong on the way, the call's hold and lease are not left behind."""
+    try:
+        _attempt_first(call)
+        while True:
+            result = attempt(call)
+            if result is not None:
+                break
+    except BaseException:
+        if not call.released:
+            try:
+                _release(call)
+            except DatabaseError:
+                logger.exception("Could not release the holds of %s", call.request_id)
+        raise
+    _attempt_succeeded(call)
+    return result
 
 
 # --- plain ---------------------------------------------------------------------------
@@ -518,12 +567,7 @@ def _complete_attempt(call: ChatCall) -> dict | None:
 def chat_complete(call: ChatCall) -> bytes:
     """Forward a non-streaming call; return the JSON the client gets. A route tries its
     targets in turn until one answers (see `_attempt_failed`)."""
-    _attempt_first(call)
-    while True:
-        completion = _complete_attempt(call)
-        if completion is not None:
-            break
-    _attempt_succeeded(call)
+    completion = _attempts(call, _complete_attempt)
     completion.setdefault("object", "chat.completion")
     completion["model"] = call.model.public_id
     for choice in completion["choices"]:
@@ -652,14 +696,10 @@ def chat_stream(call: ChatCall) -> Iterator[bytes]:
     exception, or, for a route, move on to its next target: nothing has reached the client
     yet. Later ones travel inside the stream as an error event and are never retried.
     """
-    _attempt_first(call)
-    while True:
-        opened = _stream_attempt(call)
-        if opened is not None:
-            break
-    _attempt_succeeded(call)
-    upstream, events = opened
-    return _relay(call, upstream, events)
+    upstream, events = _attempts(call, _stream_attempt)
+    relay = _relay(call, upstream, events)
+    next(relay)  # into its try block: from here on, closing it meters the call
+    return relay
 
 
 def _stream_attempt(call: ChatCall) -> tuple[UpstreamStream, Iterator[str]] | None:
@@ -690,14 +730,18 @@ def _stream_attempt(call: ChatCall) -> tuple[UpstreamStream, Iterator[str]] | No
             failure = upstream_failure(exc, provider, call.timeout)
         else:
             chunk = _json_object(first) if first is not None else None
-            if chunk is not None and chunk.get("error"):
+            if first is None or first.strip() == "[DONE]":
+                failure = UpstreamFailure(
+                    UpstreamFailed("The upstream provider ended the stream without an answer."),
+                    200,
+                )
+            elif chunk is not None and chunk.get("error"):
                 failure = _stream_upstream_error(chunk["error"])
     if failure is not None:
         upstream.close()
         _attempt_failed(call, failure, streamed=True)
         return None
-    head = [] if first is None else [first]
-    return upstream, itertools.chain(head, events)
+    return upstream, itertools.chain([first], events)
 
 
 def _first_event(events: Iterator[str], call: ChatCall) -> str | None:
@@ -735,6 +779,9 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
     renew_every = LEASE_TTL / 4
     renewed = time.monotonic()
     try:
+        # Primed by chat_stream: a response closed before it sent anything (the client
+        # gone already) still drains, meters and releases the call.
+        yield b""
         failure: UpstreamFailure | None = None
         try:
             for data in events:

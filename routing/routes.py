@@ -57,10 +57,16 @@ class RequestFeatures:
 
 
 def _on(value: object) -> bool:
+    """Whether a reasoning flag is set: true, "high", {"type": "enabled"}, ... One level of
+    object only, so that no nesting a client sends can make this recurse."""
+    if isinstance(value, dict):
+        return all(_flat_on(value.get(name, True)) for name in ("type", "effort", "enabled"))
+    return _flat_on(value)
+
+
+def _flat_on(value: object) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in _OFF
-    if isinstance(value, dict):
-        return _on(value.get("type", True)) and _on(value.get("effort", True))
     return bool(value)
 
 
@@ -78,7 +84,8 @@ def request_features(body: Mapping) -> RequestFeatures:
             for part in content:
                 if not isinstance(part, Mapping):
                     continue
-                if part.get("type") in IMAGE_PART_TYPES:
+                kind = part.get("type")
+                if isinstance(kind, str) and kind in IMAGE_PART_TYPES:
                     has_image = True
                 text = part.get("text")
                 if isinstance(text, str):

@@ -8,8 +8,12 @@ import time
 import httpx2
 import pytest
 from django.test import override_settings
+from django.utils import timezone
 
 from billing.models import UsageEvent
+from routing.proxy import ChatCall, chat_admit, chat_stream, chat_targets
+from tenants.selectors import api_key_for_digest
+from tenants.services import key_digest
 
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]
 
@@ -94,3 +98,31 @@ def test_disconnect_past_the_drain_limit_records_an_estimate_and_closes_upstream
     assert stats["streams_open"] == 0
     assert stats["streams_aborted"] == 1
     assert stats["streams_completed"] == 0
+
+
+def test_a_stream_response_closed_before_it_sent_anything_is_still_metered(world):
+    """The server may close a streaming response before asking for its first chunk (the
+    client left while the upstream was opening): the call is metered and released all
+    the same, and the upstream connection closed."""
+    key = api_key_for_digest(key_digest(world.secret))
+    now = timezone.now()
+    body = {"model": "m-openai", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    _, targets, _ = chat_targets(key=key, name="m-openai", body=body, at=now, split_key="r")
+    call = ChatCall(
+        request_id="req_closed_early",
+        received_at=now,
+        started=time.monotonic(),
+        key=key,
+        body=body,
+        model=targets[0].model,
+        units=targets[0].units,
+        targets=targets,
+    )
+    chat_admit(call)
+
+    chat_stream(call).close()
+
+    event = UsageEvent.objects.get(request_id="req_closed_early")
+    assert event.status == UsageEvent.Status.CLIENT_CANCELLED
+    assert event.output_tokens == 5  # drained: the provider's own usage
+    assert call.released

@@ -266,6 +266,18 @@ def test_metrics_ask_for_the_token_when_one_is_set(client, shop, settings):
     assert status == 200 and ("tollgate_circuit_open", ("model", "m")) in samples
 
 
+def test_production_serves_metrics_only_with_a_token(client, shop, settings):
+    settings.TOLLGATE_METRICS_OPEN = False
+    settings.TOLLGATE_METRICS_TOKEN = ""
+
+    refused = client.get("/metrics")
+
+    assert refused.status_code == 403
+    assert b"TOLLGATE_METRICS_TOKEN" in refused.content
+    settings.TOLLGATE_METRICS_TOKEN = "scrape-secret"
+    assert scrape(client, HTTP_AUTHORIZATION="Bearer scrape-secret")[0] == 200
+
+
 def test_metrics_answer_503_not_500_when_the_ledger_cannot_be_read(client, monkeypatch):
     def broken():
         raise DatabaseError("connection refused")

@@ -11,11 +11,13 @@ from decimal import Decimal
 
 import openai
 import pytest
+from django.db import DatabaseError
 from django.test import override_settings
 from django.utils import timezone
 
 from billing.invoicing import invoice_build
 from billing.models import UsageEvent
+from routing import proxy
 from routing.models import CatalogModel, CircuitBreaker, Provider, Route, RouteTarget
 from tenants.budgets import budget_set
 from tenants.models import BudgetPeriod, BudgetReservation
@@ -452,3 +454,66 @@ def test_the_served_model_is_metered_at_its_own_price(fleet):
     # 6 prompt tokens at $2 and 5 output tokens at $8 per 1M.
     assert served.cost == Decimal("0.000052000000")
     assert (failed.served_model_id, failed.cost) == (fleet.models["a"].pk, 0)
+
+
+def test_a_breaker_update_that_fails_does_not_fail_the_call(fleet, monkeypatch):
+    def broken(*args, **kwargs):
+        raise DatabaseError("the breaker table is locked")
+
+    monkeypatch.setattr("routing.breaker.breaker_failure", broken)
+    monkeypatch.setattr("routing.breaker.breaker_success", broken)
+    fleet.mocks["a"].faults(status=503)
+    fleet.route(
+        "chain", Route.Strategy.FALLBACK, {"model": fleet.models["a"]}, {"model": fleet.models["b"]}
+    )
+
+    completion, headers = fleet.call("chain")
+
+    assert (completion.model, headers["x-attempts"]) == ("fleet-b", "2")
+    assert len(events(completion._request_id)) == 2
+
+
+def test_an_internal_failure_between_attempts_leaves_no_hold_or_lease(fleet, monkeypatch):
+    fleet.mocks["a"].faults(status=503)
+    fleet.route(
+        "chain", Route.Strategy.FALLBACK, {"model": fleet.models["a"]}, {"model": fleet.models["b"]}
+    )
+    budget_set(tenant=fleet.world.tenant, limit_usd=Decimal("5.00"), hard=True)
+    key = api_key_issue(tenant=fleet.world.tenant, name="one-at-a-time", concurrency_limit=1)
+    client = fleet.world.client(key.secret)
+    real = proxy.upstream_client
+
+    def second_attempt_breaks(provider):
+        if provider.name == "fleet-b":
+            raise RuntimeError("a bug")
+        return real(provider)
+
+    monkeypatch.setattr("routing.proxy.upstream_client", second_attempt_breaks)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="chain", messages=SHORT)
+    assert "Traceback" not in str(caught.value.body)
+
+    assert not BudgetReservation.objects.exists()
+    assert BudgetPeriod.objects.get().reserved_pico == 0
+    monkeypatch.setattr("routing.proxy.upstream_client", real)
+    # The lease is back: a key limited to one call at a time calls again at once.
+    assert client.chat.completions.create(model="chain", messages=SHORT).model == "fleet-b"
+
+
+def test_odd_content_parts_and_deep_flags_are_no_server_error(fleet):
+    _seeds_router(fleet)
+    odd = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hi"}, {"type": ["image_url"]}, {"type": {}}],
+        }
+    ]
+    nested: dict = {}
+    for _ in range(500):
+        nested = {"type": nested}
+
+    for messages, extra in ((odd, {}), (SHORT, {"reasoning": nested, "thinking": [1, {"a": 2}]})):
+        try:
+            fleet.call("auto", messages, extra_body=extra)
+        except openai.APIStatusError as exc:  # the provider may refuse: never the gateway
+            assert exc.status_code < 500

@@ -198,8 +198,10 @@ TOLLGATE_BREAKER_FAILURES = env.int("TOLLGATE_BREAKER_FAILURES", default=5)
 TOLLGATE_BREAKER_COOLDOWN_SECONDS = env.float("TOLLGATE_BREAKER_COOLDOWN_SECONDS", default=30.0)
 # Health figures (admin, /metrics) cover this many recent minutes of the ledger.
 TOLLGATE_HEALTH_WINDOW_MINUTES = env.int("TOLLGATE_HEALTH_WINDOW_MINUTES", default=15)
-# /metrics asks for `Authorization: Bearer <this>` when set.
+# /metrics asks for `Authorization: Bearer <this>` when set. Without one it is served
+# only where TOLLGATE_METRICS_OPEN (a laptop, tests; production settings turn it off).
 TOLLGATE_METRICS_TOKEN = env("TOLLGATE_METRICS_TOKEN", default="")
+TOLLGATE_METRICS_OPEN = True
 
 LOGGING = {
     "version": 1,

@@ -259,7 +259,8 @@ def route_explain(route: Route, body: dict, *, key, tenant, split_key: str) -> d
         "steps": [],
         "error": None,
     }
-    if not route.enabled:
+    routes = routes_all(fresh=True)
+    if route.name not in routes:
         answer["error"] = f"The route '{route.name}' is disabled: calls to it get a 404."
         return answer
     if key is not None:
@@ -272,7 +273,6 @@ def route_explain(route: Route, body: dict, *, key, tenant, split_key: str) -> d
         tenant_id = None
         allows = lambda public_id: True  # noqa: E731
         answer["steps"].append("No tenant or key given: allowlists and budgets not checked.")
-    routes = routes_all(fresh=True)
     plan, targets = route_plan_for(
         spec=routes[route.name],
         routes=routes,
