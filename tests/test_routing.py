@@ -517,3 +517,42 @@ def test_odd_content_parts_and_deep_flags_are_no_server_error(fleet):
             fleet.call("auto", messages, extra_body=extra)
         except openai.APIStatusError as exc:  # the provider may refuse: never the gateway
             assert exc.status_code < 500
+
+
+def test_a_split_sends_a_retried_request_to_the_same_target(fleet):
+    fleet.route(
+        "halves",
+        Route.Strategy.SPLIT,
+        {"model": fleet.models["a"], "weight": 1},
+        {"model": fleet.models["b"], "weight": 1},
+    )
+    client = fleet.client()
+
+    def served(idempotency_key: str) -> str:
+        return client.chat.completions.create(
+            model="halves", messages=SHORT, extra_headers={"Idempotency-Key": idempotency_key}
+        ).model
+
+    firsts = {n: served(f"retry-{n}") for n in range(12)}
+    assert set(firsts.values()) == {"fleet-a", "fleet-b"}
+    assert all(served(f"retry-{n}") == model for n, model in firsts.items())
+
+
+def test_the_admin_shows_breakers_and_closes_them(fleet, admin_client):
+    breaker = CircuitBreaker.objects.create(
+        model=fleet.models["a"],
+        consecutive_failures=5,
+        open_until=timezone.now() + timedelta(seconds=30),
+        last_error="The upstream provider failed (HTTP 503).",
+    )
+
+    page = admin_client.get("/admin/routing/circuitbreaker/").content.decode()
+    assert "fleet-a" in page and ">open<" in page and "HTTP 503" in page
+
+    admin_client.post(
+        "/admin/routing/circuitbreaker/",
+        {"action": "close_breakers", "_selected_action": [breaker.pk]},
+    )
+    breaker.refresh_from_db()
+    assert breaker.state(timezone.now()) == "closed"
+    assert breaker.consecutive_failures == 0
