@@ -65,6 +65,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import procs
+from .seed import ROUTE_ID
 from .stack import (
     GUNICORN_CONF,
     ROOT,
@@ -175,28 +176,37 @@ class KeepAliveTarget:
 
 
 def bench_latency(gateway: Gateway, mock_url: str, key: str, ledger: Ledger, plan: Plan) -> dict:
+    """Direct, through the gateway by model id, and through a one-target route to the same
+    model, interleaved so that drift of the machine hits all three alike."""
     body = json.dumps(plain_body()).encode()
+    routed_body = json.dumps({**plain_body(), "model": ROUTE_ID}).encode()
     direct = KeepAliveTarget(f"{mock_url}/chat/completions", "bench-direct")
     through = KeepAliveTarget(f"{gateway.url}/v1/chat/completions", key)
+    routed = KeepAliveTarget(f"{gateway.url}/v1/chat/completions", key)
     before = ledger.counts()
     try:
         for _ in range(plan.latency_warmup):
             direct.call(body)
             through.call(body)
+            routed.call(routed_body)
         direct_ms: list[float] = []
         gateway_ms: list[float] = []
+        routed_ms: list[float] = []
         for i in range(plan.latency_requests):
             if i % 2 == 0:
                 direct_ms.append(direct.call(body))
                 gateway_ms.append(through.call(body))
+                routed_ms.append(routed.call(routed_body))
             else:
+                routed_ms.append(routed.call(routed_body))
                 gateway_ms.append(through.call(body))
                 direct_ms.append(direct.call(body))
     finally:
         direct.close()
         through.close()
+        routed.close()
     after = ledger.counts()
-    d, g = summary(direct_ms), summary(gateway_ms)
+    d, g, r = summary(direct_ms), summary(gateway_ms), summary(routed_ms)
     pair_diff = [gw - dr for gw, dr in zip(gateway_ms, direct_ms, strict=True)]
     return {
         "requests_each": plan.latency_requests,
@@ -206,8 +216,10 @@ def bench_latency(gateway: Gateway, mock_url: str, key: str, ledger: Ledger, pla
         "added_p50_ms": _minus(g["p50"], d["p50"]),
         "added_p99_ms": _minus(g["p99"], d["p99"]),
         "paired_diff_ms": summary(pair_diff),
+        "routed_ms": r,
+        "route_added_p50_ms": _minus(r["p50"], g["p50"]),
         "ledger_rows_added": after.plain_ok - before.plain_ok,
-        "gateway_200s": plan.latency_requests + plan.latency_warmup,
+        "gateway_200s": 2 * (plan.latency_requests + plan.latency_warmup),
     }
 
 
@@ -576,6 +588,10 @@ def report(results: dict) -> str:
             ["added (gateway - direct)", latency["added_p50_ms"], None, latency["added_p99_ms"]],
             ["per-pair difference", p["p50"], p["p90"], p["p99"], p["mean"]],
         ]
+        r = latency.get("routed_ms")
+        if r:
+            rows.append(["gateway, via a route", r["p50"], r["p90"], r["p99"], r["mean"]])
+            rows.append(["route's own cost (p50)", latency["route_added_p50_ms"]])
         out.append(table([[r[0], *(_ms(v) for v in r[1:])] for r in rows], _LAT_HEADER))
         out.append(
             f"   targets: added p50 <= 3 ms, p99 <= 10 ms; ledger rows added "

@@ -14,6 +14,7 @@ import os
 from decimal import Decimal
 
 MODEL_ID = "bench-model"
+ROUTE_ID = "bench-route"
 TENANT_SLUG = "bench"
 PROVIDER_NAME = "bench-mock"
 
@@ -27,7 +28,7 @@ def seed(mock_url: str, *, limits: bool = False) -> dict[str, str]:
     """
     from django.utils import timezone
 
-    from routing.models import CatalogModel, ModelPrice
+    from routing.models import CatalogModel, ModelPrice, Route, RouteTarget
     from routing.services import provider_set
     from tenants.services import api_key_issue, tenant_create
 
@@ -49,6 +50,9 @@ def seed(mock_url: str, *, limits: bool = False) -> dict[str, str]:
     )
     tenant = tenant_create(slug=TENANT_SLUG, name="Bench", model_ids=[MODEL_ID])
     issued = api_key_issue(tenant=tenant, name="bench")
+    # A route to the same model: what a route costs over calling the model by its id.
+    route = Route.objects.create(name=ROUTE_ID, strategy=Route.Strategy.FALLBACK)
+    RouteTarget.objects.create(route=route, model=model, timeout_seconds=10)
     if limits:
         from tenants.budgets import budget_set
 

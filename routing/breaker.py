@@ -4,6 +4,11 @@ every gateway process sees the same state (see `routing.models.CircuitBreaker`).
 Only calls through a route touch a breaker: a direct call to a model is the client's
 choice and goes through whatever the breaker says, which keeps the direct path free of
 the extra statements.
+
+A routed call reads its targets' breakers once, with its plan (`breakers_dirty`: those
+not plainly closed). Only those cost it more statements: claiming the half-open probe,
+and resetting the count after a success. So a success resets a count that was above
+zero when the call started; a failure of another process during the call is counted on.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from django.utils import timezone
 from .models import CircuitBreaker
 
 
-def breakers_open(model_ids: list[int], now: datetime) -> dict[int, CircuitBreaker]:
-    """The breakers among these models that are open or half-open, by model id."""
-    rows = CircuitBreaker.objects.filter(model_id__in=model_ids, open_until__isnull=False)
+def breakers_dirty(model_ids: list[int]) -> dict[int, CircuitBreaker]:
+    """The breakers among these models that are not plainly closed (open, half-open, or
+    counting failures), by model id. One query."""
+    rows = CircuitBreaker.objects.filter(model_id__in=model_ids).filter(
+        Q(open_until__isnull=False) | Q(consecutive_failures__gt=0)
+    )
     return {b.model_id: b for b in rows}
 
 

@@ -66,7 +66,7 @@ from .errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
 )
-from .models import CatalogModel
+from .models import CatalogModel, CircuitBreaker
 from .routes import (
     Plan,
     RouteSpec,
@@ -98,6 +98,7 @@ class Target:
     model: CatalogModel
     units: UnitPrices
     timeout: float | None = None  # seconds; None: the provider's
+    breaker: CircuitBreaker | None = None  # as the plan read it, when not plainly closed
 
 
 @dataclass
@@ -124,10 +125,12 @@ class ChatCall:
     attempt: int = 0
     attempt_started: float = 0.0
     released: bool = False  # the budget hold and the lease are given back
+    breaker: CircuitBreaker | None = None  # the current target's, if not plainly closed
 
     def use(self, target: Target) -> None:
         """Make `target` the current attempt."""
         self.model, self.units, self.timeout = target.model, target.units, target.timeout
+        self.breaker = target.breaker
         self.attempt += 1
         self.attempt_started = self.started if self.attempt == 1 else time.monotonic()
 
@@ -224,7 +227,7 @@ def route_plan_for(
     (`allows(public id)`: the allowlists), priced for the tenant, breakers considered."""
     now = timezone.now()
     entries = {m: catalog_entry(m) for m in route_models(spec, routes)}
-    breakers = breaker.breakers_open([e.model.pk for e in entries.values() if e is not None], now)
+    breakers = breaker.breakers_dirty([e.model.pk for e in entries.values() if e is not None])
     prices: dict[str, UnitPrices] = {}
 
     def usable(public_id: str) -> str | None:
@@ -242,7 +245,15 @@ def route_plan_for(
     plan = route_plan(
         spec, features=request_features(body), split_key=split_key, usable=usable, routes=routes
     )
-    targets = [Target(entries[c.model].model, prices[c.model], c.timeout) for c in plan.candidates]
+    targets = [
+        Target(
+            model=entries[c.model].model,
+            units=prices[c.model],
+            timeout=c.timeout,
+            breaker=breakers.get(entries[c.model].model.pk),
+        )
+        for c in plan.candidates
+    ]
     return plan, targets
 
 
@@ -439,8 +450,10 @@ def _next_target(call: ChatCall) -> Target | None:
     A routed target whose breaker is open or already being probed is skipped here."""
     while call.targets:
         target = call.targets.pop(0)
-        if call.route is not None and (
-            _breaker(
+        if (
+            target.breaker is not None
+            and target.breaker.open_until is not None
+            and _breaker(
                 breaker.breaker_probe_claim,
                 target.model.pk,
                 now=timezone.now(),
@@ -485,7 +498,7 @@ def _attempt_failed(call: ChatCall, failure: UpstreamFailure, *, streamed: bool)
     if call.route is not None:
         if retry:  # the provider's side failed: its breaker counts it
             _breaker(breaker.breaker_failure, call.model.pk, error=failure.error.message)
-        else:  # the provider answered (a 4xx about the request): it is up
+        elif call.breaker is not None:  # the provider answered (a 4xx): it is up
             _breaker(breaker.breaker_success, call.model.pk)
     going_on = retry and bool(call.targets)
     _meter(
@@ -513,7 +526,7 @@ def _attempt_failed(call: ChatCall, failure: UpstreamFailure, *, streamed: bool)
 
 
 def _attempt_succeeded(call: ChatCall) -> None:
-    if call.route is not None:
+    if call.route is not None and call.breaker is not None:
         _breaker(breaker.breaker_success, call.model.pk)
 
 
