@@ -20,6 +20,7 @@ How the figures are read, so that a scrape every few seconds stays cheap at any 
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_right
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -173,8 +174,11 @@ def _cached(key: Hashable, load: Callable[[], T]) -> T:
 
 def health_cache_clear() -> None:
     """Forget the cached figures: the next read goes to the database."""
+    global _base
     with _cache_lock:
         _cache.clear()
+    with _base_lock:
+        _base = None
 
 
 def health_window() -> timedelta:
@@ -207,15 +211,41 @@ def provider_health(
     return list(health_snapshot(now=now, window=window).providers)
 
 
+# The all-time totals are a base, the events that occurred before a boundary some hours
+# back (one full GROUP BY, redone every TOTALS_BASE_SECONDS), plus the events since the
+# boundary (a range of the occurred_at index, read at each refresh). A scrape then costs
+# a few hours of the ledger, not all of it. An event recorded long after it occurred
+# (before the boundary) is counted from the next base on; no counter ever goes down.
+TOTALS_BASE_LAG = timedelta(hours=2)
+TOTALS_BASE_SECONDS = 600.0
+
+_Key = tuple[int, int, str]
+_base: tuple[float, datetime, dict[_Key, list]] | None = None
+_base_lock = threading.Lock()
+
+
 def ledger_totals() -> list[LedgerTotal]:
     """All-time requests, tokens and cost of the ledger by model, provider and status
-    (one GROUP BY, cached a few seconds), for the /metrics counters."""
+    (cached a few seconds), for the /metrics counters."""
     return _cached("ledger_totals", _ledger_totals_load)
 
 
-def _ledger_totals_load() -> list[LedgerTotal]:
-    groups = list(
-        UsageEvent.objects.values("served_model_id", "provider_id", "status")
+def _totals_base(now: datetime) -> tuple[datetime, dict[_Key, list]]:
+    global _base
+    with _base_lock:
+        if _base is not None and time.monotonic() - _base[0] < TOTALS_BASE_SECONDS:
+            return _base[1], _base[2]
+    boundary = now - TOTALS_BASE_LAG
+    sums = _ledger_sums(UsageEvent.objects.filter(occurred_at__lt=boundary))
+    with _base_lock:
+        _base = (time.monotonic(), boundary, sums)
+    return boundary, sums
+
+
+def _ledger_sums(events) -> dict[_Key, list]:
+    """[requests, uncached, cached, output, reasoning, cost] by (model, provider, status)."""
+    groups = (
+        events.values("served_model_id", "provider_id", "status")
         .annotate(
             requests=Count("id"),
             input_uncached=Sum("input_uncached_tokens"),
@@ -226,28 +256,46 @@ def _ledger_totals_load() -> list[LedgerTotal]:
         )
         .order_by()
     )
+    return {
+        (g["served_model_id"], g["provider_id"], g["status"]): [
+            g["requests"],
+            int(g["input_uncached"] or 0),
+            int(g["input_cached"] or 0),
+            int(g["output"] or 0),
+            int(g["reasoning"] or 0),
+            g["cost"] or Decimal(0),
+        ]
+        for g in groups
+    }
+
+
+def _ledger_totals_load() -> list[LedgerTotal]:
+    boundary, base = _totals_base(timezone.now())
+    recent = _ledger_sums(UsageEvent.objects.filter(occurred_at__gte=boundary))
+    sums: dict[_Key, list] = {key: list(values) for key, values in base.items()}
+    for key, values in recent.items():
+        if key in sums:
+            sums[key] = [a + b for a, b in zip(sums[key], values, strict=True)]
+        else:
+            sums[key] = list(values)
     # Names from the two small tables, not joined into the scan of the ledger.
     models = dict(
-        CatalogModel.objects.filter(pk__in={g["served_model_id"] for g in groups}).values_list(
-            "pk", "public_id"
-        )
+        CatalogModel.objects.filter(pk__in={k[0] for k in sums}).values_list("pk", "public_id")
     )
-    providers = dict(
-        Provider.objects.filter(pk__in={g["provider_id"] for g in groups}).values_list("pk", "name")
-    )
+    providers = dict(Provider.objects.filter(pk__in={k[1] for k in sums}).values_list("pk", "name"))
     totals = [
         LedgerTotal(
-            model=models[g["served_model_id"]],
-            provider=providers[g["provider_id"]],
-            status=g["status"],
-            requests=g["requests"],
-            input_uncached_tokens=int(g["input_uncached"] or 0),
-            input_cached_tokens=int(g["input_cached"] or 0),
-            output_tokens=int(g["output"] or 0),
-            reasoning_tokens=int(g["reasoning"] or 0),
-            cost=g["cost"] or Decimal(0),
+            model=models[model_id],
+            provider=providers[provider_id],
+            status=status,
+            requests=values[0],
+            input_uncached_tokens=values[1],
+            input_cached_tokens=values[2],
+            output_tokens=values[3],
+            reasoning_tokens=values[4],
+            cost=values[5] if isinstance(values[5], Decimal) else Decimal(str(values[5])),
         )
-        for g in groups
+        for (model_id, provider_id, status), values in sums.items()
     ]
     return sorted(totals, key=lambda t: (t.model, t.provider, t.status))
 

@@ -347,3 +347,27 @@ def test_the_catalog_links_to_the_health_page(admin_client):
     page = admin_client.get(reverse("admin:routing_catalogmodel_changelist"))
 
     assert f'href="{HEALTH_PAGE}"' in page.content.decode()
+
+
+def test_counters_take_in_late_usage_of_hours_ago_and_never_go_down(client, shop, monkeypatch):
+    _, (key, _), model = shop
+    now = timezone.now()
+    call(key, model, at=now - timedelta(hours=5), input_uncached=10)
+    call(key, model, at=now, input_uncached=20)
+    ok = ("tollgate_requests_total", ("model", "m"), ("provider", "p"), ("status", "ok"))
+    assert scrape(client)[1][ok] == 2
+
+    # A stream that began three hours ago is metered now, behind the base's boundary.
+    call(key, model, at=now - timedelta(hours=3), input_uncached=30)
+    monkeypatch.setattr(health, "TOTALS_BASE_SECONDS", 0.0)  # the base is due again
+    health._cache.clear()
+    _, samples = scrape(client)
+
+    assert samples[ok] == 3
+    uncached = (
+        "tollgate_tokens_total",
+        ("kind", "input_uncached"),
+        ("model", "m"),
+        ("provider", "p"),
+    )
+    assert samples[uncached] == 60
