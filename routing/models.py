@@ -171,7 +171,7 @@ class ModelPrice(models.Model):
 
 ROUTE_NAME_HELP = (
     "The name clients send as `model`, e.g. auto, tier-1, support-default. Letters, digits "
-    "and . _ - : / only; not the id of a catalog model."
+    "and . _ - : only; not the id of a catalog model."
 )
 
 

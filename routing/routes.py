@@ -368,7 +368,8 @@ class TargetDraft:
     timeout_seconds: float | None = None
 
 
-def route_name_validate(name: str, *, route_id: int | None = None) -> None:
+def route_name_validate(name: str) -> None:
+    """A route's name: its characters, and not the id of a catalog model."""
     if not ROUTE_NAME.match(name or ""):
         raise ValidationError(
             {"name": "Use letters, digits and . _ - : only, starting with a letter or digit."}

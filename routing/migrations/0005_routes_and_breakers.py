@@ -31,7 +31,7 @@ class Migration(migrations.Migration):
             name='Route',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(help_text='The name clients send as `model`, e.g. auto, tier-1, support-default. Letters, digits and . _ - : / only; not the id of a catalog model.', max_length=200, unique=True)),
+                ('name', models.CharField(help_text='The name clients send as `model`, e.g. auto, tier-1, support-default. Letters, digits and . _ - : only; not the id of a catalog model.', max_length=200, unique=True)),
                 ('description', models.CharField(blank=True, max_length=500)),
                 ('strategy', models.CharField(choices=[('fallback', 'Fallback chain: targets in order, the next after a failure'), ('rules', 'Rules: the first target whose conditions match the request'), ('split', 'Weighted split: one target by weight, fixed per request id')], default='fallback', max_length=16)),
                 ('enabled', models.BooleanField(default=True, help_text='A disabled route is not listed and cannot be called.')),
