@@ -17,6 +17,7 @@ a figure without calls to measure it on is left out rather than reported as 0:
     tollgate_window_requests, tollgate_error_ratio, tollgate_availability_ratio,
     tollgate_latency_p50_seconds, tollgate_latency_p99_seconds, tollgate_ttft_p50_seconds,
     tollgate_output_tokens_per_second
+    tollgate_provider_* (the same, per provider: all its models together)
     tollgate_circuit_open{model}                     1 open, 0.5 half-open, 0 closed
 
 With TOLLGATE_METRICS_TOKEN set, a scrape needs `Authorization: Bearer <token>`. Without
@@ -86,41 +87,8 @@ class TollgateCollector(Collector):
     def _gauges(self) -> Iterator[Metric]:
         snapshot = health_snapshot()
         minutes = int(snapshot.window.total_seconds() // 60)
-        over = f"over the last {minutes} minutes"
-        labels = ["model", "provider"]
-        gauges = {
-            "window_requests": GaugeMetricFamily(
-                "tollgate_window_requests", f"Upstream attempts {over}.", labels=labels
-            ),
-            "error_rate": GaugeMetricFamily(
-                "tollgate_error_ratio", f"Share of attempts that failed, {over}.", labels=labels
-            ),
-            "availability": GaugeMetricFamily(
-                "tollgate_availability_ratio",
-                f"Share of attempts not failed by the provider (timeout, 429, 5xx), {over}.",
-                labels=labels,
-            ),
-            "latency_p50": GaugeMetricFamily(
-                "tollgate_latency_p50_seconds",
-                f"Median latency of OK calls, {over}.",
-                labels=labels,
-            ),
-            "latency_p99": GaugeMetricFamily(
-                "tollgate_latency_p99_seconds",
-                f"99th percentile latency of OK calls, {over}.",
-                labels=labels,
-            ),
-            "ttft_p50": GaugeMetricFamily(
-                "tollgate_ttft_p50_seconds",
-                f"Median time to first token of streamed OK calls, {over}.",
-                labels=labels,
-            ),
-            "speed": GaugeMetricFamily(
-                "tollgate_output_tokens_per_second",
-                f"Output and reasoning tokens per second of generation, {over}.",
-                labels=labels,
-            ),
-        }
+        per_model = _health_gauges("tollgate_", ["model", "provider"], minutes)
+        per_provider = _health_gauges("tollgate_provider_", ["provider"], minutes)
         circuit = GaugeMetricFamily(
             "tollgate_circuit_open",
             "Circuit breaker: 1 open, 0.5 half-open (probing), 0 closed.",
@@ -131,24 +99,57 @@ class TollgateCollector(Collector):
         )
         breakers_seen = set()
         for row in snapshot.models:
-            values = [row.model, row.provider]
-            gauges["window_requests"].add_metric(values, row.requests)
-            for name, value in (
-                ("error_rate", row.error_rate),
-                ("availability", row.availability),
-                ("latency_p50", _seconds(row.latency_p50_ms)),
-                ("latency_p99", _seconds(row.latency_p99_ms)),
-                ("ttft_p50", _seconds(row.ttft_p50_ms)),
-                ("speed", row.output_tokens_per_second),
-            ):
-                if value is not None:
-                    gauges[name].add_metric(values, value)
+            _health_add(per_model, [row.model, row.provider], row)
             if row.model not in breakers_seen:  # one breaker per model, whatever the provider
                 breakers_seen.add(row.model)
                 circuit.add_metric([row.model], CIRCUIT_VALUE[row.breaker_state])
                 opens.add_metric([row.model], row.breaker_times_opened)
-        yield from gauges.values()
+        for row in snapshot.providers:
+            _health_add(per_provider, [row.provider], row)
+        yield from per_model.values()
+        yield from per_provider.values()
         yield from (circuit, opens)
+
+
+def _health_gauges(prefix: str, labels: list[str], minutes: int) -> dict[str, GaugeMetricFamily]:
+    over = f"over the last {minutes} minutes"
+    described = {
+        "window_requests": ("window_requests", f"Upstream attempts {over}."),
+        "error_rate": ("error_ratio", f"Share of attempts that failed, {over}."),
+        "availability": (
+            "availability_ratio",
+            f"Share of attempts not failed by the provider (timeout, 429, 5xx), {over}.",
+        ),
+        "latency_p50": ("latency_p50_seconds", f"Median latency of OK calls, {over}."),
+        "latency_p99": ("latency_p99_seconds", f"99th percentile latency of OK calls, {over}."),
+        "ttft_p50": (
+            "ttft_p50_seconds",
+            f"Median time to first token of streamed OK calls, {over}.",
+        ),
+        "speed": (
+            "output_tokens_per_second",
+            f"Output and reasoning tokens per second of generation, {over}.",
+        ),
+    }
+    return {
+        key: GaugeMetricFamily(prefix + name, text, labels=labels)
+        for key, (name, text) in described.items()
+    }
+
+
+def _health_add(gauges: dict[str, GaugeMetricFamily], values: list[str], row) -> None:
+    """One model's or provider's figures; one without calls to measure it on is left out."""
+    gauges["window_requests"].add_metric(values, row.requests)
+    for name, value in (
+        ("error_rate", row.error_rate),
+        ("availability", row.availability),
+        ("latency_p50", _seconds(row.latency_p50_ms)),
+        ("latency_p99", _seconds(row.latency_p99_ms)),
+        ("ttft_p50", _seconds(row.ttft_p50_ms)),
+        ("speed", row.output_tokens_per_second),
+    ):
+        if value is not None:
+            gauges[name].add_metric(values, value)
 
 
 def _seconds(ms: int | None) -> float | None:

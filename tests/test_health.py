@@ -239,6 +239,10 @@ def test_metrics_counters_equal_the_ledger(client, shop):
     assert samples[("tollgate_circuit_open", ("model", "m"))] == 0
     # Nothing streamed: no time to first token to report, rather than a made-up 0.
     assert ("tollgate_ttft_p50_seconds", *mp) not in samples
+    # The provider's figures, all its models together (here its one model).
+    assert samples[("tollgate_provider_window_requests", ("provider", "p"))] == 4
+    assert samples[("tollgate_provider_availability_ratio", ("provider", "p"))] == 0.75
+    assert samples[("tollgate_provider_latency_p99_seconds", ("provider", "p"))] == 3.0
 
 
 def test_metrics_show_an_open_circuit(client, shop):
