@@ -191,14 +191,13 @@ def chat_target_resolve(*, key: ApiKey, name: str, at: datetime) -> tuple[Catalo
 
 def chat_targets(
     *, key: ApiKey, name: str, body: dict, at: datetime, split_key: str
-) -> tuple[str | None, list[Target], Plan | None]:
-    """(route name or None, targets in order, the route's plan) for a request to `name`:
-    a catalog model (one target) or a route. Raises the error the client gets when
-    nothing can serve it."""
+) -> tuple[str | None, list[Target]]:
+    """(route name or None, targets in order) for a request to `name`: a catalog model
+    (one target) or a route. Raises the error the client gets when nothing can serve it."""
     routes = routes_all()
     if name not in routes or catalog_entry(name) is not None:
         model, units = chat_target_resolve(key=key, name=name, at=at)
-        return None, [Target(model, units)], None
+        return None, [Target(model, units)]
     plan, targets = route_plan_for(
         spec=routes[name],
         routes=routes,
@@ -210,7 +209,7 @@ def chat_targets(
     )
     if not targets:
         raise no_target_error(name, plan.skipped)
-    return name, targets, plan
+    return name, targets
 
 
 def route_plan_for(

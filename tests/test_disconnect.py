@@ -107,7 +107,7 @@ def test_a_stream_response_closed_before_it_sent_anything_is_still_metered(world
     key = api_key_for_digest(key_digest(world.secret))
     now = timezone.now()
     body = {"model": "m-openai", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    _, targets, _ = chat_targets(key=key, name="m-openai", body=body, at=now, split_key="r")
+    _, targets = chat_targets(key=key, name="m-openai", body=body, at=now, split_key="r")
     call = ChatCall(
         request_id="req_closed_early",
         received_at=now,

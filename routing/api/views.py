@@ -108,7 +108,7 @@ class ChatCompletionsView(OpenAIView):
         except RequestDataTooBig:
             raise PayloadTooLarge("The request body is larger than this gateway accepts.") from None
         body = chat_request_parse(raw)
-        route, targets, _ = chat_targets(
+        route, targets = chat_targets(
             key=request.auth,
             name=body["model"],
             body=body,
