@@ -15,8 +15,11 @@ T = TypeVar("T")
 
 
 class ConfigCache:
-    def __init__(self, maxsize: int):
+    """`ttl` seconds, or (None) TOLLGATE_CONFIG_CACHE_SECONDS read at first use."""
+
+    def __init__(self, maxsize: int, ttl: float | None = None):
         self._maxsize = maxsize
+        self._ttl = ttl
         self._lock = threading.Lock()
         self._cache: TTLCache | None = None
 
@@ -24,7 +27,8 @@ class ConfigCache:
         with self._lock:
             if self._cache is None:
                 # The lifetime is read at first use, so tests and settings can change it.
-                self._cache = TTLCache(self._maxsize, settings.TOLLGATE_CONFIG_CACHE_SECONDS)
+                ttl = self._ttl if self._ttl is not None else settings.TOLLGATE_CONFIG_CACHE_SECONDS
+                self._cache = TTLCache(self._maxsize, ttl)
             try:
                 return self._cache[key]
             except KeyError:

@@ -19,16 +19,12 @@ How the figures are read, so that a scrape every few seconds stays cheap at any 
 
 from __future__ import annotations
 
-import threading
-import time
 from bisect import bisect_right
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TypeVar
 
-from cachetools import TTLCache
 from django.conf import settings
 from django.contrib import admin
 from django.db.models import Case, Count, F, IntegerField, Q, Sum, Value, When
@@ -39,6 +35,7 @@ from django.utils import timezone
 
 from billing.models import UsageEvent
 
+from .config_cache import ConfigCache
 from .models import CatalogModel, CircuitBreaker, Provider
 
 # OK calls per model and provider that the percentiles are taken from (the latest ones).
@@ -157,28 +154,13 @@ class LedgerTotal:
     cost: Decimal
 
 
-T = TypeVar("T")
-_cache: TTLCache = TTLCache(maxsize=16, ttl=HEALTH_CACHE_SECONDS)
-_cache_lock = threading.Lock()
-
-
-def _cached(key: Hashable, load: Callable[[], T]) -> T:
-    with _cache_lock:
-        if key in _cache:
-            return _cache[key]
-    value = load()  # outside the lock: a slow query must not hold up other threads
-    with _cache_lock:
-        _cache[key] = value
-    return value
+_cache = ConfigCache(maxsize=16, ttl=HEALTH_CACHE_SECONDS)
 
 
 def health_cache_clear() -> None:
     """Forget the cached figures: the next read goes to the database."""
-    global _base
-    with _cache_lock:
-        _cache.clear()
-    with _base_lock:
-        _base = None
+    _cache.clear()
+    _totals_base_cache.clear()
 
 
 def health_window() -> timedelta:
@@ -193,7 +175,7 @@ def health_snapshot(
     window = window or health_window()
     if now is not None:
         return _snapshot_load(now, window)
-    return _cached(("snapshot", window), lambda: _snapshot_load(timezone.now(), window))
+    return _cache.get_or_load(("snapshot", window), lambda: _snapshot_load(timezone.now(), window))
 
 
 def model_health(
@@ -220,26 +202,21 @@ TOTALS_BASE_LAG = timedelta(hours=2)
 TOTALS_BASE_SECONDS = 600.0
 
 _Key = tuple[int, int, str]
-_base: tuple[float, datetime, dict[_Key, list]] | None = None
-_base_lock = threading.Lock()
+_totals_base_cache = ConfigCache(maxsize=1, ttl=TOTALS_BASE_SECONDS)
 
 
 def ledger_totals() -> list[LedgerTotal]:
     """All-time requests, tokens and cost of the ledger by model, provider and status
     (cached a few seconds), for the /metrics counters."""
-    return _cached("ledger_totals", _ledger_totals_load)
+    return _cache.get_or_load("ledger_totals", _ledger_totals_load)
 
 
-def _totals_base(now: datetime) -> tuple[datetime, dict[_Key, list]]:
-    global _base
-    with _base_lock:
-        if _base is not None and time.monotonic() - _base[0] < TOTALS_BASE_SECONDS:
-            return _base[1], _base[2]
-    boundary = now - TOTALS_BASE_LAG
-    sums = _ledger_sums(UsageEvent.objects.filter(occurred_at__lt=boundary))
-    with _base_lock:
-        _base = (time.monotonic(), boundary, sums)
-    return boundary, sums
+def _totals_base() -> tuple[datetime, dict[_Key, list]]:
+    def load() -> tuple[datetime, dict[_Key, list]]:
+        boundary = timezone.now() - TOTALS_BASE_LAG
+        return boundary, _ledger_sums(UsageEvent.objects.filter(occurred_at__lt=boundary))
+
+    return _totals_base_cache.get_or_load("base", load)
 
 
 def _ledger_sums(events) -> dict[_Key, list]:
@@ -270,7 +247,7 @@ def _ledger_sums(events) -> dict[_Key, list]:
 
 
 def _ledger_totals_load() -> list[LedgerTotal]:
-    boundary, base = _totals_base(timezone.now())
+    boundary, base = _totals_base()
     recent = _ledger_sums(UsageEvent.objects.filter(occurred_at__gte=boundary))
     sums: dict[_Key, list] = {key: list(values) for key, values in base.items()}
     for key, values in recent.items():
