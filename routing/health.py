@@ -37,6 +37,7 @@ from billing.models import UsageEvent
 
 from .config_cache import ConfigCache
 from .models import CatalogModel, CircuitBreaker, Provider
+from .upstream import PROVIDER_AT_FAULT
 
 # OK calls per model and provider that the percentiles are taken from (the latest ones).
 HEALTH_SAMPLE_SIZE = 5000
@@ -47,11 +48,9 @@ HEALTH_CACHE_SECONDS = 5.0
 
 _OK = Q(status=UsageEvent.Status.OK)
 _FAILED = Q(status=UsageEvent.Status.UPSTREAM_ERROR)
-# Failed on the provider's side: no answer at all (timeout, connection), 429 or 5xx. A
-# 4xx other than 429 is the request's own fault: the provider was there to refuse it.
-_PROVIDER_FAILED = _FAILED & (
-    Q(upstream_status__isnull=True) | Q(upstream_status=429) | Q(upstream_status__gte=500)
-)
+# Failed on the provider's side (routing.upstream.provider_at_fault): no answer, 429,
+# 5xx, an unusable answer. Another 4xx is the request's own fault: the provider was there.
+_PROVIDER_FAILED = _FAILED & PROVIDER_AT_FAULT
 # Time spent generating: after the first token when streamed, else the whole call.
 _GENERATION_MS = Case(
     When(

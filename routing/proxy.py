@@ -63,8 +63,6 @@ from .errors import (
     NoTargetAvailable,
     RateLimitExceeded,
     UpstreamFailed,
-    UpstreamRateLimited,
-    UpstreamTimeout,
 )
 from .models import CatalogModel, CircuitBreaker
 from .routes import (
@@ -422,18 +420,6 @@ def _failure(exc: Exception, call: ChatCall) -> UpstreamFailure:
     return upstream_failure(exc, call.model.provider, call.timeout)
 
 
-def _falls_through(failure: UpstreamFailure) -> bool:
-    """Whether a route moves on to its next target after this failure: after a timeout,
-    a connection error, a 429, a 5xx or an unusable answer; never after another 4xx,
-    which the next provider would refuse as well."""
-    if isinstance(failure.error, UpstreamTimeout | UpstreamRateLimited):
-        return True
-    status = failure.upstream_status
-    if status is not None and 400 <= status < 500:
-        return status == 429
-    return isinstance(failure.error, UpstreamFailed)
-
-
 def _breaker(action: Callable, *args, **kwargs):
     """Run a breaker update. Breakers are advisory: a database error there is logged and
     must not fail a call that has its answer, nor leave its hold and lease behind."""
@@ -493,7 +479,7 @@ def _attempt_first(call: ChatCall) -> None:
 def _attempt_failed(call: ChatCall, failure: UpstreamFailure, *, streamed: bool) -> None:
     """Record a failed attempt. Returns when the call goes on with its next target (now
     the current one); raises the error for the client when it does not."""
-    retry = call.route is not None and _falls_through(failure)
+    retry = call.route is not None and failure.provider_at_fault
     if call.route is not None:
         if retry:  # the provider's side failed: its breaker counts it
             _breaker(breaker.breaker_failure, call.model.pk, error=failure.error.message)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import httpx2
 import openai
 from django.conf import settings
+from django.db.models import Q
 
 from .errors import (
     GatewayError,
@@ -93,6 +94,28 @@ class UpstreamFailure:
 
     error: GatewayError
     upstream_status: int | None
+
+    @property
+    def provider_at_fault(self) -> bool:
+        return provider_at_fault(self.upstream_status)
+
+
+def provider_at_fault(upstream_status: int | None) -> bool:
+    """Whether a failed upstream call is the provider's doing: no answer (timeout,
+    unreachable, not configured), a 429, a 5xx, or an unusable 200. Another 4xx is the
+    request's own fault, which the next provider would refuse too. Routes fall through
+    and breakers count on this; health's availability is the same rule over the ledger
+    (PROVIDER_AT_FAULT)."""
+    return upstream_status is None or upstream_status == 429 or not 400 <= upstream_status < 500
+
+
+# provider_at_fault as a filter on usage events' upstream_status.
+PROVIDER_AT_FAULT = (
+    Q(upstream_status__isnull=True)
+    | Q(upstream_status=429)
+    | Q(upstream_status__lt=400)
+    | Q(upstream_status__gte=500)
+)
 
 
 def upstream_failure(

@@ -374,3 +374,17 @@ def test_counters_take_in_late_usage_of_hours_ago_and_never_go_down(client, shop
         ("provider", "p"),
     )
     assert samples[uncached] == 60
+
+
+def test_an_unusable_answer_counts_against_the_provider_as_routes_do(shop):
+    """A 200 that is no chat completion makes a route move on and its breaker count: the
+    provider's fault, so availability drops, like for a 5xx; a 400 does not."""
+    _, (key, _), model = shop
+    call(key, model, at=NOW)
+    call(key, model, at=NOW, status=FAILED, upstream_status=200)
+    call(key, model, at=NOW, status=FAILED, upstream_status=422)
+
+    row = row_of(model_health(now=NOW))
+
+    assert (row.requests, row.errors, row.provider_errors) == (3, 2, 1)
+    assert row.availability == pytest.approx(2 / 3)
