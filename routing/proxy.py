@@ -285,6 +285,14 @@ def target_cost_bound(body: dict, model: CatalogModel, units: UnitPrices) -> Dec
     return (prompt_bound * input_unit + output_bound * units.output).scaleb(-6)
 
 
+def budget_skip_reason(bound: Decimal, remaining: Decimal) -> str:
+    """Why a route skips a target its worst-case cost does not fit the budget for."""
+    return (
+        f"may cost up to {usd_format(bound)}, more than the {usd_format(remaining)} left "
+        "in the monthly budget"
+    )
+
+
 def chat_cost_bound(call: ChatCall) -> Decimal:
     """The worst-case cost of a call: of its dearest target still to try."""
     targets = call.targets or [Target(call.model, call.units)]
@@ -327,11 +335,7 @@ def chat_admit(call: ChatCall) -> None:
                     fits.append(target)
                 else:
                     call.skipped.append(
-                        (
-                            target.model.public_id,
-                            f"may cost up to {usd_format(bound)}, more than the "
-                            f"{usd_format(exc.remaining)} left in the monthly budget",
-                        )
+                        (target.model.public_id, budget_skip_reason(bound, exc.remaining))
                     )
             if not fits:
                 raise no_target_error(call.route, call.skipped) from None

@@ -14,13 +14,13 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.response import Response
 
-from tenants.budgets import budget_status, usd_format
+from tenants.budgets import budget_status
 from tenants.models import ApiKey, Budget
 from tenants.selectors import model_for_key, tenant_allows, tenants_visible_to
 
 from ..errors import GatewayError
 from ..models import CatalogModel, Route, RouteTarget
-from ..proxy import no_target_error, route_plan_for, target_cost_bound
+from ..proxy import budget_skip_reason, no_target_error, route_plan_for, target_cost_bound
 from ..routes import (
     ROUTE_NAME,
     TargetDraft,
@@ -288,13 +288,7 @@ def route_explain(route: Route, body: dict, *, key, tenant, split_key: str) -> d
     for target, candidate in zip(targets, plan.candidates, strict=True):
         bound = target_cost_bound(body, target.model, target.units)
         if remaining is not None and bound > remaining:
-            skipped.append(
-                (
-                    target.model.public_id,
-                    f"may cost up to {usd_format(bound)}, more than the "
-                    f"{usd_format(remaining)} left in the monthly budget",
-                )
-            )
+            skipped.append((target.model.public_id, budget_skip_reason(bound, remaining)))
             continue
         timeout = target.timeout or target.model.provider.timeout_seconds
         answer["attempts"].append(
