@@ -7,6 +7,7 @@ from functools import cache
 from django.db import connection
 from django.db.models import QuerySet
 
+from config.db import fetch_one, model_from_row
 from routing.config_cache import ConfigCache
 from routing.models import CatalogModel
 from routing.routes import RouteSpec, route_models, routes_all
@@ -38,10 +39,16 @@ def api_key_for_digest(digest: str) -> ApiKey | None:
     as `key.tenant_status`, `key.tenant_timezone` and `key.tenant_budget_version`.
 
     Runs on every request and must see revocations at once, so it is not cached; written
-    as one plain statement because building the equivalent ORM query costs three times
-    more CPU than running it.
+    as one plain, prepared statement (config.db) because building the equivalent ORM
+    query costs three times more CPU than running it.
     """
-    return next(iter(ApiKey.objects.raw(_api_key_sql(), [digest])), None)
+    row = fetch_one(_api_key_sql(), [digest])
+    if row is None:
+        return None
+    fields = len(ApiKey._meta.concrete_fields)
+    key = model_from_row(ApiKey, row[:fields])
+    key.tenant_status, key.tenant_timezone, key.tenant_budget_version = row[fields:]
+    return key
 
 
 _allowlists = ConfigCache(maxsize=100_000)

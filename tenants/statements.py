@@ -15,6 +15,8 @@ from functools import cache
 
 from django.db import connection
 
+from config.db import fetch_one, row_count
+
 from .models import ApiKey, BudgetPeriod, BudgetReservation, KeyLease, RateWindow
 
 # Stands for "no limit" in the conditions below (BIGINT-safe on both databases).
@@ -30,18 +32,6 @@ def _names(model) -> tuple[str, dict[str, str]]:
 def _at(value: datetime):
     """A datetime as the database stores it (naive UTC text on SQLite)."""
     return connection.ops.adapt_datetimefield_value(value)
-
-
-def _run(sql: str, params: list) -> tuple | None:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchone() if cursor.description else None
-
-
-def _rowcount(sql: str, params: list) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount
 
 
 # --- rate windows --------------------------------------------------------------------------
@@ -63,7 +53,7 @@ def window_admit(
 ) -> tuple[int, int] | None:
     """Count a request in the key's window if both limits leave room: (requests, tokens)
     after counting, or None (no room, or no window yet)."""
-    row = _run(
+    row = fetch_one(
         _window_admit_sql(),
         [key_id, _at(window_start), rpm or UNLIMITED, tpm or UNLIMITED],
     )
@@ -80,7 +70,7 @@ def _window_tokens_sql() -> str:
 
 
 def window_tokens_add(*, key_id: int, window_start: datetime, tokens: int) -> None:
-    _rowcount(_window_tokens_sql(), [tokens, key_id, _at(window_start)])
+    row_count(_window_tokens_sql(), [tokens, key_id, _at(window_start)])
 
 
 # --- concurrency leases ----------------------------------------------------------------------
@@ -98,7 +88,7 @@ def _key_lock_sql() -> str:
 
 def key_lock(*, key_id: int) -> None:
     """Hold the key's row until the transaction ends (call it inside one)."""
-    _run(_key_lock_sql(), [key_id])
+    fetch_one(_key_lock_sql(), [key_id])
 
 
 @cache
@@ -111,7 +101,7 @@ def _leases_live_sql() -> str:
 
 
 def leases_live(*, key_id: int, at: datetime) -> int:
-    return _run(_leases_live_sql(), [key_id, _at(at)])[0]
+    return fetch_one(_leases_live_sql(), [key_id, _at(at)])[0]
 
 
 @cache
@@ -124,7 +114,7 @@ def _lease_insert_sql() -> str:
 
 
 def lease_insert(*, key_id: int, request_id: str, expires_at: datetime) -> None:
-    _rowcount(_lease_insert_sql(), [key_id, request_id, _at(expires_at)])
+    row_count(_lease_insert_sql(), [key_id, request_id, _at(expires_at)])
 
 
 @cache
@@ -134,7 +124,7 @@ def _lease_expire_sql() -> str:
 
 
 def lease_expire(*, request_id: str, at: datetime) -> None:
-    _rowcount(_lease_expire_sql(), [_at(at), request_id])
+    row_count(_lease_expire_sql(), [_at(at), request_id])
 
 
 # --- budget periods and reservations -----------------------------------------------------
@@ -151,7 +141,7 @@ def _period_reserve_sql() -> str:
 
 def period_reserve(*, period_id: int, amount_pico: int, limit_pico: int) -> bool:
     """Add to reserved if spent + reserved + amount stays within the limit."""
-    return _rowcount(_period_reserve_sql(), [amount_pico, period_id, amount_pico, limit_pico]) == 1
+    return row_count(_period_reserve_sql(), [amount_pico, period_id, amount_pico, limit_pico]) == 1
 
 
 @cache
@@ -166,7 +156,7 @@ def _period_settle_sql() -> str:
 
 def period_settle(*, period_id: int, held_pico: int, cost_pico: int) -> int | None:
     """Release a hold and add a cost; the period's spent afterwards (None: no such row)."""
-    row = _run(_period_settle_sql(), [held_pico, cost_pico, period_id])
+    row = fetch_one(_period_settle_sql(), [held_pico, cost_pico, period_id])
     return row[0] if row else None
 
 
@@ -194,4 +184,4 @@ def _reservations_delete_sql() -> str:
 
 
 def reservations_delete(*, request_id: str) -> None:
-    _rowcount(_reservations_delete_sql(), [request_id])
+    row_count(_reservations_delete_sql(), [request_id])

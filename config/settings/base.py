@@ -69,6 +69,10 @@ TEMPLATES = [
 
 # --- Database -------------------------------------------------------------------------
 
+# The per-call statements are prepared on PostgreSQL (config.db). Off only behind a
+# transaction-mode connection pooler that cannot keep prepared statements (PgBouncer
+# before 1.21, or without max_prepared_statements).
+TOLLGATE_DATABASE_PREPARE = env.bool("TOLLGATE_DATABASE_PREPARE", default=True)
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock at BEGIN
@@ -84,9 +88,16 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Django's native psycopg pool: a long SSE stream gives its connection back while it
     # relays, so a few connections serve hundreds of concurrent streams.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
-    # With the pool, Django checks each connection as it leaves the pool (one empty
-    # round trip), so that after a database restart no request gets a dead one.
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # Checking each connection as it leaves the pool costs a round trip per checkout
+    # (two per call). Off by default: the per-call statements run again once on a fresh
+    # connection when theirs is dead, and have the pool check the rest then (config.db).
+    # Other pages may get one error per dead connection after a database restart.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DATABASE_POOL_CHECKS", default=False)
+    if TOLLGATE_DATABASE_PREPARE:
+        # psycopg prepares nothing on a connection without a threshold (Django's default);
+        # Django's own cursors bind on the client and never prepare, so this applies to
+        # config.db's statements only.
+        DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = 5
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": env.int("DATABASE_POOL_MIN", default=2),
         "max_size": env.int("DATABASE_POOL_MAX", default=20),

@@ -1,0 +1,124 @@
+"""Running the gateway's hand-written per-call statements (key lookup, usage INSERT,
+budget and rate-limit counters).
+
+Two things the ORM's cursor does not do for them:
+
+- On PostgreSQL each statement is prepared (parsed and planned once per pooled
+  connection, then only executed): psycopg's server-side binding with `prepare=True`.
+  Django's own cursors bind on the client and never prepare, which keeps external
+  connection poolers happy; the gateway uses Django's in-process pool, where a
+  connection and its prepared statements stay together.
+- A statement outside a transaction whose pooled connection turns out to be dead (the
+  database restarted, or a connection was killed) is run again once on a fresh
+  connection, after the pool has checked and replaced the rest of its idle connections.
+  That is why the pool does not spend a round trip checking each connection it hands out
+  (DATABASE_POOL_CHECKS turns that back on). A connection the server has closed fails
+  before the statement runs, so running it again counts nothing twice; the statements
+  run this way are reads, writes a unique key makes idempotent (the usage event), and
+  counter updates for rate limits, where a connection lost in the middle of one could at
+  worst count a call's tokens twice.
+
+While Django logs queries (DEBUG, or a test capturing them) statements go through its
+cursor instead, unprepared, so that they show up in the log; and so they do when
+TOLLGATE_DATABASE_PREPARE is off (behind a pooler that cannot keep prepared statements).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def fetch_one(sql: str, params: Sequence[Any]) -> tuple | None:
+    return _execute(sql, params, lambda cursor: cursor.fetchone())
+
+
+def fetch_all(sql: str, params: Sequence[Any]) -> list[tuple]:
+    return _execute(sql, params, lambda cursor: cursor.fetchall())
+
+
+def row_count(sql: str, params: Sequence[Any]) -> int:
+    """Rows changed by an INSERT, UPDATE or DELETE."""
+    return _execute(sql, params, lambda cursor: cursor.rowcount)
+
+
+def model_from_row(model: type[T], values: Sequence[Any]) -> T:
+    """An instance of `model` from the values of its concrete fields' columns, in their
+    order, converted as the ORM converts them (SQLite's datetimes, for one)."""
+    attnames, converters = _from_db_plan(model)
+    if converters:
+        values = list(values)
+        for index, column, functions in converters:
+            for function in functions:
+                values[index] = function(values[index], column, connection)
+    return model.from_db(connection.alias, attnames, values)
+
+
+@cache
+def _from_db_plan(model) -> tuple[list[str], list[tuple[int, Any, list]]]:
+    fields = model._meta.concrete_fields
+    converters = []
+    for index, field in enumerate(fields):
+        column = field.get_col(model._meta.db_table)
+        functions = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        if functions:
+            converters.append((index, column, functions))
+    return [f.attname for f in fields], converters
+
+
+def _execute(sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
+    # The thread's own wrapper, looked up once: each `connection.x` is a lookup.
+    db = connections[DEFAULT_DB_ALIAS]
+    retry = not db.in_atomic_block
+    while True:
+        try:
+            return _execute_once(db, sql, params, read)
+        except OperationalError:
+            if not (retry and connection_broken()):
+                raise
+        retry = False
+        logger.warning("A pooled database connection was dead; running the statement again.")
+        connection_replace()
+
+
+def _execute_once(db, sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
+    with db.cursor() as cursor:
+        if db.vendor != "postgresql" or db.queries_logged or not settings.TOLLGATE_DATABASE_PREPARE:
+            cursor.execute(sql, params)
+            return read(cursor)
+        db.validate_no_broken_transaction()
+        with db.wrap_database_errors, _prepared_cursor(cursor) as prepared:
+            prepared.execute(sql, params, prepare=True)
+            return read(prepared)
+
+
+def _prepared_cursor(cursor):
+    import psycopg  # only on PostgreSQL
+
+    # A server-side binding cursor on the same psycopg connection (and transaction) as
+    # Django's client-side one, with the adapters Django configured on it.
+    return psycopg.Cursor(cursor.cursor.connection)
+
+
+def connection_broken() -> bool:
+    """Whether this thread's database connection is gone (not merely in error)."""
+    raw = connection.connection
+    return raw is None or bool(getattr(raw, "closed", False))
+
+
+def connection_replace() -> None:
+    """Drop this thread's dead connection; with a pool, have it check its idle ones too
+    (after a database restart they are all dead), so the next statement gets a live one."""
+    connection.close()
+    pool = getattr(connection, "pool", None)
+    if pool is not None:
+        pool.check()
