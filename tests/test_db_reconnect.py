@@ -132,7 +132,8 @@ def gateway_on_scratch(scratch_database, mock_upstream):
     seeded = json.loads(
         _run("-m", "bench.seed", "--mock-url", mock_upstream.url("openai")).splitlines()[-1]
     )
-    gateway = gunicorn_gateway_start(scratch_database)
+    # Small pools: the suite's other servers hold many connections of the same server.
+    gateway = gunicorn_gateway_start(scratch_database, DATABASE_POOL_MIN="1", DATABASE_POOL_MAX="3")
     client = openai.OpenAI(base_url=gateway.url, api_key=seeded["secret"], max_retries=0)
     yield client, seeded["model"]
     gateway.stop()

@@ -98,8 +98,11 @@ def gunicorn_gateway_start(database_url: str, **env_overrides: str) -> GunicornG
         GUNICORN_LOGLEVEL="warning",
         # Each test builds its own catalog: no snapshot may outlive it.
         TOLLGATE_CONFIG_CACHE_SECONDS="0",
-        **env_overrides,
+        # Several servers share one PostgreSQL (max_connections 100) during a run; grown
+        # pools keep their connections for minutes.
+        DATABASE_POOL_MAX="8",
     )
+    env.update(env_overrides)
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "platform/gunicorn.conf.py", "config.wsgi"],
         cwd=ROOT,
