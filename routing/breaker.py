@@ -14,22 +14,40 @@ zero when the call started; a failure of another process during the call is coun
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import cache
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
+
+from config.db import fetch_all, model_from_row
 
 from .models import CircuitBreaker
 
 
 def breakers_dirty(model_ids: list[int]) -> dict[int, CircuitBreaker]:
     """The breakers among these models that are not plainly closed (open, half-open, or
-    counting failures), by model id. One query."""
-    rows = CircuitBreaker.objects.filter(model_id__in=model_ids).filter(
-        Q(open_until__isnull=False) | Q(consecutive_failures__gt=0)
+    counting failures), by model id. One prepared statement (config.db): every routed
+    call runs it."""
+    if not model_ids:
+        return {}
+    rows = fetch_all(_breakers_dirty_sql(len(model_ids)), model_ids)
+    breakers = (model_from_row(CircuitBreaker, row) for row in rows)
+    return {b.model_id: b for b in breakers}
+
+
+@cache
+def _breakers_dirty_sql(count: int) -> str:
+    quote = connection.ops.quote_name
+    c = {f.name: quote(f.column) for f in CircuitBreaker._meta.concrete_fields}
+    columns = ", ".join(quote(f.column) for f in CircuitBreaker._meta.concrete_fields)
+    # Built from model metadata only; the ids travel as parameters.
+    return (
+        f"SELECT {columns} FROM {quote(CircuitBreaker._meta.db_table)} "  # noqa: S608
+        f"WHERE {c['model']} IN ({', '.join(['%s'] * count)}) "
+        f"AND ({c['open_until']} IS NOT NULL OR {c['consecutive_failures']} > 0)"
     )
-    return {b.model_id: b for b in rows}
 
 
 def breaker_skip_reason(breaker: CircuitBreaker | None, now: datetime) -> str | None:
