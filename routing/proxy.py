@@ -41,7 +41,13 @@ from billing.metering import (
 from billing.models import UsageEvent
 from billing.pricing import UnitPrices, unit_prices, unit_prices_for_call
 from billing.services import UsageFacts, usage_record
-from tenants.budgets import BudgetExceeded, budget_release, budget_reserve, usd_format
+from tenants.budgets import (
+    BudgetExceeded,
+    budget_release,
+    budget_reserve,
+    budgets_for_key,
+    usd_format,
+)
 from tenants.limits import (
     LEASE_TTL,
     RateLimited,
@@ -306,6 +312,14 @@ def chat_admit(call: ChatCall) -> None:
     A route's targets whose worst-case cost does not fit the budget are skipped (the call
     holds the worst case of the dearest target left); a direct call is refused.
     """
+    key = call.key
+    if (key.rpm_limit, key.tpm_limit, key.concurrency_limit) == (None, None, None) and not any(
+        b.hard
+        for b in budgets_for_key(
+            tenant_id=key.tenant_id, key_id=key.pk, version=key.tenant_budget_version
+        )
+    ):
+        return  # nothing to count or hold: no transaction, no cost bound
     while True:
         cost = chat_cost_bound(call)
         try:
