@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -207,8 +208,21 @@ def chat_completion(client: openai.OpenAI, body: Mapping, timeout: float | None 
     which costs more CPU than the rest of the request path.
     """
     options = {"timeout": _timeout(timeout)} if timeout is not None else {}
-    response = client.post("/chat/completions", body=body, cast_to=httpx2.Response, options=options)
+    response = client.post(_chat_url(client), body=body, cast_to=httpx2.Response, options=options)
     return response.content
+
+
+_chat_urls: weakref.WeakKeyDictionary[openai.OpenAI, str] = weakref.WeakKeyDictionary()
+
+
+def _chat_url(client: openai.OpenAI) -> str:
+    """The client's absolute chat completions URL, built once per client: the SDK takes
+    an absolute URL as it is, where it would join a relative one to its base URL (and
+    parse both) on every call."""
+    url = _chat_urls.get(client)
+    if url is None:
+        url = _chat_urls[client] = f"{client.base_url}chat/completions"
+    return url
 
 
 class UpstreamStream:
