@@ -189,8 +189,10 @@ def gateway_start(
     log_dir: Path,
     gunicorn_conf: str = GUNICORN_CONF,
     extra_env: dict[str, str] | None = None,
+    root: Path = ROOT,
 ) -> Gateway:
-    """Start the gateway on a free port and return once /v1/models answers 200."""
+    """Start the gateway on a free port and return once /v1/models answers 200. `root`:
+    the checkout whose code it runs (bench.compare runs an older commit beside this one)."""
     port = procs.free_port()
     values = dict(env.values)
     values.update(
@@ -232,7 +234,7 @@ def gateway_start(
     with log_path.open("w") as log:
         process = subprocess.Popen(  # noqa: S603 (fixed arguments, no shell)
             command,
-            cwd=ROOT,
+            cwd=root,
             env=values,
             stdout=log,
             stderr=subprocess.STDOUT,
