@@ -110,9 +110,11 @@ def _prepared_cursor(cursor):
 
 
 def connection_broken() -> bool:
-    """Whether this thread's database connection is gone (not merely in error)."""
+    """Whether this thread had a database connection that is now gone (not merely in
+    error). Not when no connection could be had at all (the database down, the pool
+    exhausted): another try would only wait as long again."""
     raw = connection.connection
-    return raw is None or bool(getattr(raw, "closed", False))
+    return raw is not None and bool(getattr(raw, "closed", False))
 
 
 def connection_replace() -> None:
