@@ -9,7 +9,7 @@ from functools import cache
 
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 
-from config.db import fetch_one
+from config.db import fetch_one, sql_names
 from routing.models import CatalogModel, ModelPrice
 from tenants.budgets import budget_settle, budgets_for_key
 
@@ -65,13 +65,14 @@ class UsageFacts:
 
 @cache
 def _usage_insert_plan() -> tuple[str, list]:
-    quote = connection.ops.quote_name
+    table, c = sql_names(UsageEvent)
     fields = [f for f in UsageEvent._meta.concrete_fields if not f.primary_key]
-    columns = ", ".join(quote(f.column) for f in fields)
+    columns = ", ".join(c[f.name] for f in fields)
     values = ", ".join(["%s"] * len(fields))
-    pk = quote(UsageEvent._meta.pk.column)
     # Built from model metadata only; every value travels as a parameter.
-    sql = f"INSERT INTO {quote(UsageEvent._meta.db_table)} ({columns}) VALUES ({values}) RETURNING {pk}"  # noqa: E501, S608
+    sql = (
+        f"INSERT INTO {table} ({columns}) VALUES ({values}) RETURNING {c[UsageEvent._meta.pk.name]}"  # noqa: S608
+    )
     return sql, fields
 
 

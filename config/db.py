@@ -51,6 +51,14 @@ def row_count(sql: str, params: Sequence[Any]) -> int:
     return _execute(sql, params, lambda cursor: cursor.rowcount)
 
 
+def sql_names(model) -> tuple[str, dict[str, str]]:
+    """A model's quoted table name and its concrete fields' quoted column names, by field
+    name, in field order (the order `model_from_row` reads), for hand-written statements."""
+    quote = connection.ops.quote_name
+    columns = {f.name: quote(f.column) for f in model._meta.concrete_fields}
+    return quote(model._meta.db_table), columns
+
+
 def model_from_row(model: type[T], values: Sequence[Any]) -> T:
     """An instance of `model` from the values of its concrete fields' columns, in their
     order, converted as the ORM converts them (SQLite's datetimes, for one)."""

@@ -17,11 +17,11 @@ from datetime import datetime, timedelta
 from functools import cache
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from config.db import fetch_all, model_from_row
+from config.db import fetch_all, model_from_row, sql_names
 
 from .models import CircuitBreaker
 
@@ -39,12 +39,10 @@ def breakers_dirty(model_ids: list[int]) -> dict[int, CircuitBreaker]:
 
 @cache
 def _breakers_dirty_sql(count: int) -> str:
-    quote = connection.ops.quote_name
-    c = {f.name: quote(f.column) for f in CircuitBreaker._meta.concrete_fields}
-    columns = ", ".join(quote(f.column) for f in CircuitBreaker._meta.concrete_fields)
+    table, c = sql_names(CircuitBreaker)
     # Built from model metadata only; the ids travel as parameters.
     return (
-        f"SELECT {columns} FROM {quote(CircuitBreaker._meta.db_table)} "  # noqa: S608
+        f"SELECT {', '.join(c.values())} FROM {table} "  # noqa: S608
         f"WHERE {c['model']} IN ({', '.join(['%s'] * count)}) "
         f"AND ({c['open_until']} IS NOT NULL OR {c['consecutive_failures']} > 0)"
     )

@@ -15,18 +15,12 @@ from functools import cache
 
 from django.db import connection
 
-from config.db import fetch_one, row_count
+from config.db import fetch_one, row_count, sql_names
 
 from .models import ApiKey, BudgetPeriod, BudgetReservation, KeyLease, RateWindow
 
 # Stands for "no limit" in the conditions below (BIGINT-safe on both databases).
 UNLIMITED = 2**62
-
-
-def _names(model) -> tuple[str, dict[str, str]]:
-    quote = connection.ops.quote_name
-    columns = {f.name: quote(f.column) for f in model._meta.concrete_fields}
-    return quote(model._meta.db_table), columns
 
 
 def _at(value: datetime):
@@ -39,7 +33,7 @@ def _at(value: datetime):
 
 @cache
 def _window_admit_sql() -> str:
-    table, c = _names(RateWindow)
+    table, c = sql_names(RateWindow)
     return (
         f"UPDATE {table} SET {c['requests']} = {c['requests']} + 1 "  # noqa: S608
         f"WHERE {c['api_key']} = %s AND {c['window_start']} = %s "
@@ -62,7 +56,7 @@ def window_admit(
 
 @cache
 def _window_tokens_sql() -> str:
-    table, c = _names(RateWindow)
+    table, c = sql_names(RateWindow)
     return (
         f"UPDATE {table} SET {c['tokens']} = {c['tokens']} + %s "  # noqa: S608
         f"WHERE {c['api_key']} = %s AND {c['window_start']} = %s"
@@ -78,7 +72,7 @@ def window_tokens_add(*, key_id: int, window_start: datetime, tokens: int) -> No
 
 @cache
 def _key_lock_sql() -> str:
-    table, c = _names(ApiKey)
+    table, c = sql_names(ApiKey)
     # FOR NO KEY UPDATE serialises lease counting without blocking the inserts of rows
     # that reference the key. SQLite has no row locks and needs none: its write
     # transactions run one at a time.
@@ -93,7 +87,7 @@ def key_lock(*, key_id: int) -> None:
 
 @cache
 def _leases_live_sql() -> str:
-    table, c = _names(KeyLease)
+    table, c = sql_names(KeyLease)
     return (
         f"SELECT COUNT(*) FROM {table} "  # noqa: S608
         f"WHERE {c['api_key']} = %s AND {c['expires_at']} > %s"
@@ -106,7 +100,7 @@ def leases_live(*, key_id: int, at: datetime) -> int:
 
 @cache
 def _lease_insert_sql() -> str:
-    table, c = _names(KeyLease)
+    table, c = sql_names(KeyLease)
     return (
         f"INSERT INTO {table} ({c['api_key']}, {c['request_id']}, {c['expires_at']}) "  # noqa: S608
         "VALUES (%s, %s, %s)"
@@ -119,7 +113,7 @@ def lease_insert(*, key_id: int, request_id: str, expires_at: datetime) -> None:
 
 @cache
 def _lease_expire_sql() -> str:
-    table, c = _names(KeyLease)
+    table, c = sql_names(KeyLease)
     return f"UPDATE {table} SET {c['expires_at']} = %s WHERE {c['request_id']} = %s"  # noqa: S608
 
 
@@ -132,7 +126,7 @@ def lease_expire(*, request_id: str, at: datetime) -> None:
 
 @cache
 def _period_reserve_sql() -> str:
-    table, c = _names(BudgetPeriod)
+    table, c = sql_names(BudgetPeriod)
     return (
         f"UPDATE {table} SET {c['reserved_pico']} = {c['reserved_pico']} + %s "  # noqa: S608
         f"WHERE {c['id']} = %s AND {c['spent_pico']} + {c['reserved_pico']} + %s <= %s"
@@ -146,7 +140,7 @@ def period_reserve(*, period_id: int, amount_pico: int, limit_pico: int) -> bool
 
 @cache
 def _period_settle_sql() -> str:
-    table, c = _names(BudgetPeriod)
+    table, c = sql_names(BudgetPeriod)
     return (
         f"UPDATE {table} SET {c['reserved_pico']} = {c['reserved_pico']} - %s, "  # noqa: S608
         f"{c['spent_pico']} = {c['spent_pico']} + %s WHERE {c['id']} = %s "
@@ -162,7 +156,7 @@ def period_settle(*, period_id: int, held_pico: int, cost_pico: int) -> int | No
 
 @cache
 def _reservation_insert_sql() -> str:
-    table, c = _names(BudgetReservation)
+    table, c = sql_names(BudgetReservation)
     return (
         f"INSERT INTO {table} ({c['period']}, {c['request_id']}, {c['amount_pico']}, "  # noqa: S608
         f"{c['created_at']}) VALUES (%s, %s, %s, %s)"
@@ -179,7 +173,7 @@ def reservations_insert(*, request_id: str, holds: dict[int, int], at: datetime)
 
 @cache
 def _reservations_delete_sql() -> str:
-    table, c = _names(BudgetReservation)
+    table, c = sql_names(BudgetReservation)
     return f"DELETE FROM {table} WHERE {c['request_id']} = %s"  # noqa: S608
 
 
