@@ -45,7 +45,7 @@ from tenants.budgets import (
     BudgetExceeded,
     budget_release,
     budget_reserve,
-    budgets_for_key,
+    hard_budgets,
     usd_format,
 )
 from tenants.limits import (
@@ -55,6 +55,7 @@ from tenants.limits import (
     key_lease_renew,
     rate_limit_admit,
     rate_limit_release,
+    rate_limited,
 )
 from tenants.models import ApiKey
 from tenants.selectors import model_for_key
@@ -312,13 +313,7 @@ def chat_admit(call: ChatCall) -> None:
     A route's targets whose worst-case cost does not fit the budget are skipped (the call
     holds the worst case of the dearest target left); a direct call is refused.
     """
-    key = call.key
-    if (key.rpm_limit, key.tpm_limit, key.concurrency_limit) == (None, None, None) and not any(
-        b.hard
-        for b in budgets_for_key(
-            tenant_id=key.tenant_id, key_id=key.pk, version=key.tenant_budget_version
-        )
-    ):
+    if not rate_limited(call.key) and not hard_budgets(call.key):
         return  # nothing to count or hold: no transaction, no cost bound
     while True:
         cost = chat_cost_bound(call)

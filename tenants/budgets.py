@@ -158,6 +158,14 @@ def _period_id(
     return period_id
 
 
+def hard_budgets(key: ApiKey) -> list[Budget]:
+    """The hard budgets over the key's calls (cached with `budgets_for_key`)."""
+    budgets = budgets_for_key(
+        tenant_id=key.tenant_id, key_id=key.pk, version=key.tenant_budget_version
+    )
+    return [b for b in budgets if b.hard]
+
+
 def budget_reserve(
     *, key: ApiKey, tz_name: str, request_id: str, at: datetime, amount: Decimal
 ) -> dict[int, int]:
@@ -166,10 +174,7 @@ def budget_reserve(
     Raises BudgetExceeded (holding nothing) when it does not fit one of them. Returns the
     holds, {period id: picodollars}, for `budget_settle`; empty when nothing was held.
     """
-    budgets = budgets_for_key(
-        tenant_id=key.tenant_id, key_id=key.pk, version=key.tenant_budget_version
-    )
-    hard = [b for b in budgets if b.hard]
+    hard = hard_budgets(key)
     if not hard:
         return {}
     needed = usd_to_pico(amount)

@@ -64,12 +64,17 @@ def _window_start(at: datetime) -> datetime:
     return at.replace(second=0, microsecond=0)
 
 
+def rate_limited(key: ApiKey) -> bool:
+    """Whether the key has any limit a call counts against."""
+    return (key.rpm_limit, key.tpm_limit, key.concurrency_limit) != (None, None, None)
+
+
 def rate_limit_admit(*, key: ApiKey, request_id: str, at: datetime) -> RateState | None:
     """Count the call against the key's limits, or raise RateLimited (counting nothing).
     Returns the state for the headers (None for a key without per-minute limits)."""
-    per_minute = key.rpm_limit is not None or key.tpm_limit is not None
-    if not per_minute and key.concurrency_limit is None:
+    if not rate_limited(key):
         return None
+    per_minute = key.rpm_limit is not None or key.tpm_limit is not None
     # One transaction (the caller's, if any): the count read back is this call's own,
     # the row staying locked until it commits.
     with transaction.atomic(savepoint=False):
