@@ -18,9 +18,10 @@ Two things the ORM's cursor does not do for them:
   counter updates for rate limits, where a connection lost in the middle of one could at
   worst count a call's tokens twice.
 
-While Django logs queries (DEBUG, or a test capturing them) statements go through its
-cursor instead, unprepared, so that they show up in the log; and so they do when
-TOLLGATE_DATABASE_PREPARE is off (behind a pooler that cannot keep prepared statements).
+While Django logs queries (DEBUG, or a test capturing them) or has execute wrappers
+installed, statements go through its cursor instead, unprepared, so that they show up in
+the log and pass the wrappers; and so they do when TOLLGATE_DATABASE_PREPARE is off
+(behind a pooler that cannot keep prepared statements).
 """
 
 from __future__ import annotations
@@ -99,22 +100,37 @@ def _execute(sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
 
 
 def _execute_once(db, sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
-    with db.cursor() as cursor:
-        if db.vendor != "postgresql" or db.queries_logged or not settings.TOLLGATE_DATABASE_PREPARE:
+    if (
+        db.vendor != "postgresql"
+        or db.queries_logged
+        or db.execute_wrappers
+        or not settings.TOLLGATE_DATABASE_PREPARE
+    ):
+        with db.cursor() as cursor:
             cursor.execute(sql, params)
             return read(cursor)
-        db.validate_no_broken_transaction()
-        with db.wrap_database_errors, _prepared_cursor(cursor) as prepared:
-            prepared.execute(sql, params, prepare=True)
-            return read(prepared)
+    # The checks `db.cursor()` and its `execute()` make, without the two cursor objects
+    # (Django's wrapper and psycopg's client-side cursor) they would build per statement.
+    db.close_if_health_check_failed()
+    db.ensure_connection()
+    db.validate_thread_sharing()
+    db.validate_no_broken_transaction()
+    with db.wrap_database_errors:
+        cursor = _prepared_cursor(db.connection)
+        cursor.execute(sql, params, prepare=True)
+        return read(cursor)
 
 
-def _prepared_cursor(cursor):
-    import psycopg  # only on PostgreSQL
+def _prepared_cursor(raw):
+    """The psycopg connection's server-side binding cursor, made once and kept on it (a
+    pooled connection serves one thread at a time, and its cursor with it), using the
+    adapters Django configured on the connection."""
+    cursor = getattr(raw, "_tollgate_cursor", None)
+    if cursor is None:
+        import psycopg  # only on PostgreSQL
 
-    # A server-side binding cursor on the same psycopg connection (and transaction) as
-    # Django's client-side one, with the adapters Django configured on it.
-    return psycopg.Cursor(cursor.cursor.connection)
+        cursor = raw._tollgate_cursor = psycopg.Cursor(raw)
+    return cursor
 
 
 def connection_broken() -> bool:
