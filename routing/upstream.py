@@ -9,6 +9,7 @@ the client's own SDK retries, and a retry must not be hidden inside one metered 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -63,6 +64,7 @@ def upstream_client(provider: Provider) -> openai.OpenAI:
             base_url=provider.base_url,
             max_retries=0,
             timeout=timeout,
+            default_headers=_sdk_telemetry_omitted(),
             http_client=openai.DefaultHttpx2Client(
                 timeout=timeout,
                 limits=httpx2.Limits(max_connections=limit, max_keepalive_connections=limit),
@@ -71,6 +73,23 @@ def upstream_client(provider: Provider) -> openai.OpenAI:
         # The old client is not closed: streams still running on it finish undisturbed.
         _clients[provider.pk] = (config, client)
         return client
+
+
+# The SDK's telemetry headers (X-Stainless-*: its version, the OS, CPU architecture and
+# Python version, a retry count, the read timeout) are left out of upstream requests: they
+# tell providers about the gateway's machine and nothing providers use, and each one costs
+# header processing on every call. Omit() is the SDK's documented way to drop a header.
+@functools.cache
+def _sdk_telemetry_omitted() -> dict[str, openai.Omit]:
+    with openai.OpenAI(api_key="-", base_url="http://127.0.0.1:9/v1") as probe:
+        names = [name for name in probe.default_headers if name.lower().startswith("x-stainless-")]
+    return {name: openai.Omit() for name in names}
+
+
+# Added per request unless the request's own headers name them.
+_PER_CALL_OPTIONS = {
+    "headers": {"X-Stainless-Retry-Count": openai.Omit(), "X-Stainless-Read-Timeout": openai.Omit()}
+}
 
 
 def upstream_warm_up() -> None:
@@ -207,7 +226,9 @@ def chat_completion(client: openai.OpenAI, body: Mapping, timeout: float | None 
     any endpoint) sends the body as it is and skips the typed parameter transformation,
     which costs more CPU than the rest of the request path.
     """
-    options = {"timeout": _timeout(timeout)} if timeout is not None else {}
+    options = _PER_CALL_OPTIONS
+    if timeout is not None:
+        options = {**options, "timeout": _timeout(timeout)}
     response = client.post(_chat_url(client), body=body, cast_to=httpx2.Response, options=options)
     return response.content
 
@@ -269,6 +290,11 @@ def chat_completion_stream(
     rest.pop("stream", None)
     extra = {"timeout": _timeout(timeout)} if timeout is not None else {}
     manager = client.chat.completions.with_streaming_response.create(
-        model=model, messages=messages, stream=True, extra_body=rest, **extra
+        model=model,
+        messages=messages,
+        stream=True,
+        extra_body=rest,
+        extra_headers=_PER_CALL_OPTIONS["headers"],
+        **extra,
     )
     return UpstreamStream(manager.__enter__())
