@@ -55,6 +55,7 @@ from tenants.limits import (
     key_lease_renew,
     rate_limit_admit,
     rate_limit_release,
+    rate_limit_release_writes,
     rate_limited,
 )
 from tenants.models import ApiKey
@@ -410,21 +411,33 @@ def _meter(
         attempt=max(call.attempt, 1),
         settles=final,
     )
+    release = {
+        "key": call.key,
+        "request_id": call.request_id,
+        "at": call.received_at,
+        "tokens": buckets.prompt + buckets.completion,
+    }
     try:
+        if final and rate_limit_release_writes(call.key, release["tokens"]):
+            # The event and the key's release (its tokens, its lease) commit together:
+            # one commit (a WAL flush) instead of three. The release goes first: admission
+            # locks the key's rate window before its budgets, and so must this, or the
+            # two could deadlock.
+            with transaction.atomic():
+                rate_limit_release(**release)
+                event = usage_record(facts)
+            call.released = True
+            return event
         return usage_record(facts)
     except Exception:
         # The ledger is the product: leave everything needed to replay the row.
         logger.exception("Could not record usage: %r", facts)
         raise
     finally:
-        if final:
+        if final and not call.released:
+            # Also when recording failed: the lease must not wait for its expiry.
             call.released = True
-            rate_limit_release(
-                key=call.key,
-                request_id=call.request_id,
-                at=call.received_at,
-                tokens=buckets.prompt + buckets.completion,
-            )
+            rate_limit_release(**release)
 
 
 def _failure(exc: Exception, call: ChatCall) -> UpstreamFailure:

@@ -144,13 +144,24 @@ def key_lease_renew(*, request_id: str, now: datetime) -> None:
     KeyLease.objects.filter(request_id=request_id).update(expires_at=now + LEASE_TTL)
 
 
+def rate_limit_release_writes(key: ApiKey, tokens: int) -> bool:
+    """Whether `rate_limit_release` has anything to write for a call of `tokens` tokens."""
+    return (key.tpm_limit is not None and tokens > 0) or key.concurrency_limit is not None
+
+
 def rate_limit_release(*, key: ApiKey, request_id: str, at: datetime, tokens: int) -> None:
-    """A call has ended: count its tokens in its window and give its lease back."""
-    if key.tpm_limit is not None and tokens:
-        statements.window_tokens_add(key_id=key.pk, window_start=_window_start(at), tokens=tokens)
-    if key.concurrency_limit is not None:
-        # Expired at once (one UPDATE, no transaction); the beat task deletes the row.
-        statements.lease_expire(request_id=request_id, at=timezone.now())
+    """A call has ended: count its tokens in its window and give its lease back, in one
+    transaction (the caller's, if any: the proxy commits them with the usage event)."""
+    if not rate_limit_release_writes(key, tokens):
+        return
+    with transaction.atomic(savepoint=False):
+        if key.tpm_limit is not None and tokens > 0:
+            statements.window_tokens_add(
+                key_id=key.pk, window_start=_window_start(at), tokens=tokens
+            )
+        if key.concurrency_limit is not None:
+            # Expired at once; the beat task deletes the row.
+            statements.lease_expire(request_id=request_id, at=timezone.now())
 
 
 def key_leases_expire() -> int:

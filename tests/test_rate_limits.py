@@ -9,9 +9,12 @@ from datetime import timedelta
 import httpx2
 import openai
 import pytest
+from django.db import DatabaseError
 from django.utils import timezone
 
-from tenants.models import ApiKey, KeyLease
+from billing.models import UsageEvent
+from routing import proxy
+from tenants.models import ApiKey, KeyLease, RateWindow
 
 MESSAGES = [{"role": "user", "content": "hello there world"}]  # 6 prompt tokens at the mock
 
@@ -89,3 +92,32 @@ def test_the_sdk_retries_a_rate_limit_after_retry_after(world):
     completion = client.chat.completions.create(model="m-openai", messages=MESSAGES)
     assert completion.choices[0].message.content
     assert len(sent) == 2
+
+
+def test_a_failed_ledger_write_still_gives_the_lease_back_and_counts_tokens_once(
+    world, monkeypatch
+):
+    # The usage event and the key's release commit together. When the event cannot be
+    # written, neither half of that transaction stays; the release then runs on its own.
+    client = limited(world, concurrency_limit=1, tpm_limit=1000)
+    key = ApiKey.objects.get(tenant=world.tenant)
+    real = proxy.usage_record
+
+    def written_then_failed(facts):
+        real(facts)
+        raise DatabaseError("could not extend file: No space left on device")
+
+    monkeypatch.setattr("routing.proxy.usage_record", written_then_failed)
+    with pytest.raises(openai.InternalServerError) as caught:
+        create(client)
+    assert "Traceback" not in str(caught.value.body)
+    assert not UsageEvent.objects.exists()
+    window = RateWindow.objects.get(api_key=key)
+    assert (window.requests, window.tokens) == (1, 16)  # 6 + 10, counted once
+    assert not KeyLease.objects.filter(expires_at__gt=timezone.now()).exists()
+
+    monkeypatch.setattr("routing.proxy.usage_record", real)
+    # The lease is back: a key limited to one call at a time calls again at once.
+    second = create(client)
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - 16)
+    assert UsageEvent.objects.count() == 1
