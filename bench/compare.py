@@ -15,7 +15,7 @@ running this checkout and one a git worktree of REF. Then:
 
 REF must have this checkout's migrations (the database is migrated once, by this one).
 
-    python -m bench.compare HEAD~3 [--requests 3000] [--rps] [--rps-rounds 6]
+    python -m bench.compare HEAD~3 [--requests 3000] [--rps] [--rps-rounds 6] [--limits]
 """
 
 from __future__ import annotations
@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rps", action="store_true", help="also compare throughput")
     parser.add_argument("--rps-rounds", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="give the tenant and key hard budgets and rate limits (never reached)",
+    )
     args = parser.parse_args(argv)
 
     commit = _git("rev-parse", "--short", args.ref)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         mock = mock_start()
         stack.callback(mock.stop)
         mock_url = mock.url("openai")
-        key = database_prepare(env, mock_url)
+        key = database_prepare(env, mock_url, limits=args.limits)
         logs = ROOT / "bench-results" / "compare-logs"
         gateways = {}
         for name, root in (("A", worktree), ("B", ROOT)):
