@@ -1,13 +1,17 @@
 """Running the gateway's hand-written per-call statements (key lookup, usage INSERT,
 budget and rate-limit counters).
 
-Two things the ORM's cursor does not do for them:
+What the ORM's cursor does not do for them:
 
 - On PostgreSQL each statement is prepared (parsed and planned once per pooled
   connection, then only executed): psycopg's server-side binding with `prepare=True`.
   Django's own cursors bind on the client and never prepare, which keeps external
   connection poolers happy; the gateway uses Django's in-process pool, where a
   connection and its prepared statements stay together.
+- Outside a transaction, a thread holding no connection runs the statement on one taken
+  from Django's pool for it alone and given straight back, without Django's own checkout
+  and return (its connection state checks and signals, twice per call); the thread then
+  holds no connection while the call waits on its provider.
 - A statement outside a transaction whose pooled connection turns out to be dead (the
   database restarted, or a connection was killed) is run again once on a fresh
   connection, after the pool has checked and replaced the rest of its idle connections.
@@ -87,6 +91,10 @@ def _from_db_plan(model) -> tuple[list[str], list[tuple[int, Any, list]]]:
 def _execute(sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
     # The thread's own wrapper, looked up once: each `connection.x` is a lookup.
     db = connections[DEFAULT_DB_ALIAS]
+    if db.connection is None and not db.in_atomic_block and _prepares(db):
+        pool = getattr(db, "pool", None)
+        if pool is not None:
+            return _execute_pooled(db, pool, sql, params, read)
     retry = not db.in_atomic_block
     while True:
         try:
@@ -99,13 +107,47 @@ def _execute(sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
         connection_replace()
 
 
+def _prepares(db) -> bool:
+    """Whether statements run prepared on psycopg's own cursor (else Django's cursor)."""
+    return (
+        db.vendor == "postgresql"
+        and not db.queries_logged
+        and not db.execute_wrappers
+        and settings.TOLLGATE_DATABASE_PREPARE
+    )
+
+
+def _execute_pooled(db, pool, sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
+    """One statement in autocommit on a connection taken from Django's pool for it alone
+    and given straight back: the thread holds no connection, and Django's per-checkout
+    work (connection state checks, signals) is skipped; the pool configured the
+    connection as Django does when it opened it."""
+    for attempt in (1, 2):
+        raw = None
+        try:
+            with db.wrap_database_errors:
+                if pool.closed:  # nothing has opened it yet (Django opens it on first use)
+                    pool.open()
+                raw = pool.getconn()
+                try:
+                    if not raw.autocommit:  # as Django gives connections back, but make sure
+                        raw.autocommit = True
+                    cursor = _prepared_cursor(raw)
+                    cursor.execute(sql, params, prepare=True)
+                    return read(cursor)
+                finally:
+                    pool.putconn(raw)
+        except OperationalError:
+            # Only a statement whose connection died runs again, as in `_execute`.
+            if attempt == 2 or raw is None or not raw.closed:
+                raise
+        logger.warning("A pooled database connection was dead; running the statement again.")
+        pool.check()
+    raise AssertionError("unreachable")
+
+
 def _execute_once(db, sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
-    if (
-        db.vendor != "postgresql"
-        or db.queries_logged
-        or db.execute_wrappers
-        or not settings.TOLLGATE_DATABASE_PREPARE
-    ):
+    if not _prepares(db):
         with db.cursor() as cursor:
             cursor.execute(sql, params)
             return read(cursor)
