@@ -122,7 +122,8 @@ def _execute_pooled(db, pool, sql: str, params: Sequence[Any], read: Callable[[A
     and given straight back: the thread holds no connection, and Django's per-checkout
     work (connection state checks, signals) is skipped; the pool configured the
     connection as Django does when it opened it."""
-    for attempt in (1, 2):
+    retried = False
+    while True:
         raw = None
         try:
             with db.wrap_database_errors:
@@ -139,11 +140,11 @@ def _execute_pooled(db, pool, sql: str, params: Sequence[Any], read: Callable[[A
                     pool.putconn(raw)
         except OperationalError:
             # Only a statement whose connection died runs again, as in `_execute`.
-            if attempt == 2 or raw is None or not raw.closed:
+            if retried or raw is None or not raw.closed:
                 raise
+        retried = True
         logger.warning("A pooled database connection was dead; running the statement again.")
         pool.check()
-    raise AssertionError("unreachable")
 
 
 def _execute_once(db, sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
