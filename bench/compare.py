@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         mock = mock_start()
         stack.callback(mock.stop)
         mock_url = mock.url("openai")
-        key = database_prepare(env, mock_url, limits=args.limits)
+        key = database_prepare(env, mock_url, limits=args.limits)[0]
         logs = ROOT / "bench-results" / "compare-logs"
         gateways = {}
         for name, root in (("A", worktree), ("B", ROOT)):

@@ -1,6 +1,7 @@
 """`make bench`: the gateway against the mock upstream, on this machine.
 
-    python -m bench.gateway [--quick] [--only latency|rps|streams] [--server gthread|uvicorn]
+    python -m bench.gateway [--quick] [--only latency|rps|streams] [--limits] [--keys N]
+        [--server gthread|uvicorn]
         [--threads N] [--gunicorn-conf FILE] [--streams N] [--ramp S] [--rps-levels 16,32]
     python -m bench.gateway --hold           # the stack alone, for manual runs and py-spy
     python -m bench.gateway --report FILE    # the tables of an earlier run's JSON
@@ -759,6 +760,7 @@ def _meta(args: argparse.Namespace, plan: Plan) -> dict:
         "server": args.server,
         "workers": args.workers,
         "limits": args.limits,
+        "keys": args.keys,
         "threads": args.threads or "conf",
         "gunicorn_conf": args.gunicorn_conf,
         "quick": args.quick,
@@ -775,6 +777,12 @@ def main(argv: list[str] | None = None) -> int:
         "--limits",
         action="store_true",
         help="give the tenant and key hard budgets and rate limits (never reached)",
+    )
+    parser.add_argument(
+        "--keys",
+        type=int,
+        default=1,
+        help="spread the rps phase over this many keys of the tenant (each with --limits' limits)",
     )
     parser.add_argument("--only", action="append", choices=PHASES, help="run only this phase")
     parser.add_argument("--server", choices=("gthread", "uvicorn"), default="gthread")
@@ -828,7 +836,8 @@ def main(argv: list[str] | None = None) -> int:
         mock = mock_start()
         stack.callback(mock.stop)
         mock_url = mock.url("openai")
-        key = database_prepare(env, mock_url, limits=args.limits)
+        keys = database_prepare(env, mock_url, limits=args.limits, keys=args.keys)
+        key = keys[0]
         ledger = Ledger(env.values["DATABASE_URL"])
         gateway = gateway_start(
             env,
@@ -851,7 +860,10 @@ def main(argv: list[str] | None = None) -> int:
                 if phase == "latency":
                     results["latency"] = bench_latency(gateway, mock_url, key, ledger, plan)
                 elif phase == "rps":
-                    results["rps"] = bench_rps(gateway, mock.process.pid, key, ledger, plan)
+                    # Spread over the tenant's keys (one unless --keys): each key's
+                    # limit counters are rows its calls take turns on.
+                    rps_keys = ",".join(keys)
+                    results["rps"] = bench_rps(gateway, mock.process.pid, rps_keys, ledger, plan)
                 else:
                     results["streams"] = bench_streams(
                         gateway, mock_url, mock.process.pid, key, ledger, plan

@@ -1,6 +1,7 @@
 """Load generators, run by bench.gateway in separate processes (asyncio + aiohttp).
 
-    python -m bench.load plain   --url URL --key KEY --concurrency N --warmup S --duration S
+    python -m bench.load plain   --url URL --key KEY[,KEY...] --concurrency N --warmup S
+                                 --duration S
     python -m bench.load streams --url URL --key KEY --total N --index I --stride K ...
 
 `plain`: N loops, each sending one small non-streaming chat completion after the other
@@ -53,7 +54,8 @@ class PlainResult:
 
 async def _plain(args: argparse.Namespace) -> PlainResult:
     body = args.body.encode()
-    headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
+    # --key may name several keys: connection i calls with key i modulo their number.
+    keys = args.key.split(",")
     result = PlainResult(concurrency=args.concurrency, duration_s=args.duration)
     connector = aiohttp.TCPConnector(limit=args.concurrency, limit_per_host=args.concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -74,7 +76,8 @@ async def _plain(args: argparse.Namespace) -> PlainResult:
         if measured:
             result.errors += 1
 
-    async def one_loop(session: aiohttp.ClientSession) -> None:
+    async def one_loop(session: aiohttp.ClientSession, key: str) -> None:
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         while loop.time() < window_end:
             started = loop.time()
             try:
@@ -96,7 +99,8 @@ async def _plain(args: argparse.Namespace) -> PlainResult:
                 note_error(f"HTTP {status}", measured)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(cpu_clock(), *(one_loop(session) for _ in range(args.concurrency)))
+        loops = (one_loop(session, keys[i % len(keys)]) for i in range(args.concurrency))
+        await asyncio.gather(cpu_clock(), *loops)
     result.cpu_s = cpu_marks[1] - cpu_marks[0]
     return result
 

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         mock = mock_start()
         stack.callback(mock.stop)
-        key = database_prepare(env, mock.url("openai"))
+        key = database_prepare(env, mock.url("openai"))[0]
         gateway = gateway_start(
             env,
             key=key,

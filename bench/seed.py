@@ -19,11 +19,11 @@ TENANT_SLUG = "bench"
 PROVIDER_NAME = "bench-mock"
 
 
-def seed(mock_url: str, *, limits: bool = False) -> dict[str, str]:
-    """Provider, priced catalog model, tenant allowed to use it, and one API key.
+def seed(mock_url: str, *, limits: bool = False, keys: int = 1) -> dict[str, object]:
+    """Provider, priced catalog model, tenant allowed to use it, and `keys` API keys.
 
-    With `limits`, the tenant and the key get hard budgets and the key rate limits, all
-    far above what the benchmark uses: every call then pays for the checks, none is
+    With `limits`, the tenant and every key get hard budgets and the keys rate limits,
+    all far above what the benchmark uses: every call then pays for the checks, none is
     refused.
     """
     from django.utils import timezone
@@ -49,32 +49,42 @@ def seed(mock_url: str, *, limits: bool = False) -> dict[str, str]:
         effective_from=timezone.now() - timezone.timedelta(days=1),
     )
     tenant = tenant_create(slug=TENANT_SLUG, name="Bench", model_ids=[MODEL_ID])
-    issued = api_key_issue(tenant=tenant, name="bench")
+    issued = [
+        api_key_issue(tenant=tenant, name="bench" if n == 0 else f"bench-{n + 1}")
+        for n in range(keys)
+    ]
     # A route to the same model: what a route costs over calling the model by its id.
     route = Route.objects.create(name=ROUTE_ID, strategy=Route.Strategy.FALLBACK)
     RouteTarget.objects.create(route=route, model=model, timeout_seconds=10)
     if limits:
         from tenants.budgets import budget_set
 
-        issued.key.rpm_limit = 1_000_000
-        issued.key.tpm_limit = 1_000_000_000
-        issued.key.concurrency_limit = 10_000
-        issued.key.save()
         budget_set(tenant=tenant, limit_usd=Decimal("1000000"))
-        budget_set(tenant=tenant, key=issued.key, limit_usd=Decimal("1000000"))
-    return {"secret": issued.secret, "model": MODEL_ID, "tenant_id": str(tenant.pk)}
+        for one in issued:
+            one.key.rpm_limit = 1_000_000
+            one.key.tpm_limit = 1_000_000_000
+            one.key.concurrency_limit = 10_000
+            one.key.save()
+            budget_set(tenant=tenant, key=one.key, limit_usd=Decimal("1000000"))
+    return {
+        "secret": issued[0].secret,
+        "secrets": [one.secret for one in issued],
+        "model": MODEL_ID,
+        "tenant_id": str(tenant.pk),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mock-url", required=True, help="the provider base URL, ending in /v1")
     parser.add_argument("--limits", action="store_true", help="budgets and rate limits on")
+    parser.add_argument("--keys", type=int, default=1, help="how many API keys to issue")
     args = parser.parse_args()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
     import django
 
     django.setup()
-    print(json.dumps(seed(args.mock_url, limits=args.limits)))
+    print(json.dumps(seed(args.mock_url, limits=args.limits, keys=args.keys)))
 
 
 if __name__ == "__main__":

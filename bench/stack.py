@@ -127,13 +127,15 @@ class BenchEnv:
         return result.stdout
 
 
-def database_prepare(env: BenchEnv, mock_url: str, *, limits: bool = False) -> str:
-    """Recreate, migrate and seed the database; the bench tenant's bearer key."""
+def database_prepare(
+    env: BenchEnv, mock_url: str, *, limits: bool = False, keys: int = 1
+) -> list[str]:
+    """Recreate, migrate and seed the database; the bench tenant's bearer keys."""
     database_recreate()
     env.run("manage.py", "migrate", "--noinput", "-v", "0")
-    args = ["-m", "bench.seed", "--mock-url", mock_url] + (["--limits"] if limits else [])
-    seeded = json.loads(env.run(*args).splitlines()[-1])
-    return str(seeded["secret"])
+    args = ["-m", "bench.seed", "--mock-url", mock_url, "--keys", str(keys)]
+    seeded = json.loads(env.run(*args, *(["--limits"] if limits else [])).splitlines()[-1])
+    return [str(secret) for secret in seeded["secrets"]]
 
 
 def mock_start() -> MockUpstream:
