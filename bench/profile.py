@@ -13,7 +13,7 @@ tables of sample shares: by hot-path step (the innermost step a sample is in win
 by kind of work across steps (ORM query building, the PostgreSQL driver, HTTP client).
 
     .venv/bin/pip install py-spy   # once
-    python -m bench.profile [--concurrency 16] [--seconds 20] [--gunicorn-conf FILE]
+    python -m bench.profile [--concurrency 16] [--seconds 20] [--gunicorn-conf FILE] [--limits]
 """
 
 from __future__ import annotations
@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
     parser.add_argument("--threads", type=int, default=300)
     parser.add_argument("--gunicorn-conf", default=GUNICORN_CONF)
+    parser.add_argument(
+        "--limits", action="store_true", help="the tenant and key under budgets and rate limits"
+    )
     parser.add_argument("--summarize", nargs="+", type=Path, help="only summarize raw files")
     args = parser.parse_args(argv)
 
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         mock = mock_start()
         stack.callback(mock.stop)
-        key = database_prepare(env, mock.url("openai"))[0]
+        key = database_prepare(env, mock.url("openai"), limits=args.limits)[0]
         gateway = gateway_start(
             env,
             key=key,
