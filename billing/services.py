@@ -88,13 +88,17 @@ def _usage_insert(event: UsageEvent) -> None:
     event._state.db = db.alias
 
 
-def usage_record(facts: UsageFacts) -> UsageEvent:
-    """Write one usage event, priced with its price version; committed when this returns.
+def usage_record(facts: UsageFacts, *, savepoint: bool = True) -> UsageEvent:
+    """Write one usage event, priced with its price version; committed when this returns
+    (or with the caller's transaction).
 
     When budgets cover the call, the same transaction settles them (tenants.budgets), so
     their counters always equal the ledger. The same request id again with the same
     facts returns the existing row (and settles nothing twice); with other facts it
-    raises UsageConflictError.
+    raises UsageConflictError. Inside a caller's transaction that is the job of a
+    savepoint; `savepoint=False` spares its two round trips where a request id cannot
+    come twice (the proxy's own calls): a duplicate then raises IntegrityError and
+    fails the caller's transaction.
     """
     units = unit_prices(facts.price, facts.tenant_price)
     charge = usage_charge(
@@ -136,7 +140,7 @@ def usage_record(facts: UsageFacts) -> UsageEvent:
         if budgets or connection.in_atomic_block:
             # A transaction (or a savepoint inside the caller's) keeps the event and the
             # budget counters together, and the connection usable after a conflict.
-            with transaction.atomic():
+            with transaction.atomic(savepoint=savepoint):
                 _usage_insert(event)
                 if budgets:
                     budget_settle(
@@ -153,6 +157,8 @@ def usage_record(facts: UsageFacts) -> UsageEvent:
             # Autocommit: one INSERT, committed when it returns.
             _usage_insert(event)
     except IntegrityError:
+        if not savepoint and connection.in_atomic_block:
+            raise  # the caller's transaction is broken: nothing more can be read in it
         existing = UsageEvent.objects.filter(
             tenant_id=facts.tenant_id, request_id=facts.request_id, attempt=facts.attempt
         ).first()

@@ -425,7 +425,8 @@ def _meter(
             # two could deadlock.
             with transaction.atomic():
                 rate_limit_release(**release)
-                event = usage_record(facts)
+                # Request ids are the gateway's own: no duplicate to recover from.
+                event = usage_record(facts, savepoint=False)
             call.released = True
             return event
         return usage_record(facts)

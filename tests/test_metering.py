@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import IntegrityError, connection, transaction
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -175,6 +175,17 @@ def test_same_request_id_twice_bills_once(facts):
     first = usage_record(facts())
     again = usage_record(facts(latency_ms=99))  # timing differs; the facts do not
     assert again.pk == first.pk
+    assert UsageEvent.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_inside_a_transaction_without_a_savepoint_a_duplicate_fails_it_whole(facts):
+    usage_record(facts())
+    with pytest.raises(IntegrityError), transaction.atomic():
+        usage_record(facts(), savepoint=False)
+    # With the savepoint (the default) the same call inside a transaction is a no-op.
+    with transaction.atomic():
+        assert usage_record(facts()).pk == UsageEvent.objects.get().pk
     assert UsageEvent.objects.count() == 1
 
 
