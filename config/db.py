@@ -91,20 +91,25 @@ def _from_db_plan(model) -> tuple[list[str], list[tuple[int, Any, list]]]:
 def _execute(sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
     # The thread's own wrapper, looked up once: each `connection.x` is a lookup.
     db = connections[DEFAULT_DB_ALIAS]
-    if db.connection is None and not db.in_atomic_block and _prepares(db):
-        pool = getattr(db, "pool", None)
-        if pool is not None:
-            return _execute_pooled(db, pool, sql, params, read)
     retry = not db.in_atomic_block
     while True:
+        pool = _statement_pool(db)
         try:
+            if pool is not None:
+                return _execute_pooled(db, pool, sql, params, read)
             return _execute_once(db, sql, params, read)
-        except OperationalError:
-            if not (retry and connection_broken()):
+        except OperationalError as exc:
+            died = (
+                isinstance(exc, _PooledConnectionDied) if pool is not None else connection_broken()
+            )
+            if not (retry and died):
                 raise
         retry = False
         logger.warning("A pooled database connection was dead; running the statement again.")
-        connection_replace()
+        if pool is not None:
+            pool.check()
+        else:
+            connection_replace()
 
 
 def _prepares(db) -> bool:
@@ -117,34 +122,42 @@ def _prepares(db) -> bool:
     )
 
 
+def _statement_pool(db):
+    """Django's pool, when a statement may take a connection from it for itself alone:
+    outside a transaction, in a thread holding no connection, prepared."""
+    if db.connection is None and not db.in_atomic_block and _prepares(db):
+        return getattr(db, "pool", None)
+    return None
+
+
+class _PooledConnectionDied(OperationalError):
+    """The connection a statement took from the pool turned out dead."""
+
+
 def _execute_pooled(db, pool, sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
     """One statement in autocommit on a connection taken from Django's pool for it alone
     and given straight back: the thread holds no connection, and Django's per-checkout
     work (connection state checks, signals) is skipped; the pool configured the
     connection as Django does when it opened it."""
-    retried = False
-    while True:
-        raw = None
-        try:
-            with db.wrap_database_errors:
-                if pool.closed:  # nothing has opened it yet (Django opens it on first use)
-                    pool.open()
-                raw = pool.getconn()
-                try:
-                    if not raw.autocommit:  # as Django gives connections back, but make sure
-                        raw.autocommit = True
-                    cursor = _prepared_cursor(raw)
-                    cursor.execute(sql, params, prepare=True)
-                    return read(cursor)
-                finally:
-                    pool.putconn(raw)
-        except OperationalError:
-            # Only a statement whose connection died runs again, as in `_execute`.
-            if retried or raw is None or not raw.closed:
-                raise
-        retried = True
-        logger.warning("A pooled database connection was dead; running the statement again.")
-        pool.check()
+    raw = None
+    try:
+        with db.wrap_database_errors:
+            if pool.closed:  # nothing has opened it yet (Django opens it on first use)
+                pool.open()
+            raw = pool.getconn()
+            try:
+                if not raw.autocommit:  # as Django gives connections back, but make sure
+                    raw.autocommit = True
+                cursor = _prepared_cursor(raw)
+                cursor.execute(sql, params, prepare=True)
+                return read(cursor)
+            finally:
+                pool.putconn(raw)
+    except OperationalError as exc:
+        # Not when no connection could be had (raw is None): see connection_broken().
+        if raw is not None and raw.closed:
+            raise _PooledConnectionDied(*exc.args) from exc
+        raise
 
 
 def _execute_once(db, sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
