@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 
-from config.db import fetch_one, sql_names
+from config.db import Statement, fetch_one, run_together, sql_names
 from routing.models import CatalogModel, ModelPrice
-from tenants.budgets import budget_settle, budgets_for_key
+from tenants.budgets import BudgetSettlement, budgets_for_key
 
 from .metering import TokenBuckets, usage_charge
 from .models import TenantPrice, UsageEvent
@@ -76,19 +77,24 @@ def _usage_insert_plan() -> tuple[str, list]:
     return sql, fields
 
 
-def _usage_insert(event: UsageEvent) -> None:
+def _usage_insert_statement(event: UsageEvent) -> Statement:
     """INSERT one event, as `event.save(force_insert=True)` would, as a prepared statement
     (config.db): on the path of every call, where the ORM's statement building cost
     more than the database's work. Safe to retry: the request id and attempt are unique."""
     sql, fields = _usage_insert_plan()
     db = connections[DEFAULT_DB_ALIAS]  # once: each `connection.x` is a lookup
-    values = [f.get_db_prep_save(f.pre_save(event, True), db) for f in fields]
-    event.pk = fetch_one(sql, values)[0]
+    return Statement(sql, [f.get_db_prep_save(f.pre_save(event, True), db) for f in fields])
+
+
+def _usage_inserted(event: UsageEvent, pk: int) -> None:
+    event.pk = pk
     event._state.adding = False
-    event._state.db = db.alias
+    event._state.db = DEFAULT_DB_ALIAS
 
 
-def usage_record(facts: UsageFacts, *, savepoint: bool = True) -> UsageEvent:
+def usage_record(
+    facts: UsageFacts, *, savepoint: bool = True, with_statements: Sequence[Statement] = ()
+) -> UsageEvent:
     """Write one usage event, priced with its price version; committed when this returns
     (or with the caller's transaction).
 
@@ -98,7 +104,9 @@ def usage_record(facts: UsageFacts, *, savepoint: bool = True) -> UsageEvent:
     raises UsageConflictError. Inside a caller's transaction that is the job of a
     savepoint; `savepoint=False` spares its two round trips where a request id cannot
     come twice (the proxy's own calls): a duplicate then raises IntegrityError and
-    fails the caller's transaction.
+    fails the caller's transaction. `with_statements`: the caller's writes, run in the
+    event's transaction ahead of its INSERT and in the same round trip (the proxy's
+    release of the call's rate limits).
     """
     units = unit_prices(facts.price, facts.tenant_price)
     charge = usage_charge(
@@ -136,26 +144,36 @@ def usage_record(facts: UsageFacts, *, savepoint: bool = True) -> UsageEvent:
     budgets = budgets_for_key(
         tenant_id=facts.tenant_id, key_id=facts.api_key_id, version=facts.budget_version
     )
+    insert = _usage_insert_statement(event)
     try:
-        if budgets or connection.in_atomic_block:
-            # A transaction (or a savepoint inside the caller's) keeps the event and the
-            # budget counters together, and the connection usable after a conflict.
+        if budgets or with_statements or connection.in_atomic_block:
+            # A transaction (or a savepoint inside the caller's) keeps the event, the
+            # caller's statements and the budget counters together, and the connection
+            # usable after a conflict. They go to the database in one round trip.
+            settlement = (
+                BudgetSettlement(
+                    budgets=budgets,
+                    tz_name=facts.tenant_timezone,
+                    request_id=facts.request_id,
+                    at=facts.occurred_at,
+                    cost=event.cost,
+                    # An attempt a fallback follows releases nothing: the hold covers
+                    # the next attempt.
+                    holds=facts.budget_holds if facts.settles else {},
+                )
+                if budgets
+                else None
+            )
             with transaction.atomic(savepoint=savepoint):
-                _usage_insert(event)
-                if budgets:
-                    budget_settle(
-                        budgets=budgets,
-                        tz_name=facts.tenant_timezone,
-                        request_id=facts.request_id,
-                        at=facts.occurred_at,
-                        cost=event.cost,
-                        # An attempt a fallback follows releases nothing: the hold
-                        # covers the next attempt.
-                        holds=facts.budget_holds if facts.settles else {},
-                    )
+                run_together(
+                    [*with_statements, insert, *(settlement.statements if settlement else ())]
+                )
+                _usage_inserted(event, insert.row[0])
+                if settlement:
+                    settlement.finish()
         else:
             # Autocommit: one INSERT, committed when it returns.
-            _usage_insert(event)
+            _usage_inserted(event, fetch_one(insert.sql, insert.params)[0])
     except IntegrityError:
         if not savepoint and connection.in_atomic_block:
             raise  # the caller's transaction is broken: nothing more can be read in it

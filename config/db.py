@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypeVar
 
@@ -54,6 +55,51 @@ def fetch_all(sql: str, params: Sequence[Any]) -> list[tuple]:
 def row_count(sql: str, params: Sequence[Any]) -> int:
     """Rows changed by an INSERT, UPDATE or DELETE."""
     return _execute(sql, params, lambda cursor: cursor.rowcount)
+
+
+@dataclass
+class Statement:
+    """A statement for `run_together`; `rowcount` and `row` (its first row, for one that
+    returns rows) are filled in when it has run."""
+
+    sql: str
+    params: Sequence[Any]
+    rowcount: int = -1
+    row: tuple | None = None
+
+    def _read(self, cursor) -> None:
+        self.rowcount = cursor.rowcount
+        self.row = cursor.fetchone() if cursor.description is not None else None
+
+
+def run_together(statements: Sequence[Statement]) -> None:
+    """Run statements in order, inside the caller's transaction, and fill in their results.
+
+    On PostgreSQL (prepared) they go to the server in one round trip (psycopg's pipeline
+    mode) instead of one each: the rows they lock stay locked for that round trip and
+    the commit, not for one round trip per statement with this thread waiting its turn
+    for the GIL in between, which is what serialises calls that share a counter row. An
+    error fails the statement it comes from; the server skips the rest, and the caller's
+    transaction rolls back.
+    """
+    db = connections[DEFAULT_DB_ALIAS]
+    if not db.in_atomic_block:
+        raise RuntimeError("run_together() runs inside a transaction.")
+    if not statements:
+        return
+    if not _prepares(db):
+        for statement in statements:
+            _execute_once(db, statement.sql, statement.params, statement._read)
+        return
+    _connection_checks(db)
+    with db.wrap_database_errors:
+        cursors = _pipeline_cursors(db.connection, len(statements))
+        with db.connection.pipeline() as pipeline:
+            for statement, cursor in zip(statements, cursors, strict=False):
+                cursor.execute(statement.sql, statement.params, prepare=True)
+            pipeline.sync()
+            for statement, cursor in zip(statements, cursors, strict=False):
+                statement._read(cursor)
 
 
 def sql_names(model) -> tuple[str, dict[str, str]]:
@@ -165,16 +211,33 @@ def _execute_once(db, sql: str, params: Sequence[Any], read: Callable[[Any], T])
         with db.cursor() as cursor:
             cursor.execute(sql, params)
             return read(cursor)
-    # The checks `db.cursor()` and its `execute()` make, without the two cursor objects
-    # (Django's wrapper and psycopg's client-side cursor) they would build per statement.
-    db.close_if_health_check_failed()
-    db.ensure_connection()
-    db.validate_thread_sharing()
-    db.validate_no_broken_transaction()
+    _connection_checks(db)
     with db.wrap_database_errors:
         cursor = _prepared_cursor(db.connection)
         cursor.execute(sql, params, prepare=True)
         return read(cursor)
+
+
+def _connection_checks(db) -> None:
+    """The checks `db.cursor()` and its `execute()` make, without the two cursor objects
+    (Django's wrapper and psycopg's client-side cursor) they would build per statement."""
+    db.close_if_health_check_failed()
+    db.ensure_connection()
+    db.validate_thread_sharing()
+    db.validate_no_broken_transaction()
+
+
+def _pipeline_cursors(raw, count: int) -> list:
+    """`count` server-side binding cursors kept on the connection, one per statement of a
+    pipeline (each holds its own statement's results)."""
+    cursors = getattr(raw, "_tollgate_pipeline_cursors", None)
+    if cursors is None:
+        cursors = raw._tollgate_pipeline_cursors = []
+    if len(cursors) < count:
+        import psycopg  # only on PostgreSQL
+
+        cursors.extend(psycopg.Cursor(raw) for _ in range(count - len(cursors)))
+    return cursors[:count]
 
 
 def _prepared_cursor(raw):

@@ -41,8 +41,10 @@ from billing.metering import (
 from billing.models import UsageEvent
 from billing.pricing import UnitPrices, unit_prices, unit_prices_for_call
 from billing.services import UsageFacts, usage_record
+from config.db import run_together
 from tenants.budgets import (
     BudgetExceeded,
+    BudgetHold,
     budget_release,
     budget_reserve,
     hard_budgets,
@@ -50,12 +52,13 @@ from tenants.budgets import (
 )
 from tenants.limits import (
     LEASE_TTL,
+    RateAdmission,
     RateLimited,
     RateState,
     key_lease_renew,
     rate_limit_admit,
     rate_limit_release,
-    rate_limit_release_writes,
+    rate_limit_release_statements,
     rate_limited,
 )
 from tenants.models import ApiKey
@@ -318,6 +321,10 @@ def chat_admit(call: ChatCall) -> None:
         return  # nothing to count or hold: no transaction, no cost bound
     while True:
         cost = chat_cost_bound(call)
+        if _admit_at_once(call, cost):
+            return
+        # Something said no (or the minute's rate window is still to open): step by step,
+        # which tells what refused the call.
         try:
             with transaction.atomic():
                 call.rate = rate_limit_admit(
@@ -352,6 +359,34 @@ def chat_admit(call: ChatCall) -> None:
             if len(fits) == len(call.targets):  # it fitted a moment ago: spent since
                 raise BudgetExhausted(exc.message) from None
             call.targets = fits
+
+
+class _NotAtOnce(Exception):
+    pass
+
+
+def _admit_at_once(call: ChatCall, cost: Decimal) -> bool:
+    """Count and hold everything the call needs with every statement sent at once (one
+    round trip on PostgreSQL: the key's and the budgets' rows, which every call of the
+    key or tenant takes, stay locked for that and the commit). False, with nothing
+    counted or held, when any of them says no."""
+    rate = RateAdmission(key=call.key, request_id=call.request_id, at=call.received_at)
+    hold = BudgetHold(
+        key=call.key,
+        tz_name=call.tz_name,
+        request_id=call.request_id,
+        at=call.received_at,
+        amount=cost,
+    )
+    try:
+        with transaction.atomic():
+            run_together([*rate.statements, *hold.statements])
+            if not (rate.admitted() and hold.held()):
+                raise _NotAtOnce
+    except _NotAtOnce:
+        return False
+    call.rate, call.budget_holds = rate.state, hold.holds
+    return True
 
 
 def db_connection_release() -> None:
@@ -418,15 +453,15 @@ def _meter(
         "tokens": buckets.prompt + buckets.completion,
     }
     try:
-        if final and rate_limit_release_writes(call.key, release["tokens"]):
-            # The event and the key's release (its tokens, its lease) commit together:
-            # one commit (a WAL flush) instead of three. The release goes first: admission
-            # locks the key's rate window before its budgets, and so must this, or the
-            # two could deadlock.
+        writes = rate_limit_release_statements(**release) if final else []
+        if writes:
+            # The event and the key's release (its tokens, its lease) commit together,
+            # sent in one round trip with the budget settlement: one commit (a WAL flush)
+            # instead of three. The release goes first: admission locks the key's rate
+            # window before its budgets, and so must this, or the two could deadlock.
             with transaction.atomic():
-                rate_limit_release(**release)
                 # Request ids are the gateway's own: no duplicate to recover from.
-                event = usage_record(facts, savepoint=False)
+                event = usage_record(facts, savepoint=False, with_statements=writes)
             call.released = True
             return event
         return usage_record(facts)

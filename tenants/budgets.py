@@ -25,6 +25,7 @@ from django.db import transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
+from config.db import Statement, run_together
 from routing.config_cache import ConfigCache
 
 from . import statements
@@ -166,6 +167,36 @@ def hard_budgets(key: ApiKey) -> list[Budget]:
     return [b for b in budgets if b.hard]
 
 
+class BudgetHold:
+    """`budget_reserve` as statements, for a caller to send with its own in one round trip
+    (config.db.run_together) in its transaction, then ask `held()`. When it is False the
+    caller rolls back and reserves step by step with `budget_reserve`, which tells which
+    budget refused the call."""
+
+    def __init__(
+        self, *, key: ApiKey, tz_name: str, request_id: str, at: datetime, amount: Decimal
+    ):
+        hard = [(budget, _period_id(budget, at, tz_name)) for budget in hard_budgets(key)]
+        needed = usd_to_pico(amount) if hard else 0
+        self.holds = {period_id: needed for _, period_id in hard}
+        self._reserves = [
+            statements.period_reserve_statement(
+                period_id=period_id, amount_pico=needed, limit_pico=budget.limit_pico
+            )
+            for budget, period_id in hard
+        ]
+        self.statements = list(self._reserves)
+        if self.holds:
+            self.statements.append(
+                statements.reservations_insert_statement(
+                    request_id=request_id, holds=self.holds, at=timezone.now()
+                )
+            )
+
+    def held(self) -> bool:
+        return all(reserve.rowcount == 1 for reserve in self._reserves)
+
+
 def budget_reserve(
     *, key: ApiKey, tz_name: str, request_id: str, at: datetime, amount: Decimal
 ) -> dict[int, int]:
@@ -200,6 +231,62 @@ def budget_reserve(
     return holds
 
 
+class BudgetSettlement:
+    """`budget_settle` in two steps, so that its writes can go to the database with the
+    caller's (the usage event's INSERT) in one round trip: run `statements` in the
+    transaction that writes the call's usage event (config.db.run_together), then call
+    `finish()` in it (alerts, and a period deleted by hand since it was looked up)."""
+
+    def __init__(
+        self,
+        *,
+        budgets: tuple[Budget, ...],
+        tz_name: str,
+        request_id: str,
+        at: datetime,
+        cost: Decimal,
+        holds: dict[int, int] | None = None,
+    ):
+        self.cost_pico = int(cost * PICO)  # costs have twelve decimal places: exact
+        if holds is None:
+            holds = dict(
+                BudgetReservation.objects.filter(request_id=request_id).values_list(
+                    "period_id", "amount_pico"
+                )
+            )
+        self._where = {"tz_name": tz_name, "in_flight": request_id}
+        self._at = at
+        self._holds = holds
+        self._settles: list[tuple[Budget, int, Statement]] = []
+        for budget in budgets:
+            period_id = _period_id(budget, at, tz_name, in_flight=request_id)
+            held = holds.get(period_id, 0)
+            if not held and not self.cost_pico:
+                continue
+            statement = statements.period_settle_statement(
+                period_id=period_id, held_pico=held, cost_pico=self.cost_pico
+            )
+            self._settles.append((budget, period_id, statement))
+        self.statements = [statement for _, _, statement in self._settles]
+        if holds:
+            self.statements.append(statements.reservations_delete_statement(request_id=request_id))
+
+    def finish(self) -> None:
+        for budget, period_id, statement in self._settles:
+            spent = statement.row[0] if statement.row else None
+            if spent is None:  # deleted since we remembered it: find it again
+                period_id = _period_id(budget, self._at, **self._where, forget=True)
+                spent = statements.period_settle(
+                    period_id=period_id,
+                    held_pico=self._holds.get(period_id, 0),
+                    cost_pico=self.cost_pico,
+                )
+            if self.cost_pico:
+                budget_alerts_fire(
+                    budget=budget, period_id=period_id, before=spent - self.cost_pico, after=spent
+                )
+
+
 def budget_settle(
     *,
     budgets: tuple[Budget, ...],
@@ -211,32 +298,14 @@ def budget_settle(
 ) -> None:
     """Move a finished call's cost into spent on every budget that covers it, releasing
     its holds (as `budget_reserve` returned them; None: look them up). Call it inside the
-    transaction that writes the call's usage event."""
-    cost_pico = int(cost * PICO)  # costs have twelve decimal places: exact
-    if holds is None:
-        holds = dict(
-            BudgetReservation.objects.filter(request_id=request_id).values_list(
-                "period_id", "amount_pico"
-            )
-        )
-    for budget in budgets:
-        period_id = _period_id(budget, at, tz_name, in_flight=request_id)
-        held = holds.get(period_id, 0)
-        if not held and not cost_pico:
-            continue
-        spent = statements.period_settle(period_id=period_id, held_pico=held, cost_pico=cost_pico)
-        if spent is None:  # deleted since we remembered it: find it again
-            period_id = _period_id(budget, at, tz_name, in_flight=request_id, forget=True)
-            held = holds.get(period_id, 0)
-            spent = statements.period_settle(
-                period_id=period_id, held_pico=held, cost_pico=cost_pico
-            )
-        if cost_pico:
-            budget_alerts_fire(
-                budget=budget, period_id=period_id, before=spent - cost_pico, after=spent
-            )
-    if holds:
-        statements.reservations_delete(request_id=request_id)
+    transaction that writes the call's usage event (`usage_record` runs it as a
+    BudgetSettlement, with the event's INSERT)."""
+    settlement = BudgetSettlement(
+        budgets=budgets, tz_name=tz_name, request_id=request_id, at=at, cost=cost, holds=holds
+    )
+    with transaction.atomic(savepoint=False):
+        run_together(settlement.statements)
+        settlement.finish()
 
 
 def budget_release(*, request_id: str) -> None:
@@ -251,12 +320,13 @@ def budget_release(*, request_id: str) -> None:
 
 def budget_alerts_fire(*, budget: Budget, period_id: int, before: int, after: int) -> None:
     """Record (and notify, after commit) each threshold that spent crossed."""
+    limit = budget.limit_pico
+    crossed = sorted({t for t in budget.alert_thresholds if before < limit * t // 100 <= after})
+    if not crossed:  # nearly every call
+        return
     from .tasks import budget_alert_notify
 
-    for threshold in sorted(set(budget.alert_thresholds)):
-        mark = budget.limit_pico * threshold // 100
-        if not before < mark <= after:
-            continue
+    for threshold in crossed:
         alert, created = BudgetAlert.objects.get_or_create(
             period_id=period_id, threshold=threshold, defaults={"spent_pico": after}
         )

@@ -17,6 +17,8 @@ from datetime import datetime, timedelta
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from config.db import Statement, run_together
+
 from . import statements
 from .models import ApiKey, KeyLease, RateWindow
 
@@ -88,6 +90,51 @@ def rate_limit_admit(*, key: ApiKey, request_id: str, at: datetime) -> RateState
     return state
 
 
+class RateAdmission:
+    """`rate_limit_admit` as statements, for a caller to send with its own in one round
+    trip (config.db.run_together) in its transaction, then ask `admitted()`. When it is
+    False the caller rolls back and admits step by step with `rate_limit_admit`, which
+    tells what refused the call, or opens the minute's window when none exists yet."""
+
+    def __init__(self, *, key: ApiKey, request_id: str, at: datetime):
+        self._key = key
+        self._window_start = _window_start(at)
+        self.statements: list[Statement] = []
+        self._window = self._lease = None
+        if key.concurrency_limit is not None:
+            # The same order as rate_limit_admit takes its locks in.
+            self.statements.append(statements.key_lock_statement(key_id=key.pk))
+        if key.rpm_limit is not None or key.tpm_limit is not None:
+            self._window = statements.window_admit_statement(
+                key_id=key.pk, window_start=self._window_start, rpm=key.rpm_limit, tpm=key.tpm_limit
+            )
+            self.statements.append(self._window)
+        if key.concurrency_limit is not None:
+            self._lease = statements.lease_insert_if_room_statement(
+                key_id=key.pk,
+                request_id=request_id,
+                at=at,
+                expires_at=at + LEASE_TTL,
+                limit=key.concurrency_limit,
+            )
+            self.statements.append(self._lease)
+
+    def admitted(self) -> bool:
+        return (self._window is None or self._window.row is not None) and (
+            self._lease is None or self._lease.rowcount == 1
+        )
+
+    @property
+    def state(self) -> RateState | None:
+        """For the headers, once admitted (None: the key has no per-minute limits)."""
+        if self._window is None:
+            return None
+        requests, tokens = self._window.row
+        return RateState(
+            self._window_start, requests, tokens, self._key.rpm_limit, self._key.tpm_limit
+        )
+
+
 def _minute_admit(key: ApiKey, at: datetime) -> RateState:
     window_start = _window_start(at)
 
@@ -144,24 +191,31 @@ def key_lease_renew(*, request_id: str, now: datetime) -> None:
     KeyLease.objects.filter(request_id=request_id).update(expires_at=now + LEASE_TTL)
 
 
-def rate_limit_release_writes(key: ApiKey, tokens: int) -> bool:
-    """Whether `rate_limit_release` has anything to write for a call of `tokens` tokens."""
-    return (key.tpm_limit is not None and tokens > 0) or key.concurrency_limit is not None
+def rate_limit_release_statements(
+    *, key: ApiKey, request_id: str, at: datetime, tokens: int
+) -> list[Statement]:
+    """What `rate_limit_release` writes, for a caller to run in its own transaction (the
+    proxy runs them with the call's usage event: config.db.run_together)."""
+    writes = []
+    if key.tpm_limit is not None and tokens > 0:
+        writes.append(
+            statements.window_tokens_add_statement(
+                key_id=key.pk, window_start=_window_start(at), tokens=tokens
+            )
+        )
+    if key.concurrency_limit is not None:
+        # Expired at once; the beat task deletes the row.
+        writes.append(statements.lease_expire_statement(request_id=request_id, at=timezone.now()))
+    return writes
 
 
 def rate_limit_release(*, key: ApiKey, request_id: str, at: datetime, tokens: int) -> None:
     """A call has ended: count its tokens in its window and give its lease back, in one
-    transaction (the caller's, if any: the proxy commits them with the usage event)."""
-    if not rate_limit_release_writes(key, tokens):
-        return
-    with transaction.atomic(savepoint=False):
-        if key.tpm_limit is not None and tokens > 0:
-            statements.window_tokens_add(
-                key_id=key.pk, window_start=_window_start(at), tokens=tokens
-            )
-        if key.concurrency_limit is not None:
-            # Expired at once; the beat task deletes the row.
-            statements.lease_expire(request_id=request_id, at=timezone.now())
+    transaction (the caller's, if any)."""
+    writes = rate_limit_release_statements(key=key, request_id=request_id, at=at, tokens=tokens)
+    if writes:
+        with transaction.atomic(savepoint=False):
+            run_together(writes)
 
 
 def key_leases_expire() -> int:

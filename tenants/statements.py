@@ -15,7 +15,7 @@ from functools import cache
 
 from django.db import connection
 
-from config.db import fetch_one, row_count, sql_names
+from config.db import Statement, fetch_one, row_count, sql_names
 
 from .models import ApiKey, BudgetPeriod, BudgetReservation, KeyLease, RateWindow
 
@@ -42,15 +42,22 @@ def _window_admit_sql() -> str:
     )
 
 
+def window_admit_statement(
+    *, key_id: int, window_start: datetime, rpm: int | None, tpm: int | None
+) -> Statement:
+    """Count a request in the key's window if both limits leave room. Its row: (requests,
+    tokens) after counting; none when there is no room, or no window yet."""
+    return Statement(
+        _window_admit_sql(), [key_id, _at(window_start), rpm or UNLIMITED, tpm or UNLIMITED]
+    )
+
+
 def window_admit(
     *, key_id: int, window_start: datetime, rpm: int | None, tpm: int | None
 ) -> tuple[int, int] | None:
-    """Count a request in the key's window if both limits leave room: (requests, tokens)
-    after counting, or None (no room, or no window yet)."""
-    row = fetch_one(
-        _window_admit_sql(),
-        [key_id, _at(window_start), rpm or UNLIMITED, tpm or UNLIMITED],
-    )
+    """`window_admit_statement`, run: (requests, tokens), or None."""
+    statement = window_admit_statement(key_id=key_id, window_start=window_start, rpm=rpm, tpm=tpm)
+    row = fetch_one(statement.sql, statement.params)
     return (row[0], row[1]) if row else None
 
 
@@ -63,8 +70,8 @@ def _window_tokens_sql() -> str:
     )
 
 
-def window_tokens_add(*, key_id: int, window_start: datetime, tokens: int) -> None:
-    row_count(_window_tokens_sql(), [tokens, key_id, _at(window_start)])
+def window_tokens_add_statement(*, key_id: int, window_start: datetime, tokens: int) -> Statement:
+    return Statement(_window_tokens_sql(), [tokens, key_id, _at(window_start)])
 
 
 # --- concurrency leases ----------------------------------------------------------------------
@@ -80,8 +87,12 @@ def _key_lock_sql() -> str:
     return f"SELECT {c['id']} FROM {table} WHERE {c['id']} = %s{lock}"  # noqa: S608
 
 
+def key_lock_statement(*, key_id: int) -> Statement:
+    """Hold the key's row until the transaction ends (run it inside one)."""
+    return Statement(_key_lock_sql(), [key_id])
+
+
 def key_lock(*, key_id: int) -> None:
-    """Hold the key's row until the transaction ends (call it inside one)."""
     fetch_one(_key_lock_sql(), [key_id])
 
 
@@ -112,13 +123,36 @@ def lease_insert(*, key_id: int, request_id: str, expires_at: datetime) -> None:
 
 
 @cache
+def _lease_insert_if_room_sql() -> str:
+    table, c = sql_names(KeyLease)
+    return (
+        f"INSERT INTO {table} ({c['api_key']}, {c['request_id']}, {c['expires_at']}) "  # noqa: S608
+        f"SELECT %s, %s, %s WHERE (SELECT COUNT(*) FROM {table} "
+        f"WHERE {c['api_key']} = %s AND {c['expires_at']} > %s) < %s"
+    )
+
+
+def lease_insert_if_room_statement(
+    *, key_id: int, request_id: str, at: datetime, expires_at: datetime, limit: int
+) -> Statement:
+    """`leases_live` then `lease_insert` in one statement: inserts nothing (rowcount 0)
+    when the key has `limit` live leases. Run it after `key_lock_statement`, in its
+    transaction: a statement's snapshot is taken when it starts, so the count sees every
+    lease committed before the lock was granted."""
+    return Statement(
+        _lease_insert_if_room_sql(),
+        [key_id, request_id, _at(expires_at), key_id, _at(at), limit],
+    )
+
+
+@cache
 def _lease_expire_sql() -> str:
     table, c = sql_names(KeyLease)
     return f"UPDATE {table} SET {c['expires_at']} = %s WHERE {c['request_id']} = %s"  # noqa: S608
 
 
-def lease_expire(*, request_id: str, at: datetime) -> None:
-    row_count(_lease_expire_sql(), [_at(at), request_id])
+def lease_expire_statement(*, request_id: str, at: datetime) -> Statement:
+    return Statement(_lease_expire_sql(), [_at(at), request_id])
 
 
 # --- budget periods and reservations -----------------------------------------------------
@@ -133,9 +167,16 @@ def _period_reserve_sql() -> str:
     )
 
 
+def period_reserve_statement(*, period_id: int, amount_pico: int, limit_pico: int) -> Statement:
+    """Add to reserved if spent + reserved + amount stays within the limit (rowcount 1)."""
+    return Statement(_period_reserve_sql(), [amount_pico, period_id, amount_pico, limit_pico])
+
+
 def period_reserve(*, period_id: int, amount_pico: int, limit_pico: int) -> bool:
-    """Add to reserved if spent + reserved + amount stays within the limit."""
-    return row_count(_period_reserve_sql(), [amount_pico, period_id, amount_pico, limit_pico]) == 1
+    statement = period_reserve_statement(
+        period_id=period_id, amount_pico=amount_pico, limit_pico=limit_pico
+    )
+    return row_count(statement.sql, statement.params) == 1
 
 
 @cache
@@ -148,27 +189,42 @@ def _period_settle_sql() -> str:
     )
 
 
+def period_settle_statement(*, period_id: int, held_pico: int, cost_pico: int) -> Statement:
+    """Release a hold and add a cost. Its row: the period's spent afterwards (none: no such
+    period)."""
+    return Statement(_period_settle_sql(), [held_pico, cost_pico, period_id])
+
+
 def period_settle(*, period_id: int, held_pico: int, cost_pico: int) -> int | None:
-    """Release a hold and add a cost; the period's spent afterwards (None: no such row)."""
     row = fetch_one(_period_settle_sql(), [held_pico, cost_pico, period_id])
     return row[0] if row else None
 
 
 @cache
-def _reservation_insert_sql() -> str:
+def _reservations_insert_sql(rows: int) -> str:
     table, c = sql_names(BudgetReservation)
+    values = ", ".join(["(%s, %s, %s, %s)"] * rows)
     return (
         f"INSERT INTO {table} ({c['period']}, {c['request_id']}, {c['amount_pico']}, "  # noqa: S608
-        f"{c['created_at']}) VALUES (%s, %s, %s, %s)"
+        f"{c['created_at']}) VALUES {values}"
     )
 
 
+def reservations_insert_statement(
+    *, request_id: str, holds: dict[int, int], at: datetime
+) -> Statement:
+    """One row per hold (at least one), in one statement."""
+    created_at = _at(at)
+    params = []
+    for period_id, amount in holds.items():
+        params += [period_id, request_id, amount, created_at]
+    return Statement(_reservations_insert_sql(len(holds)), params)
+
+
 def reservations_insert(*, request_id: str, holds: dict[int, int], at: datetime) -> None:
-    with connection.cursor() as cursor:
-        cursor.executemany(
-            _reservation_insert_sql(),
-            [[period_id, request_id, amount, _at(at)] for period_id, amount in holds.items()],
-        )
+    if holds:
+        statement = reservations_insert_statement(request_id=request_id, holds=holds, at=at)
+        row_count(statement.sql, statement.params)
 
 
 @cache
@@ -177,5 +233,5 @@ def _reservations_delete_sql() -> str:
     return f"DELETE FROM {table} WHERE {c['request_id']} = %s"  # noqa: S608
 
 
-def reservations_delete(*, request_id: str) -> None:
-    row_count(_reservations_delete_sql(), [request_id])
+def reservations_delete_statement(*, request_id: str) -> Statement:
+    return Statement(_reservations_delete_sql(), [request_id])

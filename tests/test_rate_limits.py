@@ -103,8 +103,8 @@ def test_a_failed_ledger_write_still_gives_the_lease_back_and_counts_tokens_once
     key = ApiKey.objects.get(tenant=world.tenant)
     real = proxy.usage_record
 
-    def written_then_failed(facts):
-        real(facts)
+    def written_then_failed(facts, **options):
+        real(facts, **options)  # the event and the release, in the proxy's transaction
         raise DatabaseError("could not extend file: No space left on device")
 
     monkeypatch.setattr("routing.proxy.usage_record", written_then_failed)
