@@ -11,7 +11,7 @@ import os
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
-worker_class = "gthread"
+worker_class = "config.workers.GatewayThreadWorker"
 # Each open stream holds a thread, and a worker takes connections without looking at
 # its siblings' load: in `make bench` one of two workers peaked at 273 of 500 streams.
 # Threads start only when needed, so headroom costs nothing until it is used.
@@ -19,7 +19,8 @@ threads = int(os.environ.get("GUNICORN_THREADS", "400"))
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "2000"))
 backlog = 2048
 keepalive = 75  # seconds; clients pool connections like the upstream client does
-# gthread workers heartbeat from their main loop, so long streams do not trip this.
+# gthread workers heartbeat from their main loop (config.workers: once a second), so long
+# streams do not trip this.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 30
 # GUNICORN_ACCESSLOG="" turns the access log off.
