@@ -253,6 +253,54 @@ def gateway_start(
     return gateway
 
 
+def reference_start(*, mock_url: str, log_dir: Path, workers: int = 2) -> Gateway:
+    """The yardstick (bench.reference: a plain Django view proxying to the mock with
+    httpx) under stock gunicorn gthread workers, on a free port; returns once it answers."""
+    port = procs.free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"reference-{port}.log"
+    command = [
+        str(VENV_BIN / "gunicorn"),
+        "--worker-class=gthread",
+        f"--workers={workers}",
+        "--threads=16",
+        "--keep-alive=75",
+        f"--bind=127.0.0.1:{port}",
+        "--log-level=warning",
+        "bench.reference:application",
+    ]
+    env = dict(os.environ, REFERENCE_UPSTREAM_URL=f"{mock_url}/chat/completions")
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(  # noqa: S603 (fixed arguments, no shell)
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    reference = Gateway(
+        server="reference", process=process, url=f"http://127.0.0.1:{port}", log_path=log_path
+    )
+    deadline = time.monotonic() + 60
+    body = {"model": "reference", "messages": [{"role": "user", "content": "ready?"}]}
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the reference server exited; see {log_path}")
+        try:
+            response = httpx2.post(f"{reference.url}/v1/chat/completions", json=body, timeout=2)
+        except httpx2.TransportError:
+            time.sleep(0.2)
+            continue
+        if response.status_code == 200:
+            return reference
+        reference.stop()
+        raise RuntimeError(f"the reference answered {response.status_code}: {response.text[:300]}")
+    reference.stop()
+    raise RuntimeError(f"the reference server did not answer within 60 s; see {log_path}")
+
+
 def _wait_ready(gateway: Gateway, key: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     headers = {"Authorization": f"Bearer {key}"}
