@@ -628,8 +628,9 @@ def report(results: dict) -> str:
         scaled = latency.get("added_p50_at_yardstick_ms")
         if scaled is not None:
             out.append(
-                f"   gateway added p50 where the yardstick adds {REFERENCE_ADDED_MS:g} ms "
-                f"(the issue's measurement): {scaled:.2f} ms"
+                f"   gateway added p50 scaled to a yardstick adding {REFERENCE_ADDED_MS:g} ms "
+                f"(the issue's figure): {scaled:.2f} ms; a rough guide only, since the "
+                "machine's drift slows a large program more than a small one"
             )
         out.append(
             f"   targets: added p50 <= 3 ms, p99 <= 10 ms; ledger rows added "
