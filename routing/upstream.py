@@ -9,6 +9,7 @@ the client's own SDK retries, and a retry must not be hidden inside one metered 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -93,19 +94,13 @@ _PER_CALL_OPTIONS = {
 
 
 def upstream_warm_up() -> None:
-    """Import what the SDK loads lazily on its first call, so a worker can load it all
-    before serving (see platform/gunicorn.conf.py) instead of in its first requests."""
+    """Import what the SDK and httpx load lazily on a client's first request, so a worker
+    can load it all before serving (see platform/gunicorn.conf.py) instead of in its
+    first requests: one request the way the gateway sends them, to the discard port,
+    where nothing listens."""
     client = openai.OpenAI(api_key="warm-up", base_url="http://127.0.0.1:9/v1", max_retries=0)
-    client.chat.completions.with_raw_response  # noqa: B018  (imports on attribute access)
-    client.chat.completions.with_streaming_response  # noqa: B018
-    client.close()
-
-
-def _split(body: Mapping) -> tuple[str, object, dict]:
-    """(model, messages, everything else): the SDK takes the first two as arguments and
-    the rest verbatim as extra_body, so unknown fields reach the provider unchanged."""
-    rest = {k: v for k, v in body.items() if k not in ("model", "messages")}
-    return body["model"], body["messages"], rest
+    with client, contextlib.suppress(openai.APIError):
+        chat_completion(client, {"model": "warm-up", "messages": []}, timeout=1.0)
 
 
 @dataclass
@@ -285,16 +280,14 @@ def chat_completion_stream(
     client: openai.OpenAI, body: Mapping, timeout: float | None = None
 ) -> UpstreamStream:
     """Open a streaming chat completion. Errors before the first byte raise here.
-    `timeout` (seconds) bounds the connection, the headers and each gap between reads."""
-    model, messages, rest = _split(body)
-    rest.pop("stream", None)
-    extra = {"timeout": _timeout(timeout)} if timeout is not None else {}
-    manager = client.chat.completions.with_streaming_response.create(
-        model=model,
-        messages=messages,
-        stream=True,
-        extra_body=rest,
-        extra_headers=_PER_CALL_OPTIONS["headers"],
-        **extra,
+    `timeout` (seconds) bounds the connection, the headers and each gap between reads.
+
+    As `chat_completion`, through the SDK's generic `post` with `cast_to=httpx2.Response`;
+    `stream=True` has the SDK hand back the response with its body unread."""
+    options = _PER_CALL_OPTIONS
+    if timeout is not None:
+        options = {**options, "timeout": _timeout(timeout)}
+    response = client.post(
+        _chat_url(client), body=body, cast_to=httpx2.Response, options=options, stream=True
     )
-    return UpstreamStream(manager.__enter__())
+    return UpstreamStream(response)
