@@ -181,6 +181,25 @@ def uvicorn_available() -> bool:
     return shutil.which("uvicorn", path=str(VENV_BIN)) is not None
 
 
+def _server_start(
+    server: str, command: list[str], *, port: int, env: dict, cwd: Path, log_path: Path
+) -> Gateway:
+    """Start a server process in its own session, its output in `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(  # noqa: S603 (fixed arguments, no shell)
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the benchmark, which stops it in order
+        )
+    return Gateway(
+        server=server, process=process, url=f"http://127.0.0.1:{port}", log_path=log_path
+    )
+
+
 def gateway_start(
     env: BenchEnv,
     *,
@@ -231,19 +250,13 @@ def gateway_start(
         ]
     else:
         raise ValueError(f"unknown server {server!r}")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"gateway-{server}-{port}.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(  # noqa: S603 (fixed arguments, no shell)
-            command,
-            cwd=root,
-            env=values,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches the benchmark, which stops it in order
-        )
-    gateway = Gateway(
-        server=server, process=process, url=f"http://127.0.0.1:{port}", log_path=log_path
+    gateway = _server_start(
+        server,
+        command,
+        port=port,
+        env=values,
+        cwd=root,
+        log_path=log_dir / f"gateway-{server}-{port}.log",
     )
     try:
         _wait_ready(gateway, key)
@@ -257,8 +270,6 @@ def reference_start(*, mock_url: str, log_dir: Path, workers: int = 2) -> Gatewa
     """The yardstick (bench.reference: a plain Django view proxying to the mock with
     httpx) under stock gunicorn gthread workers, on a free port; returns once it answers."""
     port = procs.free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"reference-{port}.log"
     command = [
         str(VENV_BIN / "gunicorn"),
         "--worker-class=gthread",
@@ -271,23 +282,19 @@ def reference_start(*, mock_url: str, log_dir: Path, workers: int = 2) -> Gatewa
     ]
     env = dict(os.environ, REFERENCE_UPSTREAM_URL=f"{mock_url}/chat/completions")
     env.pop("DJANGO_SETTINGS_MODULE", None)
-    with log_path.open("w") as log:
-        process = subprocess.Popen(  # noqa: S603 (fixed arguments, no shell)
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    reference = Gateway(
-        server="reference", process=process, url=f"http://127.0.0.1:{port}", log_path=log_path
+    reference = _server_start(
+        "reference",
+        command,
+        port=port,
+        env=env,
+        cwd=ROOT,
+        log_path=log_dir / f"reference-{port}.log",
     )
     deadline = time.monotonic() + 60
     body = {"model": "reference", "messages": [{"role": "user", "content": "ready?"}]}
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the reference server exited; see {log_path}")
+        if reference.process.poll() is not None:
+            raise RuntimeError(f"the reference server exited; see {reference.log_path}")
         try:
             response = httpx2.post(f"{reference.url}/v1/chat/completions", json=body, timeout=2)
         except httpx2.TransportError:
@@ -298,7 +305,7 @@ def reference_start(*, mock_url: str, log_dir: Path, workers: int = 2) -> Gatewa
         reference.stop()
         raise RuntimeError(f"the reference answered {response.status_code}: {response.text[:300]}")
     reference.stop()
-    raise RuntimeError(f"the reference server did not answer within 60 s; see {log_path}")
+    raise RuntimeError(f"the reference server did not answer within 60 s; see {reference.log_path}")
 
 
 def _wait_ready(gateway: Gateway, key: str, timeout: float = 60.0) -> None:

@@ -93,7 +93,8 @@ def key_lock_statement(*, key_id: int) -> Statement:
 
 
 def key_lock(*, key_id: int) -> None:
-    fetch_one(_key_lock_sql(), [key_id])
+    statement = key_lock_statement(key_id=key_id)
+    fetch_one(statement.sql, statement.params)
 
 
 @cache
@@ -196,7 +197,10 @@ def period_settle_statement(*, period_id: int, held_pico: int, cost_pico: int) -
 
 
 def period_settle(*, period_id: int, held_pico: int, cost_pico: int) -> int | None:
-    row = fetch_one(_period_settle_sql(), [held_pico, cost_pico, period_id])
+    statement = period_settle_statement(
+        period_id=period_id, held_pico=held_pico, cost_pico=cost_pico
+    )
+    row = fetch_one(statement.sql, statement.params)
     return row[0] if row else None
 
 
