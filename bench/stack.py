@@ -16,6 +16,7 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,7 +260,10 @@ def gateway_start(
         log_path=log_dir / f"gateway-{server}-{port}.log",
     )
     try:
-        _wait_ready(gateway, key)
+        headers = {"Authorization": f"Bearer {key}"}
+        _wait_ready(
+            gateway, lambda: httpx2.get(f"{gateway.url}/v1/models", headers=headers, timeout=2.0)
+        )
     except BaseException:
         gateway.stop()
         raise
@@ -290,42 +294,42 @@ def reference_start(*, mock_url: str, log_dir: Path, workers: int = 2) -> Gatewa
         cwd=ROOT,
         log_path=log_dir / f"reference-{port}.log",
     )
-    deadline = time.monotonic() + 60
     body = {"model": "reference", "messages": [{"role": "user", "content": "ready?"}]}
-    while time.monotonic() < deadline:
-        if reference.process.poll() is not None:
-            raise RuntimeError(f"the reference server exited; see {reference.log_path}")
-        try:
-            response = httpx2.post(f"{reference.url}/v1/chat/completions", json=body, timeout=2)
-        except httpx2.TransportError:
-            time.sleep(0.2)
-            continue
-        if response.status_code == 200:
-            return reference
+    try:
+        _wait_ready(
+            reference,
+            lambda: httpx2.post(f"{reference.url}/v1/chat/completions", json=body, timeout=2.0),
+        )
+    except BaseException:
         reference.stop()
-        raise RuntimeError(f"the reference answered {response.status_code}: {response.text[:300]}")
-    reference.stop()
-    raise RuntimeError(f"the reference server did not answer within 60 s; see {reference.log_path}")
+        raise
+    return reference
 
 
-def _wait_ready(gateway: Gateway, key: str, timeout: float = 60.0) -> None:
+def _wait_ready(
+    server: Gateway, probe: Callable[[], httpx2.Response], timeout: float = 60.0
+) -> None:
+    """Return once `probe()` (a request to the server) is answered 200."""
     deadline = time.monotonic() + timeout
-    headers = {"Authorization": f"Bearer {key}"}
     while time.monotonic() < deadline:
-        if gateway.process.poll() is not None:
+        if server.process.poll() is not None:
             raise RuntimeError(
-                f"the gateway exited with {gateway.process.returncode}; see {gateway.log_path}:\n"
-                + gateway.log_path.read_text()[-3000:]
+                f"the {server.server} server exited with {server.process.returncode}; see "
+                f"{server.log_path}:\n" + server.log_path.read_text()[-3000:]
             )
         try:
-            response = httpx2.get(f"{gateway.url}/v1/models", headers=headers, timeout=2.0)
+            response = probe()
         except httpx2.TransportError:
             time.sleep(0.2)
             continue
         if response.status_code == 200:
             return
-        raise RuntimeError(f"the gateway answered {response.status_code}: {response.text[:500]}")
-    raise RuntimeError(f"the gateway did not answer within {timeout:.0f} s; see {gateway.log_path}")
+        raise RuntimeError(
+            f"the {server.server} server answered {response.status_code}: {response.text[:500]}"
+        )
+    raise RuntimeError(
+        f"the {server.server} server did not answer within {timeout:.0f} s; see {server.log_path}"
+    )
 
 
 def gateway_warm(gateway: Gateway, key: str, body: bytes, stream_body: bytes) -> None:
