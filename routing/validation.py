@@ -4,6 +4,7 @@ messages OpenAI's API gives. Everything else passes through to the provider unto
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from .errors import InvalidRequest
@@ -42,11 +43,20 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # A number too large for a float (1e400) would become infinity, which JSON cannot
+    # carry on to the provider.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def chat_request_parse(raw: bytes) -> dict:
     """The request body as a dict, or a 400 that says what is wrong."""
     try:
         # NaN and Infinity are Python's extensions, not JSON: providers reject them.
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise InvalidRequest(
             "The JSON body of your request is nested too deeply.", code="invalid_json"

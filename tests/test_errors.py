@@ -61,6 +61,11 @@ def assert_openai_error(response, status: int, *, code=None, param=None) -> dict
         b"12",
         b'{"model": "m-openai", "messages": [{"role": "user", "content": "\\ud800"}]}',
         b'{"model": "m-openai", "messages": [], "temperature": NaN}',
+        # Beyond a float's range: would be infinity, which no JSON can carry on.
+        b'{"model": "m-openai", "messages": [{"role": "user", "content": "hi"}], '
+        b'"temperature": 1e400}',
+        b'{"model": "m-openai", "messages": [{"role": "user", "content": "hi"}], '
+        b'"stream": true, "extra": {"x": -1e999}}',
         b'{"model": "m-openai", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
     ],
 )
