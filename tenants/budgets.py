@@ -178,12 +178,16 @@ class BudgetHold:
     ):
         hard = [(budget, _period_id(budget, at, tz_name)) for budget in hard_budgets(key)]
         needed = usd_to_pico(amount) if hard else 0
-        self.holds = {period_id: needed for _, period_id in hard}
+        # More than a limit never fits, and may be more than the database's integers hold
+        # (a max_tokens of 10^14): no statement, and step by step says which budget.
+        self._fits = all(needed <= budget.limit_pico for budget, _ in hard)
+        self.holds = {period_id: needed for _, period_id in hard} if self._fits else {}
         self._reserves = [
             statements.period_reserve_statement(
                 period_id=period_id, amount_pico=needed, limit_pico=budget.limit_pico
             )
             for budget, period_id in hard
+            if self._fits
         ]
         self.statements = list(self._reserves)
         if self.holds:
@@ -194,7 +198,7 @@ class BudgetHold:
             )
 
     def held(self) -> bool:
-        return all(reserve.rowcount == 1 for reserve in self._reserves)
+        return self._fits and all(reserve.rowcount == 1 for reserve in self._reserves)
 
 
 def budget_reserve(
@@ -213,6 +217,8 @@ def budget_reserve(
     with transaction.atomic(savepoint=False):  # the caller's transaction, if any
         for budget in hard:
             period_id = _period_id(budget, at, tz_name)
+            if needed > budget.limit_pico:  # never fits (see BudgetHold)
+                raise BudgetExceeded(budget, BudgetPeriod.objects.get(pk=period_id), needed)
             reserved = statements.period_reserve(
                 period_id=period_id, amount_pico=needed, limit_pico=budget.limit_pico
             )

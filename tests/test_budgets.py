@@ -108,6 +108,22 @@ def test_over_budget_is_a_429_the_sdk_does_not_retry(metered):
     assert UsageEvent.objects.count() == 2  # nothing reached the provider
 
 
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_worst_case_beyond_any_budget_is_a_429_not_a_database_overflow(metered, field):
+    # 10^14 tokens at $1 per 1M: $10^8, 10^20 picodollars, more than a 64-bit integer.
+    budget = budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
+    with pytest.raises(openai.RateLimitError) as caught:
+        metered.client().chat.completions.create(
+            model="m-budget", messages=MESSAGES, extra_body={field: 10**14}
+        )
+    assert caught.value.code == "insufficient_quota"
+    assert "may cost up to $100,000,000.00" in caught.value.message
+    assert budget_status(budget).reserved == 0
+    assert not BudgetReservation.objects.exists()
+    assert UsageEvent.objects.count() == 0
+    call(metered)  # and the budget still serves calls that fit
+
+
 def test_key_budget_applies_inside_the_tenant_budget(metered):
     budget_set(tenant=metered.tenant, limit_usd=CALL * 3)
     small = api_key_issue(tenant=metered.tenant, name="small").secret
