@@ -44,6 +44,11 @@ before anything else and is never echoed back. Unknown keys are a 400. All keys 
                   a response.
     error_after   stream: after that many content chunks, send `data: {"error": {...}}`
                   and end the stream (no [DONE]). `cut_after` wins when both trigger.
+    end_after     stream: after that many content chunks, end the response cleanly (the
+                  HTTP body complete) with no finishing chunk, no usage and no [DONE]:
+                  a provider that stops early without saying so. A value above the
+                  content chunks ends after the finishing (and usage) chunk, before
+                  [DONE]. `cut_after` and `error_after` win at the same point.
     usage         object overriding any of prompt_tokens, completion_tokens,
                   cached_tokens, reasoning_tokens (total is always prompt + completion).
     reasoning     number of reasoning chunks (`delta.reasoning_content`) before the
@@ -120,6 +125,7 @@ KNOBS = frozenset(
         "retry_after",
         "cut_after",
         "error_after",
+        "end_after",
         "usage",
         "reasoning",
         "echo_request",
@@ -162,7 +168,8 @@ class Stats:
     """Counters served by /_mock/stats.
 
     Every started stream ends as exactly one of completed, aborted (the client closed the
-    connection first), cut (`cut_after`) or errored (`error_after`), or is still open.
+    connection first), cut (`cut_after`), errored (`error_after`) or ended early
+    (`end_after`), or is still open.
     """
 
     requests: int = 0  # API requests received (chat completions and models)
@@ -171,6 +178,7 @@ class Stats:
     streams_aborted: int = 0
     streams_cut: int = 0
     streams_errored: int = 0
+    streams_ended: int = 0
     streams_open: int = 0
     plain_cut: int = 0  # plain requests closed without an answer (`cut_after`)
 
@@ -347,6 +355,7 @@ class Plan:
     retry_after: float | None = None
     cut_after: int | None = None
     error_after: int | None = None
+    end_after: int | None = None
     echo_request: bool = False
     keepalive: bool = False
 
@@ -465,6 +474,7 @@ def build_plan(body: dict[str, Any], prefix_style: str | None, defaults: MockDef
         retry_after=_number_knob(knobs, "retry_after"),
         cut_after=_int_knob(knobs, "cut_after"),
         error_after=_int_knob(knobs, "error_after"),
+        end_after=_int_knob(knobs, "end_after"),
         echo_request=_bool_knob(knobs, "echo_request"),
         keepalive=_bool_knob(knobs, "keepalive"),
     )
@@ -601,7 +611,7 @@ async def _abort(request: web.Request) -> None:
 async def _stream(
     request: web.Request, response: web.StreamResponse, plan: Plan, writer: ChunkWriter
 ) -> str:
-    """Write one SSE stream; returns how it ended: completed, cut or errored."""
+    """Write one SSE stream; returns how it ended: completed, cut, errored or ended."""
     await response.prepare(request)
     if plan.keepalive:
         await response.write(SSE_KEEPALIVE)
@@ -623,6 +633,9 @@ async def _stream(
             await response.write(writer.error(sent))
             await response.write_eof()
             return "errored"
+        if plan.end_after == sent:
+            await response.write_eof()
+            return "ended"
         if sent == len(pieces):
             break
         if plan.interval_s:
@@ -632,6 +645,9 @@ async def _stream(
     usage_chunk = writer.usage_chunk()
     if usage_chunk is not None:
         await response.write(usage_chunk)
+    if plan.end_after is not None and plan.end_after > len(pieces):
+        await response.write_eof()
+        return "ended"
     await response.write(SSE_DONE)
     await response.write_eof()
     return "completed"

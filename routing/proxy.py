@@ -689,6 +689,7 @@ class _StreamState:
     usage: dict | None = None
     pieces: int = 0  # chunks that carried output
     ttft_ms: int | None = None
+    finished: bool = False  # a choice said why it stopped (finish_reason)
 
     def absorb(self, chunk: dict) -> dict | None:
         """Normalise one upstream chunk; return what the client gets, or None to drop it.
@@ -715,6 +716,8 @@ class _StreamState:
             inner = choice.pop("usage", None)
             if isinstance(inner, dict):
                 usage = inner
+            if choice.get("finish_reason"):
+                self.finished = True
             delta = choice.get("delta")
             if isinstance(delta, dict) and any(delta.get(f) for f in _DELTA_OUTPUT_FIELDS):
                 self.pieces += 1
@@ -843,6 +846,7 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
         # gone already) still drains, meters and releases the call.
         yield b""
         failure: UpstreamFailure | None = None
+        ended = False  # the provider said the stream is over: [DONE]
         try:
             for data in events:
                 if call.key.concurrency_limit is not None and (
@@ -855,6 +859,7 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
                     yield _KEEPALIVE
                     continue
                 if data.strip() == "[DONE]":
+                    ended = True
                     break
                 chunk = _json_object(data)
                 if chunk is None:
@@ -870,6 +875,13 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
                     yield _sse(out)
         except UPSTREAM_ERRORS as exc:
             failure = upstream_failure(exc, call.model.provider, call.timeout)
+        if failure is None and not ended and not state.finished:
+            # The body ended cleanly, but neither [DONE] nor a finish_reason came: an
+            # answer cut short, which the client must not take for a whole one.
+            failure = UpstreamFailure(
+                UpstreamFailed("The upstream provider ended the stream before it finished."),
+                200,
+            )
 
         if failure is not None:
             # The status line is long gone: the error travels inside the stream.

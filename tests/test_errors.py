@@ -363,3 +363,35 @@ def test_connection_cut_mid_stream_reaches_the_sdk_as_an_api_error(world):
     event = only_event()
     assert event.status == UsageEvent.Status.UPSTREAM_ERROR
     assert event.output_tokens == 3
+
+
+
+def test_stream_the_provider_ends_early_without_saying_so_is_an_error_not_an_answer(world):
+    # The body ends cleanly after two chunks: no finish_reason, no usage, no [DONE].
+    received = []
+    stream = world.client().chat.completions.create(
+        model="m-openai",
+        messages=MESSAGES,
+        stream=True,
+        extra_body={"mock": {"end_after": 2, "chunks": 5}},
+    )
+    with pytest.raises(openai.APIError, match="ended the stream before it finished"):
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+    assert len(received) == 2
+    event = only_event()
+    assert event.status == UsageEvent.Status.UPSTREAM_ERROR
+    assert event.usage_source == UsageEvent.Source.ESTIMATED
+    assert event.output_tokens == 2
+
+
+def test_stream_that_finished_but_had_no_done_is_a_whole_answer(world):
+    # Past the content, end_after closes after the finishing and usage chunks, before
+    # [DONE]: the provider said why it stopped and what it used, so the answer is whole.
+    chunks = call_with_mock(world, {"end_after": 6, "chunks": 5}, stream=True)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    event = only_event()
+    assert event.status == UsageEvent.Status.OK
+    assert event.usage_source == UsageEvent.Source.PROVIDER
+    assert event.output_tokens == 5

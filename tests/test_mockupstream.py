@@ -433,6 +433,29 @@ def test_error_after_sends_an_error_event_and_no_done(mock: MockUpstream) -> Non
     wait_for_stats(mock, streams_errored=before["streams_errored"] + 2)
 
 
+def test_end_after_ends_the_body_cleanly_without_finish_usage_or_done(
+    mock: MockUpstream,
+) -> None:
+    before = stats(mock)
+    body = {
+        "model": "m",
+        "messages": USER,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "mock": {"end_after": 2, "chunks": 5},
+    }
+    response = post(mock, "openai", body)
+    assert response.status_code == 200
+    events = [e.removeprefix("data: ") for e in response.text.strip().split("\n\n")]
+    assert "[DONE]" not in events
+    chunks = [json.loads(e) for e in events]
+    contents = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert [c for c in contents if c] == contents[1:] and len(contents) == 3  # role + 2
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert all(c.get("usage") is None for c in chunks)
+    wait_for_stats(mock, streams_ended=before["streams_ended"] + 1)
+
+
 def test_client_disconnect_mid_stream_is_counted_as_aborted(mock: MockUpstream) -> None:
     before = stats(mock)
     body = {
@@ -696,6 +719,7 @@ def test_stats_count_and_reset(mock: MockUpstream) -> None:
         "streams_aborted": 0,
         "streams_cut": 0,
         "streams_errored": 0,
+        "streams_ended": 0,
         "streams_open": 0,
         "plain_cut": 0,
     }
