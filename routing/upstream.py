@@ -149,19 +149,21 @@ def upstream_failure(
         message = _error_message(exc.body)
         if status in (400, 413, 422):
             # The provider rejected the request itself (e.g. context too long): the
-            # client's to fix, so it gets the provider's words.
+            # client's to fix, so it gets the provider's words, less the gateway's own
+            # key should they quote it.
             return UpstreamFailure(
-                InvalidRequest(message or "The upstream provider rejected the request.", code=code),
+                InvalidRequest(
+                    _without_secret(message, provider.api_key())
+                    or "The upstream provider rejected the request.",
+                    code=code,
+                ),
                 status,
             )
         if status == 429 and code != "1113":
-            headers = {}
-            retry_after = exc.response.headers.get("retry-after")
-            if retry_after:
-                headers["Retry-After"] = retry_after
             return UpstreamFailure(
                 UpstreamRateLimited(
-                    "The upstream provider is rate limiting; retry shortly.", headers=headers
+                    "The upstream provider is rate limiting; retry shortly.",
+                    headers=_retry_after(exc.response),
                 ),
                 status,
             )
@@ -179,7 +181,12 @@ def upstream_failure(
             )
         logger.warning("Upstream %s failed: HTTP %s", provider.name, status)
         return UpstreamFailure(
-            UpstreamFailed(f"The upstream provider failed (HTTP {status})."), status
+            # A 503's Retry-After tells the client's SDK how long to back off.
+            UpstreamFailed(
+                f"The upstream provider failed (HTTP {status}).",
+                headers=_retry_after(exc.response),
+            ),
+            status,
         )
     if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
         logger.warning("Upstream %s unreachable: %s", provider.name, type(exc).__name__)
@@ -190,6 +197,17 @@ def upstream_failure(
             None,
         )
     raise exc
+
+
+def _retry_after(response: httpx2.Response) -> dict[str, str]:
+    retry_after = response.headers.get("retry-after")
+    return {"Retry-After": retry_after} if retry_after else {}
+
+
+def _without_secret(message: str | None, secret: str | None) -> str | None:
+    if message and secret:
+        return message.replace(secret, "[redacted]")
+    return message
 
 
 def _error_object(body: object) -> Mapping:

@@ -10,8 +10,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from routing.errors import InvalidRequest, UpstreamFailed
 from routing.models import Provider
-from routing.upstream import chat_completion, chat_completion_stream, upstream_client
+from routing.proxy import UPSTREAM_ERRORS
+from routing.upstream import (
+    chat_completion,
+    chat_completion_stream,
+    upstream_client,
+    upstream_failure,
+)
 
 COMPLETION = {
     "id": "chatcmpl-1",
@@ -32,6 +39,18 @@ class _Recorder(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        if "answer_status" in body:
+            # An error that quotes the credential it was sent, as some providers' 400s do.
+            message = f"Incorrect API key provided: {self.headers['Authorization']}"
+            payload = json.dumps({"error": {"message": message, "code": "bad"}}).encode()
+            self.send_response(body["answer_status"])
+            if "retry_after" in body:
+                self.send_header("Retry-After", str(body["retry_after"]))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
         if body.get("stream"):
             chunk = {**COMPLETION, "object": "chat.completion.chunk", "choices": []}
             payload = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
@@ -114,3 +133,31 @@ def test_a_stream_carries_the_provider_key_and_no_sdk_telemetry(provider, record
     # The SDK's streaming mode marks its own request (x-stainless-raw-response); nothing
     # about the machine goes out.
     assert TELEMETRY & set(headers) == set()
+
+
+def _failure(provider, **answer):
+    with pytest.raises(UPSTREAM_ERRORS) as caught:
+        chat_completion(upstream_client(provider), {**BODY, **answer}, timeout=5.0)
+    return upstream_failure(caught.value, provider)
+
+
+def test_a_provider_400_reaches_the_client_in_its_words_but_without_the_gateways_key(
+    provider,
+):
+    failure = _failure(provider, answer_status=400)
+    assert isinstance(failure.error, InvalidRequest)
+    assert failure.error.message == "Incorrect API key provided: Bearer [redacted]"
+    assert "sk-provider-secret" not in json.dumps(failure.error.body())
+
+
+@pytest.mark.parametrize(("status", "retry_after"), [(503, "3"), (500, None)])
+def test_a_provider_5xx_keeps_its_retry_after_for_the_clients_backoff(
+    provider, status, retry_after
+):
+    answer = {"answer_status": status}
+    if retry_after:
+        answer["retry_after"] = retry_after
+    failure = _failure(provider, **answer)
+    assert isinstance(failure.error, UpstreamFailed)
+    assert failure.upstream_status == status
+    assert failure.error.headers == ({"Retry-After": retry_after} if retry_after else {})
