@@ -365,7 +365,6 @@ def test_connection_cut_mid_stream_reaches_the_sdk_as_an_api_error(world):
     assert event.output_tokens == 3
 
 
-
 def test_stream_the_provider_ends_early_without_saying_so_is_an_error_not_an_answer(world):
     # The body ends cleanly after two chunks: no finish_reason, no usage, no [DONE].
     received = []
