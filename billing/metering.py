@@ -34,14 +34,33 @@ class TokenBuckets:
 
 
 def _count(value: object) -> int | None:
-    """A token count from provider JSON: a non-negative int, else None."""
+    """A token count from provider JSON: a non-negative int (or a whole float, or the
+    digits of one in a string), else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value if value >= 0 else None
     if isinstance(value, float) and value.is_integer() and value >= 0:
         return int(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
     return None
+
+
+_COUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "prompt_cache_hit_tokens",
+    "prompt_cache_miss_tokens",
+)
+
+
+def usage_reported(usage: object) -> bool:
+    """Whether a provider's usage object carries a token count the gateway can read. One
+    that does not (every count null, say) is no usage at all: the call is estimated, not
+    metered as zero tokens."""
+    return isinstance(usage, Mapping) and any(_count(usage.get(k)) is not None for k in _COUNTS)
 
 
 def _first_count(*values: object) -> int | None:

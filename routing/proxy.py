@@ -37,6 +37,7 @@ from billing.metering import (
     tokens_estimate,
     usage_normalize,
     usage_openai_shape,
+    usage_reported,
 )
 from billing.models import UsageEvent
 from billing.pricing import UnitPrices, unit_prices, unit_prices_for_call
@@ -638,7 +639,7 @@ def chat_complete(call: ChatCall) -> bytes:
                 message.setdefault("refusal", None)
 
     usage = completion.get("usage")
-    if isinstance(usage, dict):
+    if usage_reported(usage):
         buckets = usage_normalize(usage)
         source = UsageEvent.Source.PROVIDER
         raw_usage = usage
@@ -650,7 +651,7 @@ def chat_complete(call: ChatCall) -> bytes:
             ),
         )
         source = UsageEvent.Source.ESTIMATED
-        raw_usage = None
+        raw_usage = usage if isinstance(usage, dict) else None  # kept, unreadable as it was
     completion["usage"] = usage_openai_shape(usage if isinstance(usage, dict) else {}, buckets)
     _meter(
         call,
@@ -732,7 +733,7 @@ class _StreamState:
         return chunk
 
     def buckets(self) -> tuple[TokenBuckets, str]:
-        if self.usage is not None:
+        if usage_reported(self.usage):
             return usage_normalize(self.usage), UsageEvent.Source.PROVIDER
         estimate = TokenBuckets(
             input_uncached=tokens_estimate(self.call.body["messages"]),

@@ -8,13 +8,17 @@ tokens, priced at 0.27 / 0.07 / 1.10 per 1M: 54 + 56 + 550 = $0.000660.
 
 from __future__ import annotations
 
+import json
+import threading
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from billing.models import UsageEvent
+from routing.models import Provider
 
-from .conftest import STYLES
+from .conftest import STYLES, model_create
 
 MESSAGES = [{"role": "user", "content": "Explain quantum computing in 100 words"}]
 USAGE = {
@@ -99,3 +103,107 @@ def test_model_without_input_price_meters_input_as_unpriced(world):
     event = UsageEvent.objects.get(request_id=completion._request_id)
     assert event.unpriced_tokens == 1000
     assert event.cost == Decimal("0.000550000000")  # the output alone
+
+
+class ScriptedProvider:
+    """An OpenAI-compatible provider that answers every chat completion with one fixed
+    usage object, plain or as a two-chunk stream, whatever its values."""
+
+    def __init__(self, usage: dict):
+        completion = {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "upstream",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "four words of answer"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        }
+        chunk = {**completion, "object": "chat.completion.chunk"}
+        events = [
+            {**chunk, "choices": [{"index": 0, "delta": {"content": "four words of answer"}}]},
+            {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {**chunk, "choices": [], "usage": usage},
+        ]
+        plain = json.dumps(completion).encode()
+        stream = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
+        stream += b"data: [DONE]\n\n"
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                streamed = body.get("stream")
+                payload = stream if streamed else plain
+                self.send_response(200)
+                self.send_header(
+                    "Content-Type", "text/event-stream" if streamed else "application/json"
+                )
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def scripted(world):
+    """world's tenant may call m-scripted, served by a ScriptedProvider made by the test."""
+
+    servers = []
+
+    def make(usage: dict) -> None:
+        provider = ScriptedProvider(usage)
+        servers.append(provider.server)
+        model = model_create(
+            "m-scripted", provider=Provider.objects.create(name="scripted", base_url=provider.url)
+        )
+        world.tenant.allowed_models.add(model)
+
+    yield make
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _call(world, stream: bool) -> UsageEvent:
+    client = world.client()
+    if stream:
+        with client.chat.completions.create(
+            model="m-scripted", messages=MESSAGES, stream=True
+        ) as chunks:
+            list(chunks)
+            request_id = chunks.response.headers["x-request-id"]
+    else:
+        completion = client.chat.completions.create(model="m-scripted", messages=MESSAGES)
+        request_id = completion._request_id
+    return UsageEvent.objects.get(request_id=request_id)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_with_no_readable_count_is_estimated_not_metered_as_free(world, scripted, stream):
+    scripted({"prompt_tokens": None, "completion_tokens": None, "total_tokens": None})
+    event = _call(world, stream)
+    assert event.usage_source == UsageEvent.Source.ESTIMATED
+    assert event.prompt_tokens > 0 and event.output_tokens > 0
+    assert event.cost > 0
+    assert event.raw_usage["prompt_tokens"] is None  # what the provider said, kept
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_counts_sent_as_digit_strings_are_read(world, scripted, stream):
+    scripted({"prompt_tokens": "1000", "completion_tokens": "500", "total_tokens": "1500"})
+    event = _call(world, stream)
+    assert event.usage_source == UsageEvent.Source.PROVIDER
+    assert (event.prompt_tokens, event.output_tokens) == (1000, 500)
