@@ -3,6 +3,7 @@ and nothing a client sends produces a 500."""
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
 
@@ -17,7 +18,9 @@ from routing.models import CatalogModel
 from tenants.models import ApiKey, Tenant
 from tenants.services import api_key_issue, key_revoke
 
+from . import conftest
 from .conftest import model_create
+from .upstream import gunicorn_gateway_start
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -394,3 +397,40 @@ def test_stream_that_finished_but_had_no_done_is_a_whole_answer(world):
     assert event.status == UsageEvent.Status.OK
     assert event.usage_source == UsageEvent.Source.PROVIDER
     assert event.output_tokens == 5
+
+
+def _chunked(body: bytes):
+    # A generator body: httpx sends it with Transfer-Encoding: chunked, no Content-Length.
+    yield body[:10]
+    yield body[10:]
+
+
+def test_a_chunked_request_body_is_read_like_any_other(world, gunicorn_gateway):
+    body = json.dumps({"model": "m-openai", "messages": MESSAGES}).encode()
+    response = httpx2.post(
+        f"{gunicorn_gateway.url}/chat/completions",
+        content=_chunked(body),
+        headers={"Authorization": f"Bearer {world.secret}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"].startswith("Mock reply")
+    assert UsageEvent.objects.get().request_id == response.headers["x-request-id"]
+
+
+def test_a_chunked_request_body_over_the_limit_is_a_413(world, django_db_setup):
+    gateway = gunicorn_gateway_start(conftest.test_database_url(), TOLLGATE_MAX_BODY_BYTES="1000")
+    try:
+        content = json.dumps(
+            {"model": "m-openai", "messages": [{"role": "user", "content": "x" * 2000}]}
+        )
+        response = httpx2.post(
+            f"{gateway.url}/chat/completions",
+            content=_chunked(content.encode()),
+            headers={"Authorization": f"Bearer {world.secret}"},
+            timeout=30,
+        )
+    finally:
+        gateway.stop()
+    assert_openai_error(response, 413, code="request_too_large")
+    assert UsageEvent.objects.count() == 0

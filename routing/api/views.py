@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
@@ -100,14 +101,31 @@ class ModelDetailView(OpenAIView):
         return Response(_model_object(entry.model))
 
 
+def request_body(request) -> bytes:
+    """The request's body, also when the client sent it chunked (Transfer-Encoding:
+    chunked, no Content-Length): Django reads such a body as empty, while gunicorn hands
+    it over de-chunked and ended (`wsgi.input_terminated`). 413 over the upload limit."""
+    too_large = PayloadTooLarge("The request body is larger than this gateway accepts.")
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raise too_large from None
+    meta = request.META
+    if raw or "chunked" not in meta.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return raw
+    if not meta.get("wsgi.input_terminated"):
+        return raw  # a server that does not de-chunk: nothing safe to read
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    raw = meta["wsgi.input"].read() if limit is None else meta["wsgi.input"].read(limit + 1)
+    if limit is not None and len(raw) > limit:
+        raise too_large
+    return raw
+
+
 class ChatCompletionsView(OpenAIView):
     def post(self, request):
         django_request = request._request
-        try:
-            raw = django_request.body
-        except RequestDataTooBig:
-            raise PayloadTooLarge("The request body is larger than this gateway accepts.") from None
-        body = chat_request_parse(raw)
+        body = chat_request_parse(request_body(django_request))
         route, targets = chat_targets(
             key=request.auth,
             name=body["model"],
