@@ -909,9 +909,15 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
         upstream.close()
 
 
+def _null(_constant: str) -> None:
+    return None
+
+
 def _json_object(data: str | bytes) -> dict | None:
+    """A provider's JSON object, or None. NaN and Infinity (Python's extensions, which
+    some providers' logprobs carry) become null: what the client gets must be JSON."""
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_null)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None

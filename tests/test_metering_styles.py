@@ -13,6 +13,7 @@ import threading
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx2
 import pytest
 
 from billing.models import UsageEvent
@@ -107,9 +108,11 @@ def test_model_without_input_price_meters_input_as_unpriced(world):
 
 class ScriptedProvider:
     """An OpenAI-compatible provider that answers every chat completion with one fixed
-    usage object, plain or as a two-chunk stream, whatever its values."""
+    usage object, plain or as a two-chunk stream, whatever its values; `choice` adds to
+    the answer's choice (and to the stream's content chunk)."""
 
-    def __init__(self, usage: dict):
+    def __init__(self, usage: dict, choice: dict | None = None):
+        choice = choice or {}
         completion = {
             "id": "chatcmpl-scripted",
             "object": "chat.completion",
@@ -120,13 +123,17 @@ class ScriptedProvider:
                     "index": 0,
                     "message": {"role": "assistant", "content": "four words of answer"},
                     "finish_reason": "stop",
+                    **choice,
                 }
             ],
             "usage": usage,
         }
         chunk = {**completion, "object": "chat.completion.chunk"}
         events = [
-            {**chunk, "choices": [{"index": 0, "delta": {"content": "four words of answer"}}]},
+            {
+                **chunk,
+                "choices": [{"index": 0, "delta": {"content": "four words of answer"}, **choice}],
+            },
             {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
             {**chunk, "choices": [], "usage": usage},
         ]
@@ -163,8 +170,8 @@ def scripted(world):
 
     servers = []
 
-    def make(usage: dict) -> None:
-        provider = ScriptedProvider(usage)
+    def make(usage: dict, choice: dict | None = None) -> None:
+        provider = ScriptedProvider(usage, choice)
         servers.append(provider.server)
         model = model_create(
             "m-scripted", provider=Provider.objects.create(name="scripted", base_url=provider.url)
@@ -201,9 +208,41 @@ def test_usage_with_no_readable_count_is_estimated_not_metered_as_free(world, sc
     assert event.raw_usage["prompt_tokens"] is None  # what the provider said, kept
 
 
+USAGE_SENT = {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_counts_sent_as_digit_strings_are_read(world, scripted, stream):
     scripted({"prompt_tokens": "1000", "completion_tokens": "500", "total_tokens": "1500"})
     event = _call(world, stream)
     assert event.usage_source == UsageEvent.Source.PROVIDER
     assert (event.prompt_tokens, event.output_tokens) == (1000, 500)
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_and_infinity_from_the_provider_reach_the_client_as_null(world, scripted):
+    # json.dumps writes these as the bare words NaN and -Infinity, which are not JSON.
+    logprobs = {"content": [{"token": "four", "logprob": float("-inf"), "bytes": None}]}
+    scripted(USAGE_SENT, {"logprobs": logprobs, "score": float("nan")})
+    headers = {"Authorization": f"Bearer {world.secret}"}
+    body = {"model": "m-scripted", "messages": MESSAGES}
+
+    plain = httpx2.post(f"{world.url}/chat/completions", json=body, headers=headers)
+    choice = _strict_json(plain.text)["choices"][0]
+    assert choice["logprobs"]["content"][0]["logprob"] is None
+    assert choice["score"] is None
+
+    streamed = httpx2.post(
+        f"{world.url}/chat/completions", json={**body, "stream": True}, headers=headers
+    )
+    events = [e.removeprefix("data: ") for e in streamed.text.strip().split("\n\n")]
+    assert events[-1] == "[DONE]"
+    first = _strict_json(events[0])["choices"][0]
+    assert first["logprobs"]["content"][0]["logprob"] is None
+    assert all(_strict_json(e) for e in events[:-1])
