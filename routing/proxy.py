@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -464,8 +464,13 @@ def _meter(
                 # Request ids are the gateway's own: no duplicate to recover from.
                 event = usage_record(facts, savepoint=False, with_statements=writes)
             call.released = True
-            return event
-        return usage_record(facts)
+        else:
+            event = usage_record(facts)
+        if final and call.rate is not None:
+            # A plain answer's x-ratelimit-remaining-tokens then counts its own tokens
+            # (a stream's headers went out at admission).
+            call.rate = replace(call.rate, tokens=call.rate.tokens + release["tokens"])
+        return event
     except Exception:
         # The ledger is the product: leave everything needed to replay the row.
         logger.exception("Could not record usage: %r", facts)

@@ -52,10 +52,11 @@ def test_requests_per_minute_and_their_headers(world):
 def test_tokens_per_minute_count_real_usage(world):
     client = limited(world, tpm_limit=30)
 
-    first = create(client)  # 6 + 10 tokens, counted when the call ends
-    assert first.headers["x-ratelimit-remaining-tokens"] == "30"
-    second = create(client)
-    assert second.headers["x-ratelimit-remaining-tokens"] == "14"
+    # 6 + 10 tokens a call, counted when it ends; a plain answer's headers count its own.
+    first = create(client)
+    assert first.headers["x-ratelimit-remaining-tokens"] == "14"
+    second = create(client)  # admitted (16 of 30 used), and then over
+    assert second.headers["x-ratelimit-remaining-tokens"] == "0"
     with pytest.raises(openai.RateLimitError, match="30 tokens per minute") as caught:
         create(client)
     assert caught.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
@@ -119,5 +120,5 @@ def test_a_failed_ledger_write_still_gives_the_lease_back_and_counts_tokens_once
     monkeypatch.setattr("routing.proxy.usage_record", real)
     # The lease is back: a key limited to one call at a time calls again at once.
     second = create(client)
-    assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - 16)
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - 16 - 16)
     assert UsageEvent.objects.count() == 1
