@@ -105,11 +105,10 @@ def request_body(request) -> bytes:
     """The request's body, also when the client sent it chunked (Transfer-Encoding:
     chunked, no Content-Length): Django reads such a body as empty, while gunicorn hands
     it over de-chunked and ended (`wsgi.input_terminated`). 413 over the upload limit."""
-    too_large = PayloadTooLarge("The request body is larger than this gateway accepts.")
     try:
         raw = request.body
     except RequestDataTooBig:
-        raise too_large from None
+        raise _too_large() from None
     meta = request.META
     if raw or "chunked" not in meta.get("HTTP_TRANSFER_ENCODING", "").lower():
         return raw
@@ -118,8 +117,12 @@ def request_body(request) -> bytes:
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     raw = meta["wsgi.input"].read() if limit is None else meta["wsgi.input"].read(limit + 1)
     if limit is not None and len(raw) > limit:
-        raise too_large
+        raise _too_large()
     return raw
+
+
+def _too_large() -> PayloadTooLarge:
+    return PayloadTooLarge("The request body is larger than this gateway accepts.")
 
 
 class ChatCompletionsView(OpenAIView):
