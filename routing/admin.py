@@ -30,6 +30,8 @@ from .models import (
 from .routes import TargetDraft, route_name_validate, route_targets_validate
 from .services import (
     PriceChangeError,
+    model_price_cancel,
+    model_price_cancellable,
     model_price_change_check,
     model_price_set,
     price_change_earliest,
@@ -206,7 +208,21 @@ class ModelPriceAdmin(admin.ModelAdmin):
         return initial
 
     def has_delete_permission(self, request, obj=None) -> bool:
-        return False
+        # A scheduled version may be withdrawn, one at a time, before any process prices
+        # with it (routing.services.model_price_cancel); history may not.
+        return (
+            obj is not None
+            and model_price_cancellable(obj)
+            and super().has_delete_permission(request, obj)
+        )
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+    def delete_model(self, request, obj: ModelPrice) -> None:
+        model_price_cancel(obj)
 
     @admin.display(description="input $/1M")
     def input(self, price: ModelPrice) -> str:

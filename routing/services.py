@@ -95,6 +95,42 @@ def model_price_set(
     )
 
 
+def model_price_cancellable(price: ModelPrice) -> bool:
+    """Whether a price version may still be withdrawn: the model's latest, and starting
+    no earlier than a new version could (no gateway process prices with it yet, so no
+    usage or invoice refers to it)."""
+    return price.effective_to is None and price.effective_from >= price_change_earliest()
+
+
+@transaction.atomic
+def model_price_cancel(price: ModelPrice) -> ModelPrice | None:
+    """Withdraw a scheduled price version, reopening the one before it (returned; None
+    when it was the model's only version). A version already in force, or followed by
+    another, stays: it is history, or a later version starts from its end."""
+    locked = (
+        ModelPrice.objects.select_for_update()
+        .filter(model_id=price.model_id)
+        .order_by("-effective_from")
+    )
+    versions = list(locked)
+    price = next((v for v in versions if v.pk == price.pk), None)
+    if price is None:
+        raise PriceChangeError("This price version no longer exists.")
+    if not model_price_cancellable(price):
+        raise PriceChangeError(
+            "Only the latest price version can be withdrawn, and only before "
+            f"{price.effective_from:%Y-%m-%d %H:%M:%S} UTC comes within "
+            f"{settings.TOLLGATE_CONFIG_CACHE_SECONDS} s (when gateway processes start "
+            "pricing with it). Set a new version instead."
+        )
+    previous = next((v for v in versions if v.effective_to == price.effective_from), None)
+    price.delete()
+    if previous is not None:
+        previous.effective_to = None
+        previous.save(update_fields=["effective_to"])
+    return previous
+
+
 def model_price_change_check(
     *, model: CatalogModel, effective_from: datetime, current: ModelPrice | None = None
 ) -> None:

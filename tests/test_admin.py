@@ -3,7 +3,7 @@ the ledger is read-only."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -14,6 +14,7 @@ from billing.metering import TokenBuckets
 from billing.models import UsageEvent
 from billing.services import usage_record
 from routing.models import CatalogModel, ModelPrice
+from routing.services import model_price_set
 from tenants.models import ApiKey, StaffToken, Tenant
 from tenants.services import api_key_issue, key_digest, tenant_create
 
@@ -160,6 +161,35 @@ def test_setting_a_price_in_the_admin_opens_a_new_version(admin_client):
         == 403
     )
     assert ModelPrice.objects.get(pk=versions[0].pk).output_per_mtok == Decimal("0.25")
+
+
+def test_a_scheduled_price_can_be_withdrawn_in_the_admin_but_history_cannot(admin_client):
+    model = CatalogModel.objects.get(public_id="deepseek-v4-flash")
+    current = model.prices.get()
+    soon = model_price_set(
+        model=model,
+        input_per_mtok=None,
+        output_per_mtok=Decimal("1000"),  # a typo, scheduled
+        effective_from=timezone.now() + timedelta(hours=1),
+    )
+    never = model_price_set(
+        model=model,
+        input_per_mtok=None,
+        output_per_mtok=Decimal("0.25"),
+        effective_from=datetime(9999, 12, 31, tzinfo=UTC),
+    )
+    delete = "admin:routing_modelprice_delete"
+    # Only the latest can go: the one before it ends where the latest starts.
+    assert admin_client.get(reverse(delete, args=[soon.pk])).status_code == 403
+    response = admin_client.post(reverse(delete, args=[never.pk]), {"post": "yes"})
+    assert response.status_code == 302
+    assert admin_client.post(reverse(delete, args=[soon.pk]), {"post": "yes"}).status_code == 302
+
+    assert list(model.prices.all()) == [current]
+    current.refresh_from_db()
+    assert current.effective_to is None  # in force again, open-ended
+    # The version in force is history: it cannot be withdrawn.
+    assert admin_client.get(reverse(delete, args=[current.pk])).status_code == 403
 
 
 def test_a_price_starting_in_the_past_is_refused_in_the_form(admin_client, event):

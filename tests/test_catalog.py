@@ -12,7 +12,12 @@ from django.utils import timezone
 from routing.checks import catalog_prices_check
 from routing.models import CatalogModel, ModelPrice, Provider
 from routing.selectors import model_price_in_force
-from routing.services import PriceChangeError, model_price_set, price_change_earliest
+from routing.services import (
+    PriceChangeError,
+    model_price_cancel,
+    model_price_set,
+    price_change_earliest,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -161,3 +166,35 @@ def test_a_price_change_never_moves_recorded_usage_to_another_version(settings):
             output_per_mtok=Decimal("0.30"),
             effective_from=ahead - timedelta(minutes=10),
         )
+
+
+def test_a_scheduled_price_is_withdrawn_and_the_one_before_reopens():
+    model = CatalogModel.objects.get(public_id="deepseek-v4-flash")
+    current = model.prices.get()
+    scheduled = model_price_set(
+        model=model,
+        input_per_mtok=None,
+        output_per_mtok=Decimal("1000"),
+        effective_from=price_change_earliest() + timedelta(hours=1),
+    )
+    assert model_price_cancel(scheduled) == current
+    current.refresh_from_db()
+    assert current.effective_to is None
+    assert list(model.prices.all()) == [current]
+    later = price_change_earliest() + timedelta(hours=2)
+    assert model_price_in_force(model_id=model.pk, at=later) == current
+
+
+def test_a_price_already_in_force_or_about_to_be_cannot_be_withdrawn(settings):
+    settings.TOLLGATE_CONFIG_CACHE_SECONDS = 30
+    model = CatalogModel.objects.get(public_id="deepseek-v4-flash")
+    current = model.prices.get()
+    with pytest.raises(PriceChangeError, match="Only the latest price version"):
+        model_price_cancel(current)  # in force since the catalog was loaded
+    soon = model_price_set(
+        model=model, input_per_mtok=None, output_per_mtok=Decimal("0.30")
+    )  # at the earliest start: processes may be pricing with it within 30 s
+    settings.TOLLGATE_CONFIG_CACHE_SECONDS = 60
+    with pytest.raises(PriceChangeError):
+        model_price_cancel(soon)
+    assert ModelPrice.objects.filter(model=model).count() == 2
