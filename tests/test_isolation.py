@@ -13,7 +13,8 @@ from billing.invoicing import invoice_build
 from billing.models import Invoice, UsageEvent
 from billing.services import usage_record
 from routing.models import Provider
-from tenants.models import ApiKey
+from tenants.budgets import budget_set
+from tenants.models import ApiKey, Budget
 from tenants.services import api_key_issue, tenant_create
 
 from .conftest import api, model_create, usage_facts
@@ -227,6 +228,59 @@ def test_budgets_and_limits_through_the_management_api(two_tenants, superuser_to
 
     secret = client.get("/api/tenants/alpha/webhook-secret/").json()["secret"]
     assert secret.startswith("whsec_")
+
+
+def test_a_budget_update_changes_that_budget_only_never_its_tenant_or_key(
+    two_tenants, superuser_token
+):
+    client = api(token=superuser_token)
+    tenant_budget = budget_set(tenant=two_tenants["a"], limit_usd=Decimal("1000"))
+    key_budget = budget_set(
+        tenant=two_tenants["a"], key=two_tenants["key_a"], limit_usd=Decimal("20"), hard=False
+    )
+    beta_budget = budget_set(tenant=two_tenants["b"], limit_usd=Decimal("50"))
+
+    def scopes():
+        return sorted(
+            Budget.objects.values_list("pk", "tenant__slug", "api_key__prefix", "limit_usd", "hard")
+        )
+
+    before = scopes()
+    prefix = two_tenants["key_a"].prefix
+    moves = [
+        ("patch", key_budget, {"api_key": None}, "api_key"),
+        ("patch", beta_budget, {"tenant": "alpha"}, "tenant"),
+        ("patch", tenant_budget, {"api_key": prefix}, "api_key"),
+        ("put", key_budget, {"tenant": "alpha", "api_key": None, "limit_usd": "5"}, "api_key"),
+        ("put", beta_budget, {"tenant": "alpha", "limit_usd": "5"}, "tenant"),
+    ]
+    for method, budget, body, field in moves:
+        response = getattr(client, method)(f"/api/budgets/{budget.pk}/", body, format="json")
+        assert response.status_code == 400, (method, body, response.content)
+        assert field in response.json(), (method, body)
+        assert scopes() == before, (method, body)  # nothing rewritten, nothing created
+
+    patched = client.patch(f"/api/budgets/{key_budget.pk}/", {"limit_usd": "25"}, format="json")
+    assert patched.status_code == 200, patched.content
+    assert (patched.json()["id"], patched.json()["api_key"]) == (key_budget.pk, prefix)
+    put = client.put(
+        f"/api/budgets/{key_budget.pk}/",
+        {"tenant": "alpha", "api_key": prefix, "limit_usd": "30", "hard": True},
+        format="json",
+    )
+    assert put.status_code == 200, put.content
+    assert (put.json()["id"], put.json()["limit_usd"], put.json()["hard"]) == (
+        key_budget.pk,
+        "30.000000",
+        True,
+    )
+    assert scopes() == sorted(
+        [
+            (tenant_budget.pk, "alpha", None, Decimal("1000"), True),
+            (key_budget.pk, "alpha", prefix, Decimal("30"), True),
+            (beta_budget.pk, "beta", None, Decimal("50"), True),
+        ]
+    )
 
 
 def test_members_read_but_do_not_set_budgets_and_never_see_other_tenants(

@@ -174,6 +174,18 @@ class BudgetSerializer(serializers.ModelSerializer):
         return self._status(budget).period_end.isoformat()
 
     def validate(self, data):
+        if self.instance is not None:
+            # An update changes the budget it names: its scope (tenant, key) stays, so
+            # that no update moves it or writes over the other scope's budget.
+            moved = [
+                name
+                for name in ("tenant", "api_key")
+                if name in data and data[name] != getattr(self.instance, name)
+            ]
+            if moved:
+                raise serializers.ValidationError(
+                    {name: "A budget's tenant and key cannot change." for name in moved}
+                )
         key = data.get("api_key")
         tenant = data.get("tenant") or getattr(self.instance, "tenant", None)
         if key is not None and tenant is not None and key.tenant_id != tenant.pk:

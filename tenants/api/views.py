@@ -192,7 +192,8 @@ class BudgetViewSet(
     TenantScopedViewSet,
 ):
     """Monthly budgets of the tenants you manage, with this month's counters. Members
-    read them; superusers set them (setting a scope's budget again changes it)."""
+    read them; superusers set them (setting a scope's budget again changes it). An update
+    changes the budget it names; its tenant and key cannot change."""
 
     queryset = Budget.objects.select_related("tenant", "api_key").order_by("tenant__slug", "id")
     serializer_class = BudgetSerializer
@@ -202,12 +203,14 @@ class BudgetViewSet(
         serializer.instance = self._set(serializer.validated_data)
 
     def perform_update(self, serializer):
+        budget = serializer.instance
         data = {
-            "tenant": serializer.instance.tenant,
-            "api_key": serializer.instance.api_key,
-            "limit_usd": serializer.instance.limit_usd,
-            "hard": serializer.instance.hard,
+            "limit_usd": budget.limit_usd,
+            "hard": budget.hard,
             **serializer.validated_data,
+            # The serializer refuses another scope: this is the budget in the URL.
+            "tenant": budget.tenant,
+            "api_key": budget.api_key,
         }
         serializer.instance = self._set(data)
 
