@@ -19,7 +19,7 @@ from django.conf import settings
 from django.core.mail import send_mail
 from django.utils import timezone
 
-from .budgets import pico_to_usd
+from .budgets import pico_to_usd, usd_str
 from .models import BudgetAlert, Tenant, WebhookDelivery
 
 WEBHOOK_TIMEOUT_SECONDS = 10
@@ -53,8 +53,8 @@ def budget_alert_payload(alert: BudgetAlert) -> dict:
             "scope": budget.scope,
             "api_key": f"{budget.api_key.prefix}…" if budget.api_key_id else None,
             "threshold_percent": alert.threshold,
-            "limit_usd": str(budget.limit_usd),
-            "spent_usd": str(pico_to_usd(alert.spent_pico)),
+            "limit_usd": usd_str(budget.limit_usd),
+            "spent_usd": usd_str(pico_to_usd(alert.spent_pico)),
             "hard": budget.hard,
             "period_start": alert.period.starts_at.isoformat(),
             "period_end": alert.period.ends_at.isoformat(),

@@ -73,6 +73,12 @@ def usd_format(amount: Decimal) -> str:
     return f"${places_at_least(amount):,f}"
 
 
+def usd_str(amount: Decimal) -> str:
+    """An amount as JSON carries it: every digit, never an exponent (str() of no
+    picodollars is "0E-12", of $0.00000015 "1.50000E-7")."""
+    return f"{amount:f}"
+
+
 def pico_to_usd(pico: int) -> Decimal:
     return Decimal(pico).scaleb(-12)
 
@@ -350,7 +356,8 @@ class BudgetStatus:
 
     @property
     def remaining(self) -> Decimal:
-        return max(self.budget.limit_usd - self.spent - self.reserved, Decimal(0))
+        # Floored at picodollars' zero, so that usd_str writes it as it writes spent.
+        return max(self.budget.limit_usd - self.spent - self.reserved, pico_to_usd(0))
 
     @property
     def used_percent(self) -> Decimal:

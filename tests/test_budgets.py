@@ -17,7 +17,7 @@ from tenants.budgets import budget_month, budget_rebuild, budget_set, budget_sta
 from tenants.models import ApiKey, BudgetAlert, BudgetPeriod, BudgetReservation
 from tenants.services import api_key_issue
 
-from .conftest import model_create
+from .conftest import api, model_create
 
 # Output at $1.00 per 1M and no input price: a call of max_tokens=10 costs exactly what it
 # reserves, $0.00001.
@@ -208,6 +208,49 @@ def test_budget_endpoint_tells_a_key_what_is_left(metered):
     assert Decimal(tenant["reserved_usd"]) == 0
     assert Decimal(tenant["remaining_usd"]) == Decimal("0.5") - CALL
     assert tenant["period_end"] > tenant["period_start"]
+
+
+def test_budget_amounts_are_plain_decimals_at_zero_and_below_a_millionth(metered, superuser_token):
+    from django.utils import timezone
+
+    from tenants.budgets import budget_reserve
+    from tenants.selectors import api_key_for_digest
+    from tenants.services import key_digest
+
+    budget = budget_set(tenant=metered.tenant, limit_usd=Decimal("0.5"))
+
+    def amounts():
+        client = httpx2.get(
+            f"{metered.url}/budget", headers={"Authorization": f"Bearer {metered.secret}"}
+        ).json()["tenant"]
+        staff = api(token=superuser_token).get(f"/api/budgets/{budget.pk}/").json()
+        fields = ("spent_usd", "reserved_usd", "remaining_usd")
+        return [client[f] for f in fields], [staff[f] for f in fields]
+
+    # Nothing spent or held: no "0E-12".
+    zero = ["0.000000000000", "0.000000000000", "0.500000000000"]
+    assert amounts() == (zero, zero)
+
+    # A hold of $0.00000015 keeps every digit, with no "1.50000E-7".
+    key = api_key_for_digest(key_digest(metered.secret))
+    budget_reserve(
+        key=key, tz_name="UTC", request_id="req_tiny", at=timezone.now(), amount=Decimal("15e-8")
+    )
+    held = ["0.000000000000", "0.000000150000", "0.499999850000"]
+    assert amounts() == (held, held)
+
+
+@pytest.mark.django_db
+def test_an_alert_webhook_writes_a_spent_below_a_millionth_in_full():
+    from tenants.alerts import budget_alert_payload
+    from tenants.services import tenant_create
+
+    tenant = tenant_create(slug="tiny", name="Tiny", model_ids=[])
+    budget = budget_set(tenant=tenant, limit_usd=Decimal("0.000001"), alert_thresholds=[50])
+    period = BudgetPeriod.objects.get(budget=budget)
+    alert = BudgetAlert.objects.create(period=period, threshold=50, spent_pico=500_000)
+    data = budget_alert_payload(BudgetAlert.objects.get(pk=alert.pk))["data"]
+    assert (data["limit_usd"], data["spent_usd"]) == ("0.000001", "0.000000500000")
 
 
 def test_counters_rebuilt_from_the_ledger_equal_the_live_ones(metered):

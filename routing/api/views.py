@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from tenants.auth import ApiKeyAuthentication
-from tenants.budgets import budget_status, budgets_for_key
+from tenants.budgets import budget_status, budgets_for_key, usd_str
 from tenants.selectors import model_for_key, models_for_key, routes_for_key
 
 from ..errors import (
@@ -184,10 +184,10 @@ class BudgetView(OpenAIView):
         ):
             status = budget_status(budget, tz_name=key.tenant_timezone)
             statuses[budget.scope] = {
-                "limit_usd": str(budget.limit_usd),
-                "spent_usd": str(status.spent),
-                "reserved_usd": str(status.reserved),
-                "remaining_usd": str(status.remaining),
+                "limit_usd": usd_str(budget.limit_usd),
+                "spent_usd": usd_str(status.spent),
+                "reserved_usd": usd_str(status.reserved),
+                "remaining_usd": usd_str(status.remaining),
                 "hard": budget.hard,
                 "period_start": status.period_start.isoformat(),
                 "period_end": status.period_end.isoformat(),

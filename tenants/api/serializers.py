@@ -5,7 +5,7 @@ from rest_framework import serializers
 
 from routing.models import CatalogModel
 
-from ..budgets import budget_status
+from ..budgets import budget_status, usd_str
 from ..models import ApiKey, Budget, Tenant, validate_timezone
 from .scoping import VisibleTenantField
 
@@ -159,13 +159,13 @@ class BudgetSerializer(serializers.ModelSerializer):
         return cache[budget.pk]
 
     def get_spent_usd(self, budget) -> str:
-        return str(self._status(budget).spent)
+        return usd_str(self._status(budget).spent)
 
     def get_reserved_usd(self, budget) -> str:
-        return str(self._status(budget).reserved)
+        return usd_str(self._status(budget).reserved)
 
     def get_remaining_usd(self, budget) -> str:
-        return str(self._status(budget).remaining)
+        return usd_str(self._status(budget).remaining)
 
     def get_period_start(self, budget) -> str:
         return self._status(budget).period_start.isoformat()
