@@ -274,6 +274,40 @@ def test_budget_set_command(metered, capsys):
     assert f"Budget of key {key.prefix}…: $3.00 a month (hard)" in out
 
 
+POSITIVE = "The limit must be a positive amount in USD."
+
+
+@pytest.mark.django_db(transaction=True)  # run_from_argv closes the connection
+@pytest.mark.parametrize(
+    ("usd", "error"),
+    [
+        ("-5", POSITIVE),
+        ("0", POSITIVE),
+        ("NaN", POSITIVE),
+        ("Infinity", POSITIVE),
+        ("abc", "'abc' is not an amount in USD."),
+        # What the API refuses too: more than 6 decimal places, or than 18 digits.
+        ("0.0000001", "Ensure that there are no more than 6 decimal places."),
+        ("1e400", "Ensure that there are no more than 18 digits in total."),
+    ],
+)
+def test_budget_set_command_refuses_a_bad_limit_in_one_line(usd, error, capsys):
+    from django.core.management import load_command_class
+
+    from tenants.models import Budget
+    from tenants.services import tenant_create
+
+    tenant_create(slug="acme", name="Acme", model_ids=[])
+    # As from the shell: a CommandError that escapes run_from_argv is a traceback.
+    with pytest.raises(SystemExit) as exited:
+        load_command_class("tenants", "budget_set").run_from_argv(
+            ["manage.py", "budget_set", "acme", usd]
+        )
+    assert exited.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"CommandError: {error}"
+    assert not Budget.objects.exists()
+
+
 def test_holds_and_leases_of_dead_processes_are_released(metered):
     from datetime import timedelta
 

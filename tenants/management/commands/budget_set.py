@@ -8,6 +8,9 @@ from tenants.models import ApiKey, Tenant
 
 
 def _usd(value: str) -> Decimal:
+    """The limit, positive like the API's (the model refuses more than six decimal places).
+    Called in handle(): a CommandError raised by an argument's type escapes argparse and
+    Django's handling alike, as a traceback."""
     try:
         amount = Decimal(value)
     except InvalidOperation:
@@ -22,7 +25,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("slug")
-        parser.add_argument("usd", type=_usd)
+        parser.add_argument("usd", help="Monthly limit in USD, more than 0.")
         parser.add_argument("--key", help="Display prefix of the key (e.g. tg-AbCd1234).")
         parser.add_argument("--soft", action="store_true", help="Alert only; never refuse.")
         parser.add_argument(
@@ -30,6 +33,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, slug, usd, key, soft, alerts, **options):
+        usd = _usd(usd)
         tenant = Tenant.objects.filter(slug=slug).first()
         if tenant is None:
             raise CommandError(f"No tenant with slug {slug!r}.")
