@@ -173,6 +173,26 @@ def test_usage_filters_validate_their_input(two_tenants, superuser_token):
     assert total == sum(e.cost for e in UsageEvent.objects.all())
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-13-45T00:00:00Z",  # no such month or day
+        "2026-02-30T00:00:00Z",
+        "2026-01-01T25:00:00Z",
+        "2026-01-01T00:00:00+99:00",  # no such offset
+        "0001-01-01T00:00:00+01:00",  # before the year 1 in UTC
+        "9999-12-31T23:59:59-01:00",  # after the year 9999 in UTC
+    ],
+)
+@pytest.mark.parametrize("name", ["since", "until"])
+def test_usage_date_filters_out_of_range_are_a_400_not_a_crash(
+    two_tenants, superuser_token, name, value
+):
+    response = api(token=superuser_token).get("/api/usage/", {name: value})
+    assert response.status_code == 400
+    assert list(response.json()) == [name]
+
+
 def test_openapi_schema_is_published(superuser_token):
     response = api(token=superuser_token).get("/api/schema/?format=json")
     assert response.status_code == 200

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
@@ -39,6 +41,22 @@ _FILTERS = [
 ]
 
 
+def _instant_param(name: str, value: str) -> datetime:
+    """A query parameter's ISO 8601 instant in UTC, or a 400 naming the parameter: badly
+    formed, a date or offset that does not exist (2026-13-45, +99:00), or outside the
+    years 1 to 9999 once in UTC (0001-01-01T00:00:00+01:00)."""
+    try:
+        instant = parse_datetime(value)
+    except ValueError:  # well formed, but no such date, time or offset
+        instant = None
+    if instant is None or instant.tzinfo is None:
+        raise ValidationError({name: "An ISO 8601 instant with a UTC offset."})
+    try:
+        return instant.astimezone(UTC)
+    except OverflowError:
+        raise ValidationError({name: "An instant between the years 1 and 9999 in UTC."}) from None
+
+
 @extend_schema_view(list=extend_schema(parameters=_FILTERS))
 class UsageEventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
     """The usage ledger of the tenants you manage, newest first. Read-only."""
@@ -63,10 +81,7 @@ class UsageEventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenant
             queryset = queryset.filter(status=params["status"])
         for name, lookup in (("since", "occurred_at__gte"), ("until", "occurred_at__lt")):
             if params.get(name):
-                instant = parse_datetime(params[name])
-                if instant is None or instant.tzinfo is None:
-                    raise ValidationError({name: "An ISO 8601 instant with a UTC offset."})
-                queryset = queryset.filter(**{lookup: instant})
+                queryset = queryset.filter(**{lookup: _instant_param(name, params[name])})
         return queryset
 
 
