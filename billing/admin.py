@@ -14,6 +14,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
+from routing.admin import PriceVersionForm
 from routing.services import PriceChangeError, price_change_earliest, price_start_check
 from tenants.models import Tenant
 
@@ -75,7 +76,7 @@ class UsageEventAdmin(admin.ModelAdmin):
         return f"{event.api_key.prefix}…"
 
 
-class TenantPriceForm(forms.ModelForm):
+class TenantPriceForm(PriceVersionForm):
     class Meta:
         model = TenantPrice
         fields = (
@@ -92,6 +93,12 @@ class TenantPriceForm(forms.ModelForm):
             "one for the same model (or for every model) ends there.",
         }
 
+    def clean_markup_percent(self):
+        markup = self.cleaned_data.get("markup_percent")
+        if markup is not None and markup <= -100:
+            raise forms.ValidationError("A markup is above -100 % (-100 % would bill nothing).")
+        return markup
+
     def clean(self):
         data = super().clean()
         try:
@@ -99,6 +106,8 @@ class TenantPriceForm(forms.ModelForm):
                 price_start_check(data["effective_from"])
         except PriceChangeError as exc:
             self.add_error("effective_from", str(exc))
+        if any(self.has_error(f) for f in ("markup_percent", "model", *self.PRICE_FIELDS)):
+            return data  # said on the field; what is left of the price is not judged
         prices = [
             data.get(f) for f in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
         ]

@@ -163,7 +163,26 @@ class CatalogModelAdmin(admin.ModelAdmin):
         return format_html('<a class="button" href="{}">Set a new price…</a>', url)
 
 
-class ModelPriceForm(forms.ModelForm):
+def _price_not_negative(value) -> None:
+    if value is not None and value < 0:
+        raise ValidationError("A price is not negative: USD per 1M tokens, 0 or more.")
+
+
+class PriceVersionForm(forms.ModelForm):
+    """A form over a price version's input, cached input and output prices (a list price,
+    or a tenant's own): a negative one is refused on its field, in words, rather than by
+    the database constraint's name or a failed save."""
+
+    PRICE_FIELDS = ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in self.PRICE_FIELDS:
+            self.fields[name].validators.append(_price_not_negative)
+            self.fields[name].widget.attrs["min"] = 0
+
+
+class ModelPriceForm(PriceVersionForm):
     class Meta:
         model = ModelPrice
         fields = (

@@ -209,6 +209,28 @@ def test_a_price_starting_in_the_past_is_refused_in_the_form(admin_client, event
     assert model.prices.count() == 1
 
 
+@pytest.mark.parametrize("field", ["input_per_mtok", "cached_input_per_mtok", "output_per_mtok"])
+def test_a_negative_price_is_refused_on_its_field_in_words(admin_client, field):
+    model = CatalogModel.objects.get(public_id="deepseek-v4-flash")
+    start = timezone.now() + timedelta(minutes=5)
+    response = admin_client.post(
+        reverse("admin:routing_modelprice_add"),
+        {
+            "model": model.pk,
+            "output_per_mtok": "0.25",
+            field: "-1",
+            "effective_from_0": start.strftime("%Y-%m-%d"),
+            "effective_from_1": start.strftime("%H:%M:%S"),
+        },
+    )
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors == {
+        field: ["A price is not negative: USD per 1M tokens, 0 or more."]
+    }
+    assert "Constraint" not in response.content.decode()
+    assert model.prices.count() == 1
+
+
 def test_usage_ledger_is_filterable_and_read_only(admin_client, event):
     url = reverse("admin:billing_usageevent_changelist")
     page = admin_client.get(url, {"tenant__id__exact": event.tenant_id}).content.decode()

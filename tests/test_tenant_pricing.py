@@ -151,3 +151,47 @@ def test_tenant_prices_are_added_in_the_admin(admin_client, world):
     )
     assert "not both" in both.content.decode()
     assert admin_client.get(reverse("admin:billing_tenantprice_changelist")).status_code == 200
+
+
+NEGATIVE = "A price is not negative: USD per 1M tokens, 0 or more."
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "prices, field, message",
+    [
+        ({"output_per_mtok": "-1"}, "output_per_mtok", NEGATIVE),
+        ({"input_per_mtok": "-1", "output_per_mtok": "1"}, "input_per_mtok", NEGATIVE),
+        (
+            {"cached_input_per_mtok": "-0.5", "output_per_mtok": "1"},
+            "cached_input_per_mtok",
+            NEGATIVE,
+        ),
+        (
+            {"markup_percent": "-100"},
+            "markup_percent",
+            "A markup is above -100 % (-100 % would bill nothing).",
+        ),
+    ],
+)
+def test_a_negative_tenant_price_is_refused_on_its_field_in_the_admin(
+    admin_client, shop, prices, field, message
+):
+    from django.urls import reverse
+
+    tenant, _, model = shop
+    start = price_change_earliest() + timedelta(minutes=5)
+    response = admin_client.post(
+        reverse("admin:billing_tenantprice_add"),
+        {
+            "tenant": tenant.pk,
+            "model": "" if "markup_percent" in prices else model.pk,
+            **prices,
+            "effective_from_0": start.strftime("%Y-%m-%d"),
+            "effective_from_1": start.strftime("%H:%M:%S"),
+        },
+    )
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors == {field: [message]}
+    assert "Constraint" not in response.content.decode()
+    assert not TenantPrice.objects.exists()
