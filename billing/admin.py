@@ -15,7 +15,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from routing.admin import PriceVersionForm
-from routing.services import PriceChangeError, price_change_earliest, price_start_check
+from routing.services import PriceChangeError, price_change_earliest
 from tenants.models import Tenant
 
 from .exports import FORMATS, invoice_export, invoice_key_totals, invoices_zip
@@ -31,7 +31,7 @@ from .invoicing import (
     month_parse,
 )
 from .models import Invoice, InvoiceLine, TenantPrice, UsageEvent
-from .pricing import tenant_price_set
+from .pricing import tenant_price_change_check, tenant_price_set
 
 
 @admin.register(UsageEvent)
@@ -101,11 +101,15 @@ class TenantPriceForm(PriceVersionForm):
 
     def clean(self):
         data = super().clean()
-        try:
-            if data.get("effective_from"):
-                price_start_check(data["effective_from"])
-        except PriceChangeError as exc:
-            self.add_error("effective_from", str(exc))
+        if data.get("tenant") and data.get("effective_from") and not self.has_error("model"):
+            try:
+                tenant_price_change_check(
+                    tenant=data["tenant"],
+                    model=data.get("model"),
+                    effective_from=data["effective_from"],
+                )
+            except PriceChangeError as exc:
+                self.add_error("effective_from", str(exc))
         if any(self.has_error(f) for f in ("markup_percent", "model", *self.PRICE_FIELDS)):
             return data  # said on the field; what is left of the price is not judged
         prices = [

@@ -110,6 +110,36 @@ def unit_prices_for_call(
     return unit_prices(price, tenant_price_in_force(tenant_id=tenant_id, model_id=model_id, at=at))
 
 
+def tenant_price_change_check(
+    *,
+    tenant,
+    model: CatalogModel | None,
+    effective_from: datetime,
+    current: TenantPrice | None = None,
+) -> None:
+    """Raise PriceChangeError unless a new version of the tenant's price for a model (or,
+    model None, for every model) may start then: not before `price_change_earliest()`,
+    after the current version's start, and not where usage is already recorded with the
+    current version."""
+    price_start_check(effective_from)
+    if current is None:
+        current = TenantPrice.objects.filter(
+            tenant=tenant, model=model, effective_to__isnull=True
+        ).first()
+    if current is None:
+        return
+    if effective_from <= current.effective_from:
+        raise PriceChangeError(
+            f"The new price must start after the current one "
+            f"({current.effective_from.isoformat()})."
+        )
+    if current.usage_events.filter(occurred_at__gte=effective_from).exists():
+        raise PriceChangeError(
+            "Usage after that instant is already priced with the current version; "
+            "choose a later start."
+        )
+
+
 @transaction.atomic
 def tenant_price_set(
     *,
@@ -124,7 +154,6 @@ def tenant_price_set(
     """Open a new version of the tenant's price for a model (or, for a markup, for every
     model), closing the current one. Starts at the earliest allowed by default."""
     effective_from = effective_from or price_change_earliest()
-    price_start_check(effective_from)
     negotiated = (input_per_mtok, cached_input_per_mtok, output_per_mtok)
     if markup_percent is not None and any(v is not None for v in negotiated):
         raise PriceChangeError("A tenant price is a markup or negotiated prices, not both.")
@@ -142,13 +171,10 @@ def tenant_price_set(
         .filter(tenant=tenant, model=model, effective_to__isnull=True)
         .first()
     )
+    tenant_price_change_check(
+        tenant=tenant, model=model, effective_from=effective_from, current=current
+    )
     if current is not None:
-        if effective_from <= current.effective_from:
-            raise PriceChangeError("The new price must start after the current one.")
-        if current.usage_events.filter(occurred_at__gte=effective_from).exists():
-            raise PriceChangeError(
-                "Usage after that instant is already priced with the current version."
-            )
         current.effective_to = effective_from
         current.save(update_fields=["effective_to"])
     return TenantPrice.objects.create(

@@ -195,3 +195,52 @@ def test_a_negative_tenant_price_is_refused_on_its_field_in_the_admin(
     assert response.context["adminform"].form.errors == {field: [message]}
     assert "Constraint" not in response.content.decode()
     assert not TenantPrice.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_tenant_price_that_would_rewrite_history_is_refused_in_the_admin_form(admin_client, shop):
+    from django.urls import reverse
+
+    from .conftest import record
+
+    tenant, (key, _), model = shop
+    current = tenant_price_set(
+        tenant=tenant,
+        markup_percent=Decimal("10"),
+        effective_from=price_change_earliest() + timedelta(minutes=10),
+    )
+    # A call priced with the current version, 20 minutes from now (a clock ahead, say).
+    record(
+        key,
+        model,
+        current.effective_from + timedelta(minutes=10),
+        tenant_price=current,
+        output=10,
+    )
+
+    def add(start):
+        return admin_client.post(
+            reverse("admin:billing_tenantprice_add"),
+            {
+                "tenant": tenant.pk,
+                "markup_percent": "5",
+                "effective_from_0": start.strftime("%Y-%m-%d"),
+                "effective_from_1": start.strftime("%H:%M:%S"),
+            },
+        )
+
+    before = add(current.effective_from - timedelta(minutes=5))
+    assert before.status_code == 200
+    errors = before.context["adminform"].form.errors
+    assert list(errors) == ["effective_from"]
+    assert errors["effective_from"][0].startswith("The new price must start after the current one")
+    over_usage = add(current.effective_from + timedelta(minutes=5))
+    assert over_usage.status_code == 200
+    assert over_usage.context["adminform"].form.errors == {
+        "effective_from": [
+            "Usage after that instant is already priced with the current version; "
+            "choose a later start."
+        ]
+    }
+    assert list(TenantPrice.objects.all()) == [current]
+    assert add(current.effective_from + timedelta(minutes=15)).status_code == 302
