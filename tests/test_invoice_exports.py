@@ -226,3 +226,16 @@ def test_export_invoices_refuses_bad_input_and_empty_months(issued, tmp_path):
     with pytest.raises(CommandError, match="No issued invoice for 2026-09"):
         call_command("export_invoices", "2026-09", "--out", str(tmp_path))
     assert Invoice.objects.count() == 2
+
+
+def test_export_invoices_into_a_file_or_below_one_is_a_clear_error(issued, tmp_path):
+    existing = tmp_path / "README.md"
+    existing.write_text("keep me")
+    with pytest.raises(CommandError, match=r"^--out .*README\.md is a file, not a directory\.$"):
+        call_command("export_invoices", "2026-10", "--out", str(existing))
+    with pytest.raises(CommandError, match=r"^Cannot create the directory .*: Not a directory\.$"):
+        call_command("export_invoices", "2026-10", "--out", str(existing / "invoices"))
+    (tmp_path / "out" / "invoices-2026-10-csv.zip").mkdir(parents=True)
+    with pytest.raises(CommandError, match=r"^Cannot write .*\.zip: Is a directory\.$"):
+        call_command("export_invoices", "2026-10", "--out", str(tmp_path / "out"))
+    assert existing.read_text() == "keep me"

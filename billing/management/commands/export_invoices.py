@@ -35,10 +35,18 @@ class Command(BaseCommand):
         invoices = list(invoices)
         if not invoices:
             raise CommandError(f"No issued invoice for {month:%Y-%m}: run close_month first.")
-        export = invoices_zip(invoices, fmt, name=f"invoices-{month:%Y-%m}")
         directory = Path(out)
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory.exists() and not directory.is_dir():
+            raise CommandError(f"--out {out} is a file, not a directory.")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"Cannot create the directory {out}: {exc.strerror}.") from None
+        export = invoices_zip(invoices, fmt, name=f"invoices-{month:%Y-%m}")
         path = directory / export.filename
-        path.write_bytes(export.content)
+        try:
+            path.write_bytes(export.content)
+        except OSError as exc:
+            raise CommandError(f"Cannot write {path}: {exc.strerror}.") from None
         self.stderr.write(f"{len(invoices)} invoice(s) of {month:%Y-%m} written.")
         self.stdout.write(str(path))
