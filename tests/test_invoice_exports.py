@@ -239,3 +239,9 @@ def test_export_invoices_into_a_file_or_below_one_is_a_clear_error(issued, tmp_p
     with pytest.raises(CommandError, match=r"^Cannot write .*\.zip: Is a directory\.$"):
         call_command("export_invoices", "2026-10", "--out", str(tmp_path / "out"))
     assert existing.read_text() == "keep me"
+
+
+def test_export_invoices_for_an_unknown_tenant_says_so_like_close_month(issued, tmp_path):
+    for command, *options in (("export_invoices", "--out", str(tmp_path)), ("close_month",)):
+        with pytest.raises(CommandError, match=r"^No tenant with slug 'nosuch'\.$"):
+            call_command(command, "2026-10", "--tenant", "nosuch", *options)

@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from billing.exports import BULK_FORMATS, invoices_zip
 from billing.invoicing import InvoiceError, month_parse
 from billing.models import Invoice
+from tenants.models import Tenant
 
 
 class Command(BaseCommand):
@@ -31,6 +32,8 @@ class Command(BaseCommand):
             .order_by("number")
         )
         if tenant:
+            if not Tenant.objects.filter(slug=tenant).exists():
+                raise CommandError(f"No tenant with slug {tenant!r}.")
             invoices = invoices.filter(tenant__slug=tenant)
         invoices = list(invoices)
         if not invoices:
