@@ -117,6 +117,24 @@ def test_member_cannot_change_tenants_or_allowlists(two_tenants, member_of_a):
     assert client.post("/api/tenants/", {"slug": "gamma", "name": "G"}).status_code == 403
 
 
+def test_a_members_refused_write_is_told_what_only_superusers_may_do(two_tenants, member_of_a):
+    client = api(member_of_a)
+    invoice = Invoice.objects.get(tenant=two_tenants["a"])
+    refusals = {
+        "/api/invoices/build/": "Only superusers may build, finalize, void, correct or mark paid "
+        "invoices.",
+        f"/api/invoices/{invoice.pk}/finalize/": "Only superusers may build, finalize, void, "
+        "correct or mark paid invoices.",
+        "/api/budgets/": "Only superusers may change budgets.",
+        "/api/tenants/": "Only superusers may change tenants.",
+    }
+    for url, message in refusals.items():
+        response = client.post(url, {"tenant": "alpha", "month": "2026-10", "limit_usd": "5"})
+        assert (response.status_code, response.json()) == (403, {"detail": message}), url
+    refused = client.put("/api/tenants/alpha/models/", {"models": []}, format="json")
+    assert refused.json() == {"detail": "Only superusers may change tenants."}
+
+
 def test_v1_models_of_one_tenant_never_list_anothers(live_server, two_tenants):
     import openai
 

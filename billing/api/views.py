@@ -110,6 +110,7 @@ class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
     )
     serializer_class = InvoiceSerializer
     permission_classes = [SuperuserWritesMembersRead]
+    superuser_writes = "build, finalize, void, correct or mark paid invoices"
 
     def get_serializer_class(self):
         return InvoiceDetailSerializer if self.action == "retrieve" else InvoiceSerializer

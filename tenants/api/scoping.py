@@ -46,11 +46,26 @@ class IsSuperuser(permissions.IsAuthenticated):
 
 
 class SuperuserWritesMembersRead(permissions.IsAuthenticated):
-    """Members of a tenant read it; only superusers create or change tenants."""
+    """Members of a tenant read what the view holds; only superusers write it.
 
-    message = "Only superusers may change tenants."
+    The refusal names what was refused: the view's `superuser_writes` when it has one
+    ("build, finalize, void, correct or mark paid invoices"), else "change" and its
+    model's plural name ("Only superusers may change budgets.")."""
+
+    message = "Only superusers may change this."
 
     def has_permission(self, request, view) -> bool:
         if not super().has_permission(request, view):
             return False
-        return request.method in permissions.SAFE_METHODS or request.user.is_superuser
+        if request.method in permissions.SAFE_METHODS or request.user.is_superuser:
+            return True
+        self.message = f"Only superusers may {self._writes(view)}."  # one instance a request
+        return False
+
+    @staticmethod
+    def _writes(view) -> str:
+        writes = getattr(view, "superuser_writes", "")
+        queryset = getattr(view, "queryset", None)
+        if writes or queryset is None:
+            return writes or "change this"
+        return f"change {queryset.model._meta.verbose_name_plural}"
