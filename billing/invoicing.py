@@ -312,8 +312,9 @@ def _number_take(year: int) -> str:
 def invoice_finalize(
     *, invoice: Invoice, now: datetime | None = None, built: bool = False
 ) -> Invoice:
-    """Rebuild a draft from the ledger one last time, refuse it while any of its usage
-    has no price, and number it. Idempotent: a numbered invoice is returned unchanged.
+    """Rebuild a draft from the ledger one last time, refuse it if `_finalize_check` says
+    so (its month not over, an earlier month open, usage with no price), and number it.
+    Idempotent: a numbered invoice is returned unchanged.
 
     `built`: the caller has just built the draft with the same `now` in the enclosing
     transaction (holding the tenant's lock), so it is not rebuilt again."""
@@ -322,10 +323,22 @@ def invoice_finalize(
     invoice = Invoice.objects.get(pk=invoice.pk)
     if invoice.status != Invoice.Status.DRAFT:
         return invoice
-    if now < invoice.ends_at:
-        raise InvoiceError(f"{tenant.slug}'s {invoice.month:%Y-%m} has not ended yet.")
     if not built:
         invoice = invoice_build(tenant=tenant, month=invoice.month, now=now)
+    _finalize_check(tenant, invoice, now)
+    invoice.number = _number_take(now.year)
+    invoice.status = Invoice.Status.FINALIZED
+    invoice.finalized_at = now
+    invoice.save()
+    return invoice
+
+
+def _finalize_check(tenant: Tenant, invoice: Invoice, now: datetime) -> None:
+    """Raise InvoiceError, saying why, if a draft just built cannot be finalized at `now`:
+    its month has not ended, an earlier month's usage is not invoiced yet, or some of its
+    usage has no price. What `invoice_finalize` refuses, and what a dry run predicts."""
+    if now < invoice.ends_at:
+        raise InvoiceError(f"{tenant.slug}'s {invoice.month:%Y-%m} has not ended yet.")
     uninvoiced = UsageEvent.objects.filter(
         BILLABLE, tenant=tenant, occurred_at__lt=invoice.starts_at
     )
@@ -352,11 +365,6 @@ def invoice_finalize(
             f"{invoice.unpriced_tokens} tokens of {tenant.slug}'s {invoice.month:%Y-%m} have no "
             f"price ({', '.join(models) or 'earlier months'}): price them, then finalize."
         )
-    invoice.number = _number_take(now.year)
-    invoice.status = Invoice.Status.FINALIZED
-    invoice.finalized_at = now
-    invoice.save()
-    return invoice
 
 
 def _locked(invoice: Invoice) -> Invoice:
@@ -423,7 +431,10 @@ def invoice_correct(*, voided: Invoice) -> Invoice:
 @dataclass(frozen=True)
 class MonthClosed:
     tenant: Tenant
-    outcome: str  # "finalized", "already numbered", "no usage", "would finalize", or why not
+    # "finalized", "already numbered", "no usage", "not finalized: <why>"; a dry run's
+    # "would finalize at <total> USD" or "would refuse: <why>" (and no invoice: it was
+    # rolled back).
+    outcome: str
     invoice: Invoice | None = None
 
 
@@ -437,9 +448,9 @@ def month_close(
 ) -> list[MonthClosed]:
     """Build and finalize each tenant's invoice for a month (by default every tenant).
 
-    Running it again changes nothing. A dry run builds each invoice and rolls it back.
-    A tenant that cannot be finalized (unpriced usage, an earlier month still open) is
-    reported and skipped; the others go on.
+    Running it again changes nothing. A dry run builds each invoice, applies the checks
+    finalizing would, and rolls it back. A tenant that cannot be finalized (unpriced usage,
+    an earlier month still open) is reported and skipped; the others go on.
     """
     now = now or timezone.now()
     results = []
@@ -464,14 +475,15 @@ def _close_one(tenant: Tenant, month: date, now: datetime, dry_run: bool) -> Mon
                 invoice.delete()
                 return MonthClosed(tenant, "no usage")
             if dry_run:
-                result = MonthClosed(tenant, f"would finalize at {invoice.total} USD", invoice)
+                _finalize_check(tenant, invoice, now)
+                result = MonthClosed(tenant, f"would finalize at {invoice.total} USD")
                 raise _DryRun
             invoice = invoice_finalize(invoice=invoice, now=now, built=True)
             return MonthClosed(tenant, "finalized", invoice)
     except _DryRun:
         return result
     except InvoiceError as exc:
-        return MonthClosed(tenant, f"not finalized: {exc}")
+        return MonthClosed(tenant, f"{'would refuse' if dry_run else 'not finalized'}: {exc}")
 
 
 def _month_of(instant: datetime, tz_name: str) -> tuple[date, datetime]:

@@ -492,6 +492,42 @@ def test_close_month_twice_gives_the_same_result(shop, capsys):
     assert not Invoice.objects.filter(tenant=idle).exists()
 
 
+def test_a_dry_run_predicts_each_refusal_of_the_real_run_and_the_total_once(shop, capsys):
+    _, (key, _), model = shop
+    ModelPrice.objects.filter(model=model).update(input_per_mtok=None, cached_input_per_mtok=None)
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), input_uncached=100, output=10)
+    new_york = tenant_create(slug="ny", name="NY", timezone_name="America/New_York")
+    ny_key = api_key_issue(tenant=new_york).key
+    record(ny_key, model, datetime(2026, 9, 10, tzinfo=UTC), output=1_000_000)  # September open
+    record(ny_key, model, datetime(2026, 10, 10, tzinfo=UTC), output=1_000_000)
+    fine = tenant_create(slug="fine", name="Fine")
+    fine_key = api_key_issue(tenant=fine).key
+    record(fine_key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    record(fine_key, model, datetime(2026, 11, 5, tzinfo=UTC), output=1)
+
+    with pytest.raises(CommandError, match=r"^2 tenant\(s\) would not be finalized; see above\.$"):
+        call_command("close_month", "2026-10", "--dry-run")
+    dry = capsys.readouterr().out.splitlines()
+    assert not Invoice.objects.exists()
+    with pytest.raises(CommandError, match=r"^2 tenant\(s\) not finalized; see above\.$"):
+        call_command("close_month", "2026-10")
+    real = capsys.readouterr().out.splitlines()
+
+    assert dry[1] == "fine: would finalize at 1.10 USD"
+    assert real[1] == "fine: finalized INV-2026-000001 1.10 USD"
+    assert real[0].startswith("acme: not finalized: 100 tokens of acme's 2026-10 have no price")
+    assert real[2] == (
+        "ny: not finalized: ny's usage of 2026-09 is not invoiced yet: months close in order."
+    )
+    for would, did in zip([dry[0], dry[2]], [real[0], real[2]], strict=True):
+        assert would == did.replace(": not finalized: ", ": would refuse: ")
+    # Before the month ends, as the real run would say.
+    early = month_close(month=NOV, dry_run=True, now=datetime(2026, 11, 20, tzinfo=UTC))
+    assert [r.outcome for r in early if r.tenant == fine] == [
+        "would refuse: fine's 2026-11 has not ended yet."
+    ]
+
+
 def test_close_month_refuses_a_month_not_over_and_bad_input(shop):
     with pytest.raises(CommandError, match="not a month"):
         call_command("close_month", "October")

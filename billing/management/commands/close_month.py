@@ -46,6 +46,8 @@ class Command(BaseCommand):
             number = result.invoice.number if result.invoice and result.invoice.number else ""
             total = f"{result.invoice.total} USD" if result.invoice else ""
             self.stdout.write(f"{result.tenant.slug}: {result.outcome} {number} {total}".rstrip())
-        refused = [r for r in results if r.outcome.startswith("not finalized")]
+        refusal = "would refuse" if dry_run else "not finalized"
+        refused = [r for r in results if r.outcome.startswith(refusal)]
         if refused:
-            raise CommandError(f"{len(refused)} tenant(s) not finalized; see above.")
+            not_ = "would not be" if dry_run else "not"
+            raise CommandError(f"{len(refused)} tenant(s) {not_} finalized; see above.")
