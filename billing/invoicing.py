@@ -351,19 +351,20 @@ def _finalize_check(tenant: Tenant, invoice: Invoice, now: datetime) -> None:
             f"{tenant.slug}'s usage of {month_of:%Y-%m} is not invoiced yet: months close in order."
         )
     if invoice.unpriced_tokens:
+        # Its lines without a unit price: each model once, late usage of earlier months too.
         models = sorted(
-            UsageEvent.objects.filter(
-                tenant=tenant,
-                unpriced_tokens__gt=0,
-                occurred_at__gte=invoice.starts_at,
-                occurred_at__lt=invoice.ends_at,
-            )
-            .values_list("served_model__public_id", flat=True)
-            .distinct()
+            set(invoice.lines.filter(unit_price__isnull=True).values_list("model_name", flat=True))
         )
+        named = f" ({', '.join(models)})" if models else ""
+        # No price can reach these tokens any more: an event keeps the price version (and
+        # its unpriced count) it was recorded with, and a new version starts in the future
+        # (routing.services.price_start_check). Say so, rather than advise pricing them.
         raise InvoiceError(
             f"{invoice.unpriced_tokens} tokens of {tenant.slug}'s {invoice.month:%Y-%m} have no "
-            f"price ({', '.join(models) or 'earlier months'}): price them, then finalize."
+            f"price{named}. A usage event keeps the price version it was "
+            "recorded with and a new price starts in the future, so no price set now bills "
+            "them: this month, and every later one (months close in order), cannot be "
+            "finalized. Price these models now so that new usage is billed."
         )
 
 

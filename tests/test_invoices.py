@@ -366,6 +366,30 @@ def test_unpriced_usage_blocks_finalization(shop):
     assert Invoice.objects.get(pk=draft.pk).status == Invoice.Status.DRAFT
 
 
+def test_unpriced_usage_names_each_model_once_and_says_what_can_still_be_done(shop):
+    tenant, (key, other_key), model = shop
+    ModelPrice.objects.filter(model=model).update(input_per_mtok=None, cached_input_per_mtok=None)
+    second = model_create("m2", provider=model.provider, input_=None, cached=None)
+    ModelPrice.objects.filter(model=second).update(effective_from=datetime(2026, 1, 1, tzinfo=UTC))
+    for day, by, used in (
+        (5, key, model),
+        (6, other_key, model),
+        (7, key, second),
+        (8, key, model),
+    ):
+        record(by, used, datetime(2026, 10, day, tzinfo=UTC), input_uncached=10, output=10)
+    draft = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+
+    with pytest.raises(InvoiceError) as refused:
+        invoice_finalize(invoice=draft, now=AFTER_OCT)
+    assert str(refused.value) == (
+        "40 tokens of acme's 2026-10 have no price (m, m2). A usage event keeps the price "
+        "version it was recorded with and a new price starts in the future, so no price set "
+        "now bills them: this month, and every later one (months close in order), cannot be "
+        "finalized. Price these models now so that new usage is billed."
+    )
+
+
 def test_a_month_cannot_be_finalized_before_it_ends(shop):
     tenant, (key, _), model = shop
     record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=10)
