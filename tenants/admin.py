@@ -20,6 +20,7 @@ from .budgets import budget_set, budget_status, usd_format
 from .models import ApiKey, Budget, BudgetAlert, StaffToken, Tenant, WebhookDelivery
 from .services import (
     api_key_issue,
+    api_key_models_check,
     api_key_rotate,
     key_revoke,
     staff_token_issue,
@@ -233,8 +234,19 @@ class KeyAdminBase(admin.ModelAdmin):
         return "active"
 
 
+class ApiKeyForm(forms.ModelForm):
+    def clean(self):
+        data = super().clean()
+        # The tenant is read-only once the key is issued: then it is the key's own.
+        tenant = data.get("tenant") if "tenant" in self.fields else self.instance.tenant
+        if tenant is not None and data.get("allowed_models"):
+            api_key_models_check(tenant=tenant, models=data["allowed_models"])
+        return data
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(KeyAdminBase):
+    form = ApiKeyForm
     list_display = ("prefix", "tenant", "name", "state", "created_at", "expires_at", "last_used_at")
     list_filter = ("tenant", "revoked_at")
     search_fields = ("prefix", "name", "tenant__slug")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -71,6 +73,25 @@ def catalog_models_resolve(public_ids: list[str]) -> list[CatalogModel]:
     return [found[p] for p in wanted]
 
 
+def api_key_models_check(*, tenant: Tenant, models: Iterable[CatalogModel]) -> None:
+    """Refuse to narrow a key to models outside its tenant's allowlist: the key could never
+    call them (a 403 on each), and a list of only such models leaves it nothing at all.
+
+    Raises ValidationError on `allowed_models`. The services, the management API and the
+    admin's key form all call this one check.
+    """
+    allowed = set(tenant.allowed_models.values_list("pk", flat=True))
+    outside = [m.public_id for m in models if m.pk not in allowed]
+    if outside:
+        raise ValidationError(
+            {
+                "allowed_models": f"Not in {tenant.slug}'s allowlist: {', '.join(outside)}. "
+                "Add them to the tenant's allowlist first, or leave them out (an empty "
+                "list means the tenant's whole allowlist)."
+            }
+        )
+
+
 @transaction.atomic
 def tenant_create(
     *,
@@ -115,8 +136,13 @@ def api_key_issue(
     tpm_limit: int | None = None,
     concurrency_limit: int | None = None,
 ) -> IssuedKey[ApiKey]:
-    """Issue a key for a tenant; the secret is in the result and nowhere else."""
+    """Issue a key for a tenant; the secret is in the result and nowhere else.
+
+    Raises UnknownModelsError for ids not in the catalog and ValidationError for models
+    outside the tenant's allowlist.
+    """
     narrowed = catalog_models_resolve(model_ids) if model_ids else []
+    api_key_models_check(tenant=tenant, models=narrowed)
     issued = _issue(
         ApiKey,
         API_KEY_MARK,

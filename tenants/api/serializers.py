@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.utils import timezone
 from rest_framework import serializers
 
@@ -7,6 +8,7 @@ from routing.models import CatalogModel
 
 from ..budgets import budget_status, usd_str
 from ..models import ApiKey, Budget, Tenant, validate_timezone
+from ..services import api_key_models_check
 from .scoping import VisibleTenantField
 
 
@@ -86,6 +88,16 @@ class ApiKeySerializer(serializers.ModelSerializer):
         if value is not None and value <= timezone.now():
             raise serializers.ValidationError("Must be in the future.")
         return value
+
+    def validate(self, data):
+        # On update the tenant is the key's own (ApiKeyUpdateSerializer reads it only).
+        tenant = data.get("tenant") or getattr(self.instance, "tenant", None)
+        if tenant is not None and data.get("allowed_models"):
+            try:
+                api_key_models_check(tenant=tenant, models=data["allowed_models"])
+            except DjangoValidationError as exc:
+                raise serializers.ValidationError({"models": exc.messages}) from None
+        return data
 
 
 class IssuedApiKeySerializer(ApiKeySerializer):

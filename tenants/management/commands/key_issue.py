@@ -1,5 +1,6 @@
 from datetime import timedelta
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
@@ -36,5 +37,7 @@ class Command(BaseCommand):
             )
         except UnknownModelsError as exc:
             raise CommandError(str(exc)) from None
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
         self.stderr.write(f"Issued key {issued.key.prefix}… for {slug}; it is shown only now.")
         self.stdout.write(issued.secret)
