@@ -110,6 +110,46 @@ def tenant_create(
     return tenant
 
 
+@transaction.atomic
+def tenant_update(
+    *,
+    tenant: Tenant,
+    name: str | None = None,
+    contact_email: str | None = None,
+    timezone_name: str | None = None,
+    model_ids: list[str] | None = None,
+) -> list[str]:
+    """Change what is given of a tenant, leaving the rest (None) as it is; the allowlist
+    changes only when `model_ids` is given, and an empty list empties it.
+
+    Returns the names of the fields that changed. Raises ValidationError or
+    UnknownModelsError and changes nothing when a value is refused.
+    """
+    models = catalog_models_resolve(model_ids) if model_ids is not None else None
+    changed = []
+    for field, value in (
+        ("name", name),
+        ("contact_email", contact_email),
+        ("timezone", timezone_name),
+    ):
+        if value is not None and getattr(tenant, field) != value:
+            setattr(tenant, field, value)
+            changed.append(field)
+    if changed:
+        try:
+            tenant.full_clean()
+        except ValidationError:
+            tenant.refresh_from_db(fields=changed)
+            raise
+        tenant.save(update_fields=changed)
+    if models is not None:
+        before = set(tenant.allowed_models.values_list("pk", flat=True))
+        if before != {m.pk for m in models}:
+            tenant.allowed_models.set(models)
+            changed.append("allowed_models")
+    return changed
+
+
 def tenant_allowlist_set(*, tenant: Tenant, model_ids: list[str]) -> None:
     tenant.allowed_models.set(catalog_models_resolve(model_ids))
 

@@ -80,6 +80,61 @@ def test_tenant_create_and_key_issue_commands():
     assert key.prefix in err
 
 
+def allowlist(slug: str) -> list[str]:
+    return sorted(Tenant.objects.get(slug=slug).allowed_models.values_list("public_id", flat=True))
+
+
+def test_tenant_create_on_an_existing_tenant_changes_only_what_is_given_and_says_so():
+    run("tenant_create", "acme", "--name", "Acme", "--models", "deepseek-v4-flash,Qwen/Qwen3-32B")
+
+    out, _ = run(
+        "tenant_create",
+        "acme",
+        "--name",
+        "Acme2",
+        "--email",
+        "ops@acme.test",
+        "--timezone",
+        "Europe/Paris",
+    )
+    assert out.strip() == (
+        "Updated tenant acme: name, contact_email, timezone; allowlist left as it is (2 models)."
+    )
+    tenant = Tenant.objects.get(slug="acme")
+    assert (tenant.name, tenant.contact_email, tenant.timezone) == (
+        "Acme2",
+        "ops@acme.test",
+        "Europe/Paris",
+    )
+    assert allowlist("acme") == ["Qwen/Qwen3-32B", "deepseek-v4-flash"]
+
+    out, _ = run("tenant_create", "acme", "--models", "deepseek-v4-flash")
+    assert out.strip() == "Updated tenant acme: allowlist set to 1 model (was 2)."
+    assert allowlist("acme") == ["deepseek-v4-flash"]
+    assert Tenant.objects.get(slug="acme").name == "Acme2"
+
+    out, _ = run("tenant_create", "acme", "--name", "Acme2")
+    assert out.strip() == "Tenant acme unchanged; allowlist left as it is (1 model)."
+
+    with pytest.raises(CommandError, match="time zone"):
+        run("tenant_create", "acme", "--name", "Acme3", "--timezone", "Mars/Olympus")
+    with pytest.raises(CommandError, match="no-such-model"):
+        run("tenant_create", "acme", "--name", "Acme3", "--models", "no-such-model")
+    assert Tenant.objects.get(slug="acme").name == "Acme2"
+    assert allowlist("acme") == ["deepseek-v4-flash"]
+
+    # Only an explicit empty list empties the allowlist.
+    out, _ = run("tenant_create", "acme", "--models", "")
+    assert "allowlist set to 0 models (was 1)" in out and "call nothing" in out
+    assert allowlist("acme") == []
+
+
+def test_tenant_create_needs_a_name_to_create_a_tenant():
+    with pytest.raises(CommandError, match="--name"):
+        run("tenant_create", "acme", "--models", "deepseek-v4-flash")
+    assert not Tenant.objects.exists()
+
+
 def test_tenant_create_refuses_unknown_models_and_creates_nothing():
     with pytest.raises(CommandError, match="no-such-model"):
         run(

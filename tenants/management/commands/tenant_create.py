@@ -2,40 +2,78 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from tenants.models import Tenant
-from tenants.services import UnknownModelsError, tenant_allowlist_set, tenant_create
+from tenants.services import UnknownModelsError, tenant_create, tenant_update
+
+
+def _models(count: int) -> str:
+    return f"{count} model{'' if count == 1 else 's'}"
 
 
 class Command(BaseCommand):
-    help = "Create a tenant with its model allowlist (or update the allowlist if it exists)."
+    help = (
+        "Create a tenant with its model allowlist. If the slug exists, update that tenant "
+        "instead: only the options given change, and its allowlist only with --models."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("slug")
-        parser.add_argument("--name", required=True)
+        parser.add_argument("--name", default=None, help="Display name (needed to create).")
         parser.add_argument(
-            "--models", default="", help="Comma-separated catalog ids the tenant may call."
+            "--models",
+            default=None,
+            help="Comma-separated catalog ids the tenant may call: the whole list, replacing "
+            "the current one ('' empties it). Left as it is when not given.",
         )
-        parser.add_argument("--email", default="", help="Contact email.")
-        parser.add_argument("--timezone", default="UTC", help="IANA zone for its billing month.")
+        parser.add_argument("--email", default=None, help="Contact email.")
+        parser.add_argument(
+            "--timezone", default=None, help="IANA zone for its billing month (a new tenant: UTC)."
+        )
 
     def handle(self, *args, slug, name, models, email, timezone, **options):
-        model_ids = [m for m in models.split(",") if m.strip()]
+        model_ids = None if models is None else [m for m in models.split(",") if m.strip()]
+        existing = Tenant.objects.filter(slug=slug).first()
         try:
-            existing = Tenant.objects.filter(slug=slug).first()
             if existing is not None:
-                tenant_allowlist_set(tenant=existing, model_ids=model_ids)
-                self.stdout.write(
-                    f"Tenant {slug} exists; allowlist set to {len(model_ids)} models."
-                )
+                self._update(existing, name, email, timezone, model_ids)
                 return
+            if name is None:
+                raise CommandError(f"No tenant {slug!r} yet: --name is needed to create it.")
             tenant = tenant_create(
                 slug=slug,
                 name=name,
                 model_ids=model_ids,
-                contact_email=email,
-                timezone_name=timezone,
+                contact_email=email or "",
+                timezone_name=timezone or "UTC",
             )
         except UnknownModelsError as exc:
             raise CommandError(str(exc)) from None
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
-        self.stdout.write(f"Created tenant {tenant.slug} with {len(model_ids)} allowed models.")
+        count = len(model_ids or [])
+        self.stdout.write(f"Created tenant {tenant.slug} with {count} allowed models.")
+
+    def _update(self, tenant, name, email, timezone, model_ids) -> None:
+        before = tenant.allowed_models.count()
+        changed = tenant_update(
+            tenant=tenant,
+            name=name,
+            contact_email=email,
+            timezone_name=timezone,
+            model_ids=model_ids,
+        )
+        fields = [f for f in changed if f != "allowed_models"]
+        if model_ids is None:
+            allowlist = f"allowlist left as it is ({_models(before)})"
+        elif "allowed_models" in changed:
+            after = tenant.allowed_models.count()
+            allowlist = f"allowlist set to {_models(after)} (was {before})"
+            if after == 0:
+                allowlist += ": its keys can call nothing"
+        else:
+            allowlist = f"allowlist unchanged ({_models(before)})"
+        if not fields and "allowed_models" not in changed:
+            self.stdout.write(f"Tenant {tenant.slug} unchanged; {allowlist}.")
+        elif fields:
+            self.stdout.write(f"Updated tenant {tenant.slug}: {', '.join(fields)}; {allowlist}.")
+        else:
+            self.stdout.write(f"Updated tenant {tenant.slug}: {allowlist}.")
