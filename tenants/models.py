@@ -51,6 +51,12 @@ class Tenant(models.Model):
         return self.status == self.Status.ACTIVE
 
 
+def validate_future(value) -> None:
+    """An expiry on issue: a key or token born expired would be refused on first use."""
+    if value is not None and value <= timezone.now():
+        raise ValidationError("Must be in the future.")
+
+
 class KeyQuerySet(models.QuerySet):
     def usable(self, at=None):
         """Keys not revoked and not expired at `at` (default now)."""
@@ -80,6 +86,14 @@ class KeyBase(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}…"
+
+    def clean(self) -> None:
+        # Only on issue: an expired key stays editable (its name, its limits).
+        if self._state.adding:
+            try:
+                validate_future(self.expires_at)
+            except ValidationError as exc:
+                raise ValidationError({"expires_at": exc.messages}) from None
 
     def is_usable(self, at=None) -> bool:
         at = at or timezone.now()

@@ -7,7 +7,7 @@ from rest_framework import serializers
 from routing.models import CatalogModel
 
 from ..budgets import budget_status, usd_str
-from ..models import ApiKey, Budget, Tenant, validate_timezone
+from ..models import ApiKey, Budget, Tenant, validate_future, validate_timezone
 from ..services import api_key_models_check
 from .scoping import VisibleTenantField
 
@@ -85,8 +85,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
         return "active"
 
     def validate_expires_at(self, value):
-        if value is not None and value <= timezone.now():
-            raise serializers.ValidationError("Must be in the future.")
+        validate_future(value)
         return value
 
     def validate(self, data):
