@@ -51,6 +51,9 @@ class IssuedKey(Generic[K]):
 
 
 def _issue(model: type[K], mark: str, **fields) -> IssuedKey[K]:
+    # The model's own rules (a name's length, an expiry in the future, the owner exists)
+    # for every caller, before a secret is drawn: SQLite would store an overlong name.
+    model(**fields).full_clean(exclude=["prefix", "digest"], validate_unique=False)
     for _attempt in range(5):
         secret = mark + secrets.token_urlsafe(32)
         prefix = secret[: len(mark) + PREFIX_RANDOM_CHARS]
@@ -178,8 +181,8 @@ def api_key_issue(
 ) -> IssuedKey[ApiKey]:
     """Issue a key for a tenant; the secret is in the result and nowhere else.
 
-    Raises UnknownModelsError for ids not in the catalog and ValidationError for models
-    outside the tenant's allowlist.
+    Raises UnknownModelsError for ids not in the catalog, and ValidationError (issuing
+    nothing) for models outside the tenant's allowlist or a field the model refuses.
     """
     narrowed = catalog_models_resolve(model_ids) if model_ids else []
     api_key_models_check(tenant=tenant, models=narrowed)

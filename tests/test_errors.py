@@ -195,7 +195,9 @@ def test_revoked_key_is_refused_on_its_next_request(world):
 
 
 def test_expired_key_is_refused(world):
-    issued = api_key_issue(tenant=world.tenant, expires_at=timezone.now() - timedelta(seconds=1))
+    # Issued for an hour (a key is never issued expired), then an hour has passed.
+    issued = api_key_issue(tenant=world.tenant, expires_at=timezone.now() + timedelta(hours=1))
+    ApiKey.objects.filter(pk=issued.key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     with pytest.raises(openai.AuthenticationError, match="expired"):
         world.client(issued.secret).models.list()
 

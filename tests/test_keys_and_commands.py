@@ -7,12 +7,13 @@ import io
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
 from routing.models import Provider, Route
-from tenants.models import ApiKey, Tenant
+from tenants.models import ApiKey, StaffToken, Tenant
 from tenants.services import LAST_USED_RESOLUTION, api_key_issue, key_digest, key_touch
 
 pytestmark = pytest.mark.django_db
@@ -151,6 +152,24 @@ def test_tenant_create_refuses_a_bad_timezone():
 def test_key_issue_for_unknown_tenant_fails_clearly():
     with pytest.raises(CommandError, match="No tenant"):
         run("key_issue", "ghost")
+
+
+def test_key_issue_refuses_a_long_name_and_a_far_expiry_in_one_line_storing_nothing():
+    Tenant.objects.create(slug="acme", name="Acme")
+    get_user_model().objects.create_user("root", is_staff=True)
+
+    with pytest.raises(CommandError) as caught:
+        run("key_issue", "acme", "--name", "x" * 500)
+    assert str(caught.value) == "--name: Ensure this value has at most 200 characters (it has 500)."
+    with pytest.raises(CommandError) as caught:
+        run("key_issue", "acme", "--name", "x", "--expires-in-days", "100000000")
+    assert str(caught.value) == (
+        "--expires-in-days 100000000 is too many: the date would fall after the year 9999."
+    )
+    with pytest.raises(CommandError, match="--name: Ensure this value has at most 200"):
+        run("staff_token_issue", "root", "--name", "x" * 500)
+    assert not ApiKey.objects.exists()
+    assert not StaffToken.objects.exists()
 
 
 def test_key_revoke_command_by_prefix():

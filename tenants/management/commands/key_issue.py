@@ -4,8 +4,11 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from tenants.management.errors import validation_command_error
 from tenants.models import Tenant
 from tenants.services import UnknownModelsError, api_key_issue
+
+OPTIONS = {"name": "--name", "expires_at": "--expires-in-days", "allowed_models": "--models"}
 
 
 class Command(BaseCommand):
@@ -13,7 +16,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("slug")
-        parser.add_argument("--name", default="")
+        parser.add_argument("--name", default="", help="Up to 200 characters.")
         parser.add_argument("--expires-in-days", type=int, default=None)
         parser.add_argument(
             "--models", default="", help="Comma-separated ids narrowing the tenant's allowlist."
@@ -27,7 +30,13 @@ class Command(BaseCommand):
         if expires_in_days is not None:
             if expires_in_days < 1:
                 raise CommandError("--expires-in-days must be at least 1.")
-            expires_at = timezone.now() + timedelta(days=expires_in_days)
+            try:
+                expires_at = timezone.now() + timedelta(days=expires_in_days)
+            except OverflowError:
+                raise CommandError(
+                    f"--expires-in-days {expires_in_days} is too many: "
+                    "the date would fall after the year 9999."
+                ) from None
         try:
             issued = api_key_issue(
                 tenant=tenant,
@@ -38,6 +47,6 @@ class Command(BaseCommand):
         except UnknownModelsError as exc:
             raise CommandError(str(exc)) from None
         except ValidationError as exc:
-            raise CommandError("; ".join(exc.messages)) from None
+            raise validation_command_error(exc, OPTIONS) from None
         self.stderr.write(f"Issued key {issued.key.prefix}… for {slug}; it is shown only now.")
         self.stdout.write(issued.secret)

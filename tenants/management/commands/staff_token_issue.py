@@ -1,6 +1,8 @@
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from tenants.management.errors import validation_command_error
 from tenants.services import staff_token_issue
 
 
@@ -9,12 +11,15 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("username")
-        parser.add_argument("--name", default="")
+        parser.add_argument("--name", default="", help="Up to 200 characters.")
 
     def handle(self, *args, username, name, **options):
         user = get_user_model().objects.filter(username=username, is_active=True).first()
         if user is None:
             raise CommandError(f"No active user {username!r}.")
-        issued = staff_token_issue(user=user, name=name)
+        try:
+            issued = staff_token_issue(user=user, name=name)
+        except ValidationError as exc:
+            raise validation_command_error(exc, {"name": "--name", "user": username}) from None
         self.stderr.write(f"Issued staff token {issued.key.prefix}… for {username}.")
         self.stdout.write(issued.secret)
