@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 
@@ -42,9 +43,22 @@ class Tenant(models.Model):
 
     class Meta:
         ordering = ["slug"]
+        constraints = [
+            # With the unique slug: no two tenants whose slugs differ only in case.
+            models.CheckConstraint(
+                condition=Q(slug=Lower("slug")),
+                name="tenant_slug_lower_case",
+                violation_error_message="A tenant's slug is lower case.",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.slug
+
+    def clean(self) -> None:
+        # Slugs are lower case (admin, API and shell alike validate through here), so that
+        # "ACME" is refused, or names the existing tenant, where "acme" exists.
+        self.slug = self.slug.lower()
 
     @property
     def is_active(self) -> bool:

@@ -104,7 +104,8 @@ def tenant_create(
     contact_email: str = "",
     timezone_name: str = "UTC",
 ) -> Tenant:
-    """Create a tenant with an explicit model allowlist (possibly empty)."""
+    """Create a tenant with an explicit model allowlist (possibly empty). The slug is
+    stored lower case; ValidationError when it is taken in any case."""
     tenant = Tenant(slug=slug, name=name, contact_email=contact_email, timezone=timezone_name)
     tenant.full_clean()
     tenant.save()
@@ -117,8 +118,10 @@ def tenant_create(
 def tenant_update(
     *,
     tenant: Tenant,
+    slug: str | None = None,
     name: str | None = None,
     contact_email: str | None = None,
+    alert_webhook_url: str | None = None,
     timezone_name: str | None = None,
     model_ids: list[str] | None = None,
 ) -> list[str]:
@@ -129,25 +132,31 @@ def tenant_update(
     UnknownModelsError and changes nothing when a value is refused.
     """
     models = catalog_models_resolve(model_ids) if model_ids is not None else None
-    changed = []
-    for field, value in (
-        ("name", name),
-        ("contact_email", contact_email),
-        ("timezone", timezone_name),
-    ):
-        if value is not None and getattr(tenant, field) != value:
+    given = {
+        "slug": slug,
+        "name": name,
+        "contact_email": contact_email,
+        "alert_webhook_url": alert_webhook_url,
+        "timezone": timezone_name,
+    }
+    before = {field: getattr(tenant, field) for field in given}
+    for field, value in given.items():
+        if value is not None:
             setattr(tenant, field, value)
-            changed.append(field)
+    changed = [field for field in given if getattr(tenant, field) != before[field]]
     if changed:
         try:
-            tenant.full_clean()
+            tenant.full_clean()  # lowers the slug, which may then be what it was
         except ValidationError:
-            tenant.refresh_from_db(fields=changed)
+            for field, value in before.items():
+                setattr(tenant, field, value)
             raise
-        tenant.save(update_fields=changed)
+        changed = [field for field in given if getattr(tenant, field) != before[field]]
+        if changed:
+            tenant.save(update_fields=changed)
     if models is not None:
-        before = set(tenant.allowed_models.values_list("pk", flat=True))
-        if before != {m.pk for m in models}:
+        allowed_before = set(tenant.allowed_models.values_list("pk", flat=True))
+        if allowed_before != {m.pk for m in models}:
             tenant.allowed_models.set(models)
             changed.append("allowed_models")
     return changed

@@ -10,11 +10,13 @@ from datetime import timedelta
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.urls import reverse
 from django.utils import timezone
 
 from routing.models import CatalogModel
-from tenants.models import ApiKey, StaffToken
+from tenants.models import ApiKey, StaffToken, Tenant
 from tenants.services import api_key_issue, tenant_create
 
 from .conftest import api
@@ -112,3 +114,69 @@ def test_a_key_or_token_that_would_be_born_expired_is_refused_everywhere(
     )
     assert saved.status_code == 302
     assert ApiKey.objects.get(pk=key.pk).name == "renamed"
+
+
+def test_tenant_slugs_are_lower_case_so_no_two_differ_only_in_case(admin_client, superuser_token):
+    out, _ = run("tenant_create", "ACME", "--name", "Acme", "--models", "deepseek-v4-flash")
+    assert out.strip() == "Created tenant acme with 1 allowed models."
+    # The same letters in another case name the same tenant.
+    out, _ = run("tenant_create", "Acme", "--name", "Acme Two")
+    assert out.startswith("Updated tenant acme: name;")
+
+    client = api(token=superuser_token)
+    refused = client.post("/api/tenants/", {"slug": "aCmE", "name": "Acme3"}, format="json")
+    assert refused.status_code == 400
+    assert "already exists" in refused.json()["slug"][0]
+    globex = client.post("/api/tenants/", {"slug": "GloBex", "name": "Globex"}, format="json")
+    assert globex.status_code == 201 and globex.json()["slug"] == "globex"
+    renamed = client.patch("/api/tenants/globex/", {"slug": "ACME"}, format="json")
+    assert renamed.status_code == 400 and "already exists" in renamed.json()["slug"][0]
+
+    tenant_form = {
+        "status": "active",
+        "timezone": "UTC",
+        "api_keys-TOTAL_FORMS": "0",
+        "api_keys-INITIAL_FORMS": "0",
+    }
+    page = admin_client.post(
+        reverse("admin:tenants_tenant_add"), {"name": "Acme4", "slug": "ACME", **tenant_form}
+    )
+    assert page.status_code == 200
+    assert "already exists" in page.context["adminform"].form.errors["slug"][0]
+    added = admin_client.post(
+        reverse("admin:tenants_tenant_add"), {"name": "Initech", "slug": "IniTech", **tenant_form}
+    )
+    assert added.status_code == 302
+
+    assert sorted(Tenant.objects.values_list("slug", flat=True)) == ["acme", "globex", "initech"]
+    assert Tenant.objects.get(slug="acme").name == "Acme Two"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lowering_the_slugs_already_there_renames_clashes_instead_of_failing(capsys):
+    before, after = (
+        ("tenants", "0004_orderings_without_joins"),
+        ("tenants", "0006_tenant_slug_lower_case"),
+    )
+    executor = MigrationExecutor(connection)
+    executor.migrate([before])
+    try:
+        old = executor.loader.project_state([before]).apps.get_model("tenants", "Tenant")
+        ids = {s: old.objects.create(slug=s, name=s).pk for s in ("ACME", "acme", "Acme", "Globex")}
+        executor = MigrationExecutor(connection)
+        executor.migrate([after])
+    finally:
+        MigrationExecutor(connection).migrate(
+            MigrationExecutor(connection).loader.graph.leaf_nodes()
+        )
+    slugs = dict(Tenant.objects.values_list("pk", "slug"))
+    # The slug already lower case keeps it; the others, oldest first, get a suffix.
+    assert [slugs[ids[s]] for s in ("ACME", "acme", "Acme", "Globex")] == [
+        "acme-2",
+        "acme",
+        "acme-3",
+        "globex",
+    ]
+    printed = capsys.readouterr().out
+    assert "slug 'ACME' is now 'acme-2' ('acme' was taken)" in printed
+    assert "slug 'Globex' is now 'globex'." in printed

@@ -22,6 +22,7 @@ from ..services import (
     tenant_create,
     tenant_resume,
     tenant_suspend,
+    tenant_update,
 )
 from .scoping import IsSuperuser, SuperuserWritesMembersRead, TenantScopedViewSet
 from .serializers import (
@@ -51,15 +52,36 @@ class TenantViewSet(
     lookup_field = "slug"
     tenant_field = ""
 
+    # Through the services, which validate with the model (a slug is lower case and
+    # taken in any case), as the admin and the shell do.
     def perform_create(self, serializer):
         data = serializer.validated_data
-        serializer.instance = tenant_create(
-            slug=data["slug"],
-            name=data["name"],
-            model_ids=[m.public_id for m in data.get("allowed_models", [])],
-            contact_email=data.get("contact_email", ""),
-            timezone_name=data.get("timezone", "UTC"),
-        )
+        try:
+            serializer.instance = tenant_create(
+                slug=data["slug"],
+                name=data["name"],
+                model_ids=[m.public_id for m in data.get("allowed_models", [])],
+                contact_email=data.get("contact_email", ""),
+                timezone_name=data.get("timezone", "UTC"),
+            )
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from None
+
+    def perform_update(self, serializer):
+        data = serializer.validated_data
+        models = data.get("allowed_models")
+        try:
+            tenant_update(
+                tenant=serializer.instance,
+                slug=data.get("slug"),
+                name=data.get("name"),
+                contact_email=data.get("contact_email"),
+                alert_webhook_url=data.get("alert_webhook_url"),
+                timezone_name=data.get("timezone"),
+                model_ids=None if models is None else [m.public_id for m in models],
+            )
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from None
 
     @extend_schema(request=None, responses=TenantSerializer)
     @action(detail=True, methods=["post"], permission_classes=[IsSuperuser])

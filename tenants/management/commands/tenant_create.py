@@ -31,7 +31,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, slug, name, models, email, timezone, **options):
         model_ids = None if models is None else [m for m in models.split(",") if m.strip()]
-        existing = Tenant.objects.filter(slug=slug).first()
+        existing = Tenant.objects.filter(slug=slug.lower()).first()  # slugs are lower case
         try:
             if existing is not None:
                 self._update(existing, name, email, timezone, model_ids)
