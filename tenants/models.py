@@ -162,6 +162,24 @@ class StaffToken(KeyBase):
     class Meta:
         ordering = ["user_id", "-created_at"]
 
+    def clean(self) -> None:
+        super().clean()
+        # On issue only: a user losing staff status later is the admin's to handle.
+        if not self._state.adding or self.user_id is None:
+            return
+        name = self.user.get_username()
+        if not self.user.is_active:
+            raise ValidationError(
+                {"user": f"{name} is inactive: staff tokens are for active users."}
+            )
+        if not self.user.is_staff:
+            raise ValidationError(
+                {
+                    "user": f"{name} is not a staff user: staff tokens are for staff "
+                    f"(give {name} staff status first)."
+                }
+            )
+
 
 # --- budgets ---------------------------------------------------------------------------
 

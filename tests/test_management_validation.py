@@ -8,6 +8,7 @@ import re
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
@@ -180,3 +181,28 @@ def test_lowering_the_slugs_already_there_renames_clashes_instead_of_failing(cap
     printed = capsys.readouterr().out
     assert "slug 'ACME' is now 'acme-2' ('acme' was taken)" in printed
     assert "slug 'Globex' is now 'globex'." in printed
+
+
+def test_staff_tokens_are_issued_to_active_staff_users_only(admin_client):
+    users = get_user_model().objects
+    carol = users.create_user("carol", password="pw-carol-123")
+    users.create_user("dave", password="pw-dave-123", is_staff=True, is_active=False)
+
+    with pytest.raises(CommandError) as caught:
+        run("staff_token_issue", "carol")
+    assert str(caught.value) == (
+        "carol is not a staff user: staff tokens are for staff (give carol staff status first)."
+    )
+    with pytest.raises(CommandError, match="dave is inactive"):
+        run("staff_token_issue", "dave")
+    page = admin_client.post(
+        reverse("admin:tenants_stafftoken_add"), {"user": carol.pk, "name": "c"}
+    )
+    assert page.status_code == 200
+    assert "not a staff user" in page.context["adminform"].form.errors["user"][0]
+    assert not StaffToken.objects.exists()
+
+    carol.is_staff = True
+    carol.save()
+    secret, _ = run("staff_token_issue", "carol")
+    assert StaffToken.objects.get(user=carol).prefix in secret

@@ -118,7 +118,7 @@ def test_a_cycle_through_routes_is_refused(catalog, superuser_token):
 def test_members_read_routes_but_only_superusers_write(catalog, superuser_token):
     _, tenant = catalog
     api(token=superuser_token).post("/api/routes/", seeds_router(), format="json")
-    member = get_user_model().objects.create_user("ops", password="pw-ops-12345")
+    member = get_user_model().objects.create_user("ops", password="pw-ops-12345", is_staff=True)
     tenant.members.add(member)
     token = staff_token_issue(user=member, name="ops").secret
 
@@ -188,7 +188,7 @@ def test_explain_refuses_a_bad_body_and_hides_other_tenants(catalog, superuser_t
     client = api(token=superuser_token)
     client.post("/api/routes/", seeds_router(), format="json")
     tenant_create(slug="globex", name="Globex", model_ids=["flash"])
-    member = get_user_model().objects.create_user("ops", password="pw-ops-12345")
+    member = get_user_model().objects.create_user("ops", password="pw-ops-12345", is_staff=True)
     tenant.members.add(member)
     token = staff_token_issue(user=member, name="ops").secret
 
