@@ -3,11 +3,46 @@
 from __future__ import annotations
 
 import os
+import re
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
+
+_ENV_VAR_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+# The messages of both checks never repeat the value: it may hold a key pasted by mistake.
+def validate_env_var_name(value: str) -> None:
+    if not _ENV_VAR_NAME.fullmatch(value):
+        raise ValidationError(
+            "Name the environment variable that holds the key (capitals, digits and _, "
+            "e.g. DEEPSEEK_API_KEY), not the key itself: a key typed here would be stored "
+            "and shown in clear."
+        )
+
+
+def validate_provider_url(value: str) -> None:
+    """http or https, and no user:password in it (URLField's own check lets ftp and
+    credentials through)."""
+    if "://" not in value:
+        return  # not a URL at all: URLField's own message says so
+    try:
+        parts = urlsplit(value)
+        has_credentials = parts.username is not None or parts.password is not None
+    except ValueError:
+        return  # URLField's own message says so
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValidationError(
+            f"A provider's base URL starts with http:// or https://, not {parts.scheme}://."
+        )
+    if has_credentials:
+        raise ValidationError(
+            "Leave credentials out of the base URL: put the provider's key in an environment "
+            "variable and name that variable instead."
+        )
 
 
 class Provider(models.Model):
@@ -15,14 +50,18 @@ class Provider(models.Model):
 
     name = models.SlugField(max_length=64, unique=True)
     base_url = models.URLField(
-        max_length=500, help_text="OpenAI-compatible base URL, ending in /v1."
+        max_length=500,
+        validators=[validate_provider_url],
+        help_text="OpenAI-compatible base URL (http or https, no credentials), ending in /v1.",
     )
     api_key_env = models.CharField(
         "API key environment variable",
         max_length=100,
         blank=True,
-        help_text="Name of the environment variable that holds this provider's API key. "
-        "Leave empty for a provider that needs none (the mock upstream).",
+        validators=[validate_env_var_name],
+        help_text="Name of the environment variable that holds this provider's API key "
+        "(e.g. DEEPSEEK_API_KEY), never the key itself. Leave empty for a provider that "
+        "needs none (the mock upstream).",
     )
     timeout_seconds = models.FloatField(
         default=60.0,

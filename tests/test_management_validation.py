@@ -16,7 +16,7 @@ from django.db.migrations.executor import MigrationExecutor
 from django.urls import reverse
 from django.utils import timezone
 
-from routing.models import CatalogModel
+from routing.models import CatalogModel, Provider
 from tenants.models import ApiKey, StaffToken, Tenant
 from tenants.services import api_key_issue, tenant_create
 
@@ -206,3 +206,63 @@ def test_staff_tokens_are_issued_to_active_staff_users_only(admin_client):
     carol.save()
     secret, _ = run("staff_token_issue", "carol")
     assert StaffToken.objects.get(user=carol).prefix in secret
+
+
+PROVIDER = {"name": "deepseek", "base_url": "https://api.deepseek.com/v1", "timeout_seconds": "60"}
+
+
+def provider_refusals(admin_client, **fields) -> tuple[str, dict]:
+    """What provider_set and the admin's provider form say to these values."""
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in fields.items()]
+    with pytest.raises(CommandError) as caught:
+        run("provider_set", "deepseek", f"--base-url={PROVIDER['base_url']}", *options)
+    page = admin_client.post(reverse("admin:routing_provider_add"), {**PROVIDER, **fields})
+    assert page.status_code == 200
+    assert not Provider.objects.filter(name="deepseek").exists()
+    return str(caught.value), page.context["adminform"].form.errors
+
+
+@pytest.mark.parametrize(
+    "value", ["sk-live-abcdef123", "lower case env", "deepseek_api_key", "1PASSWORD", "A-B"]
+)
+def test_a_provider_key_is_named_by_its_environment_variable_never_pasted(admin_client, value):
+    said, errors = provider_refusals(admin_client, api_key_env=value)
+    assert said.startswith("Name the environment variable that holds the key")
+    assert "not the key itself" in said and value not in said
+    assert errors["api_key_env"] == [said]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://api.deepseek.com/v1", "starts with http:// or https://, not ftp://"),
+        ("https://user:sk-live-abc@api.deepseek.com/v1", "Leave credentials out"),
+        ("https://sk-live-abc@api.deepseek.com/v1", "Leave credentials out"),
+    ],
+)
+def test_a_provider_base_url_is_http_or_https_without_credentials(admin_client, url, message):
+    said, errors = provider_refusals(admin_client, base_url=url)
+    assert message in said and "sk-live" not in said
+    assert message in errors["base_url"][0]
+
+
+def test_a_provider_with_a_variable_name_or_no_key_is_saved(admin_client):
+    run(
+        "provider_set",
+        "deepseek",
+        "--base-url",
+        "https://api.deepseek.com/v1",
+        "--api-key-env",
+        "DEEPSEEK_API_KEY_2",
+    )
+    run("provider_set", "mock", "--base-url", "http://127.0.0.1:8001/v1", "--api-key-env", "")
+    page = admin_client.post(
+        reverse("admin:routing_provider_add"), {**PROVIDER, "name": "qwen", "api_key_env": "_QWEN"}
+    )
+    assert page.status_code == 302
+    assert dict(Provider.objects.values_list("name", "api_key_env")) == {
+        "deepseek": "DEEPSEEK_API_KEY_2",
+        "global-api": "GLOBAL_API_KEY",
+        "mock": "",
+        "qwen": "_QWEN",
+    }

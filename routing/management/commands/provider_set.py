@@ -9,11 +9,14 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("name")
-        parser.add_argument("--base-url", required=True)
+        parser.add_argument(
+            "--base-url", required=True, help="http(s)://..., ending in /v1; no credentials."
+        )
         parser.add_argument(
             "--api-key-env",
             default=None,
-            help="Name of the environment variable holding the key ('' for none).",
+            help="Name of the environment variable holding the key, e.g. DEEPSEEK_API_KEY "
+            "(never the key itself; '' for none).",
         )
         parser.add_argument("--timeout", type=float, default=None, help="Seconds.")
 
