@@ -22,7 +22,7 @@ from django.db import transaction
 
 from routing.config_cache import ConfigCache
 from routing.models import CatalogModel, ModelPrice
-from routing.services import PriceChangeError, price_change_earliest, price_start_check
+from routing.services import PriceChangeError, price_change_earliest, price_version_check
 
 from .models import TenantPrice
 
@@ -121,23 +121,11 @@ def tenant_price_change_check(
     model None, for every model) may start then: not before `price_change_earliest()`,
     after the current version's start, and not where usage is already recorded with the
     current version."""
-    price_start_check(effective_from)
     if current is None:
         current = TenantPrice.objects.filter(
             tenant=tenant, model=model, effective_to__isnull=True
         ).first()
-    if current is None:
-        return
-    if effective_from <= current.effective_from:
-        raise PriceChangeError(
-            f"The new price must start after the current one "
-            f"({current.effective_from.isoformat()})."
-        )
-    if current.usage_events.filter(occurred_at__gte=effective_from).exists():
-        raise PriceChangeError(
-            "Usage after that instant is already priced with the current version; "
-            "choose a later start."
-        )
+    price_version_check(effective_from=effective_from, current=current)
 
 
 @transaction.atomic

@@ -137,9 +137,17 @@ def model_price_change_check(
     """Raise PriceChangeError unless a new version of the model's price may start then:
     not before `price_change_earliest()`, after the current version's start, and not
     where usage is already recorded with the current version."""
-    price_start_check(effective_from)
     if current is None:
         current = ModelPrice.objects.filter(model=model, effective_to__isnull=True).first()
+    price_version_check(effective_from=effective_from, current=current)
+
+
+def price_version_check(*, effective_from: datetime, current) -> None:
+    """Raise PriceChangeError unless a new version of a price (list or tenant) whose
+    version in force is `current` (None: it has none) may start then: not before
+    `price_change_earliest()`, after the current version's start, and not where usage is
+    already recorded with the current version."""
+    price_start_check(effective_from)
     if current is None:
         return
     if effective_from <= current.effective_from:
