@@ -308,24 +308,49 @@ def _number_take(year: int) -> str:
     return f"INV-{year}-{sequence.last:06d}"
 
 
+def _acceptance(reason: str | None) -> str | None:
+    """A reason to accept unpriced usage, stripped; None if none was given. A blank one
+    is refused: accepting tokens unbilled is said in words."""
+    if reason is None:
+        return None
+    if not reason.strip():
+        raise InvoiceError("Say why the unpriced usage is accepted unbilled.")
+    return reason.strip()
+
+
 @transaction.atomic
 def invoice_finalize(
-    *, invoice: Invoice, now: datetime | None = None, built: bool = False
+    *,
+    invoice: Invoice,
+    now: datetime | None = None,
+    built: bool = False,
+    accept_unpriced: str | None = None,
+    accepted_by: str = "",
 ) -> Invoice:
     """Rebuild a draft from the ledger one last time, refuse it if `_finalize_check` says
     so (its month not over, an earlier month open, usage with no price), and number it.
     Idempotent: a numbered invoice is returned unchanged.
 
+    `accept_unpriced`: a superuser's reason to finalize it although some of its usage has
+    no price. Those tokens stay on their lines unbilled ($0.00, no unit price) and the
+    reason (and `accepted_by`, who gave it) is stored on the invoice, which every export
+    shows. Blank is refused; an invoice with no unpriced usage ignores it. Never given by
+    the scheduled task.
+
     `built`: the caller has just built the draft with the same `now` in the enclosing
     transaction (holding the tenant's lock), so it is not rebuilt again."""
     now = now or timezone.now()
+    accept_unpriced = _acceptance(accept_unpriced)
     tenant = _tenant_locked(invoice.tenant_id)
     invoice = Invoice.objects.get(pk=invoice.pk)
     if invoice.status != Invoice.Status.DRAFT:
         return invoice
     if not built:
         invoice = invoice_build(tenant=tenant, month=invoice.month, now=now)
-    _finalize_check(tenant, invoice, now)
+    _finalize_check(tenant, invoice, now, accept_unpriced=accept_unpriced)
+    if invoice.unpriced_tokens:
+        invoice.unpriced_accepted = accept_unpriced
+        invoice.unpriced_accepted_by = accepted_by[:150]
     invoice.number = _number_take(now.year)
     invoice.status = Invoice.Status.FINALIZED
     invoice.finalized_at = now
@@ -333,10 +358,21 @@ def invoice_finalize(
     return invoice
 
 
-def _finalize_check(tenant: Tenant, invoice: Invoice, now: datetime) -> None:
+def unpriced_models(invoice: Invoice) -> list[str]:
+    """The models of the invoice's lines without a unit price, each once (late usage of
+    earlier months included)."""
+    return sorted(
+        set(invoice.lines.filter(unit_price__isnull=True).values_list("model_name", flat=True))
+    )
+
+
+def _finalize_check(
+    tenant: Tenant, invoice: Invoice, now: datetime, *, accept_unpriced: str | None = None
+) -> None:
     """Raise InvoiceError, saying why, if a draft just built cannot be finalized at `now`:
     its month has not ended, an earlier month's usage is not invoiced yet, or some of its
-    usage has no price. What `invoice_finalize` refuses, and what a dry run predicts."""
+    usage has no price and was not accepted unbilled (`accept_unpriced`, a reason). What
+    `invoice_finalize` refuses, and what a dry run predicts."""
     if now < invoice.ends_at:
         raise InvoiceError(f"{tenant.slug}'s {invoice.month:%Y-%m} has not ended yet.")
     uninvoiced = UsageEvent.objects.filter(
@@ -350,22 +386,39 @@ def _finalize_check(tenant: Tenant, invoice: Invoice, now: datetime) -> None:
         raise InvoiceError(
             f"{tenant.slug}'s usage of {month_of:%Y-%m} is not invoiced yet: months close in order."
         )
-    if invoice.unpriced_tokens:
-        # Its lines without a unit price: each model once, late usage of earlier months too.
-        models = sorted(
-            set(invoice.lines.filter(unit_price__isnull=True).values_list("model_name", flat=True))
-        )
+    if invoice.unpriced_tokens and not accept_unpriced:
+        models = unpriced_models(invoice)
         named = f" ({', '.join(models)})" if models else ""
         # No price can reach these tokens any more: an event keeps the price version (and
         # its unpriced count) it was recorded with, and a new version starts in the future
-        # (routing.services.price_start_check). Say so, rather than advise pricing them.
+        # (routing.services.price_start_check). Say so, rather than advise pricing them,
+        # and say the one way out: a superuser accepts them unbilled, with a reason.
         raise InvoiceError(
             f"{invoice.unpriced_tokens} tokens of {tenant.slug}'s {invoice.month:%Y-%m} have no "
             f"price{named}. A usage event keeps the price version it was "
             "recorded with and a new price starts in the future, so no price set now bills "
-            "them: this month, and every later one (months close in order), cannot be "
-            "finalized. Price these models now so that new usage is billed."
+            "them. This month, and every later one (months close in order), is finalized "
+            "only if a superuser accepts them unbilled, saying why: "
+            f'close_month {invoice.month:%Y-%m} --tenant {tenant.slug} --accept-unpriced "REASON", '
+            'or {"accept_unpriced": "REASON"} to the API\'s finalize. '
+            "Price these models now so that new usage is billed."
         )
+
+
+def unpriced_note(invoice: Invoice, *, accepted: str | None = None) -> str:
+    """What an invoice says of its unpriced tokens ("" if none): how many were not billed,
+    of which models, and, once accepted, by whom and why. `accepted`: a reason not yet
+    stored (a dry run's)."""
+    if not invoice.unpriced_tokens:
+        return ""
+    models = unpriced_models(invoice)
+    named = f" ({', '.join(models)})" if models else ""
+    note = f"{invoice.unpriced_tokens} tokens{named} are not billed: they have no price"
+    reason = accepted or invoice.unpriced_accepted
+    if reason:
+        by = invoice.unpriced_accepted_by if not accepted else ""
+        note += f"; accepted unbilled{f' by {by}' if by else ''}: {reason}"
+    return note
 
 
 def _locked(invoice: Invoice) -> Invoice:
@@ -446,17 +499,22 @@ def month_close(
     dry_run: bool = False,
     now: datetime | None = None,
     progress: Callable[[Tenant], None] | None = None,
+    accept_unpriced: str | None = None,
+    accepted_by: str = "",
 ) -> list[MonthClosed]:
     """Build and finalize each tenant's invoice for a month (by default every tenant).
 
     Running it again changes nothing. A dry run builds each invoice, applies the checks
     finalizing would, and rolls it back. A tenant that cannot be finalized (unpriced usage,
     an earlier month still open) is reported and skipped; the others go on.
+    `accept_unpriced`: finalize unpriced usage unbilled with this reason (see
+    `invoice_finalize`); the scheduled task never gives one.
     """
     now = now or timezone.now()
+    accept_unpriced = _acceptance(accept_unpriced)
     results = []
     for tenant in tenants if tenants is not None else Tenant.objects.order_by("slug"):
-        results.append(_close_one(tenant, month, now, dry_run))
+        results.append(_close_one(tenant, month, now, dry_run, accept_unpriced, accepted_by))
         if progress:
             progress(tenant)
     return results
@@ -466,7 +524,14 @@ class _DryRun(Exception):
     pass
 
 
-def _close_one(tenant: Tenant, month: date, now: datetime, dry_run: bool) -> MonthClosed:
+def _close_one(
+    tenant: Tenant,
+    month: date,
+    now: datetime,
+    dry_run: bool,
+    accept_unpriced: str | None = None,
+    accepted_by: str = "",
+) -> MonthClosed:
     try:
         with transaction.atomic():
             invoice = invoice_build(tenant=tenant, month=month, now=now)
@@ -476,10 +541,19 @@ def _close_one(tenant: Tenant, month: date, now: datetime, dry_run: bool) -> Mon
                 invoice.delete()
                 return MonthClosed(tenant, "no usage")
             if dry_run:
-                _finalize_check(tenant, invoice, now)
-                result = MonthClosed(tenant, f"would finalize at {invoice.total} USD")
+                _finalize_check(tenant, invoice, now, accept_unpriced=accept_unpriced)
+                outcome = f"would finalize at {invoice.total} USD"
+                if invoice.unpriced_tokens:
+                    outcome += f", {unpriced_note(invoice, accepted=accept_unpriced)}"
+                result = MonthClosed(tenant, outcome)
                 raise _DryRun
-            invoice = invoice_finalize(invoice=invoice, now=now, built=True)
+            invoice = invoice_finalize(
+                invoice=invoice,
+                now=now,
+                built=True,
+                accept_unpriced=accept_unpriced,
+                accepted_by=accepted_by,
+            )
             return MonthClosed(tenant, "finalized", invoice)
     except _DryRun:
         return result

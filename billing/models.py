@@ -253,6 +253,14 @@ class Invoice(models.Model):
     paid_at = models.DateTimeField(null=True, blank=True)
     voided_at = models.DateTimeField(null=True, blank=True)
     void_reason = models.CharField(max_length=500, blank=True)
+    unpriced_accepted = models.TextField(
+        blank=True,
+        help_text="Why its unpriced tokens were accepted unbilled at finalization, by a "
+        "superuser; blank if it had none (an invoice with unpriced usage is otherwise refused).",
+    )
+    unpriced_accepted_by = models.CharField(
+        max_length=150, blank=True, help_text="Who accepted them, where the path knew a user."
+    )
 
     # What may still change once an invoice is finalized: its payment and voiding.
     AFTER_FINALIZED = frozenset({"status", "paid_at", "voided_at", "void_reason", "updated_at"})

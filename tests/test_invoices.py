@@ -385,9 +385,82 @@ def test_unpriced_usage_names_each_model_once_and_says_what_can_still_be_done(sh
     assert str(refused.value) == (
         "40 tokens of acme's 2026-10 have no price (m, m2). A usage event keeps the price "
         "version it was recorded with and a new price starts in the future, so no price set "
-        "now bills them: this month, and every later one (months close in order), cannot be "
-        "finalized. Price these models now so that new usage is billed."
+        "now bills them. This month, and every later one (months close in order), is "
+        "finalized only if a superuser accepts them unbilled, saying why: close_month 2026-10 "
+        '--tenant acme --accept-unpriced "REASON", or {"accept_unpriced": "REASON"} to the '
+        "API's finalize. Price these models now so that new usage is billed."
     )
+
+
+def unpriced_october(shop):
+    """acme's October: 100 input tokens without a price, 1M output tokens at $1.10."""
+    tenant, (key, _), model = shop
+    ModelPrice.objects.filter(model=model).update(input_per_mtok=None, cached_input_per_mtok=None)
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), input_uncached=100, output=1_000_000)
+    return invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+
+
+def test_a_superuser_finalizes_unpriced_usage_by_accepting_it_unbilled_with_a_reason(shop):
+    tenant, (key, _), model = shop
+    draft = unpriced_october(shop)
+    with pytest.raises(InvoiceError, match="have no price"):
+        invoice_finalize(invoice=draft, now=AFTER_OCT)  # refused by default
+    for blank in ("", "  \n"):
+        with pytest.raises(InvoiceError, match="Say why the unpriced usage is accepted"):
+            invoice_finalize(invoice=draft, now=AFTER_OCT, accept_unpriced=blank)
+    assert Invoice.objects.get(pk=draft.pk).status == Invoice.Status.DRAFT
+    assert not InvoiceNumber.objects.filter(last__gt=0).exists()
+
+    invoice = invoice_finalize(
+        invoice=draft,
+        now=AFTER_OCT,
+        accept_unpriced="  Seeded catalog had no input prices; agreed with Acme  ",
+        accepted_by="root",
+    )
+
+    stored = Invoice.objects.get(pk=draft.pk)
+    assert (stored.status, stored.number) == (Invoice.Status.FINALIZED, "INV-2026-000001")
+    assert stored.unpriced_accepted == "Seeded catalog had no input prices; agreed with Acme"
+    assert stored.unpriced_accepted_by == "root"
+    assert (stored.total, stored.unpriced_tokens) == (Decimal("1.10"), 100)
+    assert sorted(
+        (line.bucket, line.quantity, line.unit_price, line.amount) for line in stored.lines.all()
+    ) == [
+        ("input", 100, None, Decimal("0.00")),
+        ("output", 1_000_000, Decimal("1.100000"), Decimal("1.10")),
+    ]
+    assert invoice.number == stored.number
+    # No longer a dead end: the next month closes as usual.
+    record(key, model, datetime(2026, 11, 5, tzinfo=UTC), output=1_000_000)
+    later = datetime(2026, 12, 2, tzinfo=UTC)
+    november = invoice_finalize(
+        invoice=invoice_build(tenant=tenant, month=NOV, now=later), now=later
+    )
+    assert (november.number, november.unpriced_accepted) == ("INV-2026-000002", "")
+
+
+def test_an_invoice_without_unpriced_usage_ignores_an_acceptance(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    draft = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+
+    invoice = invoice_finalize(invoice=draft, now=AFTER_OCT, accept_unpriced="just in case")
+
+    assert invoice.status == Invoice.Status.FINALIZED
+    assert (invoice.unpriced_accepted, invoice.unpriced_accepted_by) == ("", "")
+
+
+def test_the_beat_task_never_accepts_unpriced_usage(shop):
+    from billing.tasks import invoices_close_due
+
+    draft = unpriced_october(shop)
+
+    (outcome,) = invoices_close_due(now="2026-11-02T00:00Z")
+
+    assert outcome.startswith("acme 2026-10: not finalized: 100 tokens of acme's 2026-10")
+    assert "--accept-unpriced" in outcome  # it says how a superuser may, never does it
+    stored = Invoice.objects.get(pk=draft.pk)
+    assert (stored.status, stored.number, stored.unpriced_accepted) == ("draft", None, "")
 
 
 def test_a_month_cannot_be_finalized_before_it_ends(shop):
