@@ -625,6 +625,50 @@ def test_a_dry_run_predicts_each_refusal_of_the_real_run_and_the_total_once(shop
     ]
 
 
+def test_close_month_accepts_unpriced_usage_for_one_tenant_with_a_reason(shop, capsys):
+    draft = unpriced_october(shop)
+    other = tenant_create(slug="other", name="Other")
+    record(
+        api_key_issue(tenant=other).key,
+        shop[2],
+        datetime(2026, 10, 5, tzinfo=UTC),
+        input_uncached=7,
+    )
+    reason = "Input prices were never published; agreed with finance"
+
+    with pytest.raises(CommandError, match="--accept-unpriced needs --tenant"):
+        call_command("close_month", "2026-10", "--accept-unpriced", reason)
+    for blank in ("", "   "):
+        with pytest.raises(CommandError, match="needs a reason"):
+            call_command("close_month", "2026-10", "--tenant", "acme", "--accept-unpriced", blank)
+    with pytest.raises(CommandError, match="not finalized"):
+        call_command("close_month", "2026-10", "--tenant", "acme")  # refused by default
+    capsys.readouterr()
+
+    call_command(
+        "close_month", "2026-10", "--tenant", "acme", "--dry-run", "--accept-unpriced", reason
+    )
+    assert capsys.readouterr().out.splitlines() == [
+        "acme: would finalize at 1.10 USD, 100 tokens (m) are not billed: they have no price; "
+        f"accepted unbilled: {reason}"
+    ]
+    assert Invoice.objects.get(pk=draft.pk).status == Invoice.Status.DRAFT
+
+    call_command("close_month", "2026-10", "--tenant", "acme", "--accept-unpriced", reason)
+    assert capsys.readouterr().out.splitlines() == [
+        "acme: finalized INV-2026-000001 1.10 USD",
+        f"  100 tokens (m) are not billed: they have no price; accepted unbilled: {reason}",
+    ]
+    stored = Invoice.objects.get(pk=draft.pk)
+    assert (stored.number, stored.total, stored.unpriced_accepted) == (
+        "INV-2026-000001",
+        Decimal("1.10"),
+        reason,
+    )
+    # The other tenant was not touched: accepting is one tenant at a time.
+    assert not Invoice.objects.filter(tenant=other).exists()
+
+
 def test_close_month_refuses_a_month_not_over_and_bad_input(shop):
     with pytest.raises(CommandError, match="not a month"):
         call_command("close_month", "October")

@@ -2,7 +2,13 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 from tqdm import tqdm
 
-from billing.invoicing import InvoiceError, month_bounds, month_close, month_parse
+from billing.invoicing import (
+    InvoiceError,
+    month_bounds,
+    month_close,
+    month_parse,
+    unpriced_note,
+)
 from tenants.models import Tenant
 
 
@@ -15,12 +21,25 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dry-run", action="store_true", help="Build and report, finalize nothing."
         )
+        parser.add_argument(
+            "--accept-unpriced",
+            metavar="REASON",
+            help="Finalize although some usage has no price: those tokens stay on the "
+            "invoice unbilled, and the reason is stored on it and shown by every export. "
+            "Needs --tenant.",
+        )
 
-    def handle(self, *args, month, tenant, dry_run, **options):
+    def handle(self, *args, month, tenant, dry_run, accept_unpriced, **options):
         try:
             month = month_parse(month)
         except InvoiceError as exc:
             raise CommandError(str(exc)) from None
+        if accept_unpriced is not None:
+            # One tenant at a time, so that nobody accepts every tenant's by accident.
+            if not tenant:
+                raise CommandError("--accept-unpriced needs --tenant: one tenant at a time.")
+            if not accept_unpriced.strip():
+                raise CommandError("--accept-unpriced needs a reason, in words.")
         tenants = Tenant.objects.order_by("slug")
         if tenant:
             tenants = tenants.filter(slug=tenant)
@@ -41,11 +60,14 @@ class Command(BaseCommand):
                 dry_run=dry_run,
                 now=now,
                 progress=lambda _: bar.update(),
+                accept_unpriced=accept_unpriced,
             )
         for result in results:
             number = result.invoice.number if result.invoice and result.invoice.number else ""
             total = f"{result.invoice.total} USD" if result.invoice else ""
             self.stdout.write(f"{result.tenant.slug}: {result.outcome} {number} {total}".rstrip())
+            if result.invoice is not None and result.invoice.unpriced_tokens:
+                self.stdout.write(f"  {unpriced_note(result.invoice)}")
         refusal = "would refuse" if dry_run else "not finalized"
         refused = [r for r in results if r.outcome.startswith(refusal)]
         if refused:
