@@ -114,6 +114,43 @@ def test_finalize_refuses_unpriced_usage_and_months_not_over(shop, superuser_tok
     assert client.get("/api/invoices/?status=late").status_code == 400
 
 
+def test_finalize_accepts_unpriced_usage_with_a_reason_superusers_only(shop, superuser_token):
+    _, (key, _), model = shop
+    ModelPrice.objects.filter(model=model).update(input_per_mtok=None, cached_input_per_mtok=None)
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), input_uncached=100, output=1_000_000)
+    client = api(token=superuser_token)
+    draft = client.post("/api/invoices/build/", {"tenant": "acme", "month": "2026-10"}).json()
+    url = f"/api/invoices/{draft['id']}/finalize/"
+
+    refused = client.post(url, {}, format="json")
+    assert refused.status_code == 409 and '"accept_unpriced"' in refused.json()["detail"]
+    for blank in ("", "   "):
+        empty = client.post(url, {"accept_unpriced": blank}, format="json")
+        assert empty.status_code == 400 and "accept_unpriced" in empty.json()
+    member = get_user_model().objects.create_user("alice", password="pw-alice-123")
+    shop[0].members.add(member)
+    as_member = api(member).post(url, {"accept_unpriced": "fine by me"}, format="json")
+    assert as_member.status_code == 403
+    assert Invoice.objects.get(pk=draft["id"]).status == "draft"
+
+    accepted = client.post(url, {"accept_unpriced": "No input prices yet"}, format="json")
+
+    assert accepted.status_code == 200, accepted.content
+    body = accepted.json()
+    assert body["status"] == "finalized" and body["number"] == "INV-2026-000001"
+    assert (body["total"], body["unpriced_tokens"]) == ("1.10", 100)
+    assert (body["unpriced_accepted"], body["unpriced_accepted_by"]) == (
+        "No input prices yet",
+        "root",
+    )
+    assert sorted(
+        (line["bucket"], line["unit_price"], line["amount"]) for line in body["lines"]
+    ) == [
+        ("input", None, "0.00"),
+        ("output", "1.100000", "1.10"),
+    ]
+
+
 def test_downloads_in_every_format_add_up(october, superuser_token):
     invoice = invoice_finalize(invoice=invoice_build(tenant=october, month=OCT), now=AFTER_OCT)
     client = api(token=superuser_token)

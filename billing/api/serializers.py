@@ -85,6 +85,8 @@ class InvoiceSerializer(serializers.ModelSerializer):
             "currency",
             "total",
             "unpriced_tokens",
+            "unpriced_accepted",
+            "unpriced_accepted_by",
             "timezone",
             "starts_at",
             "ends_at",
@@ -128,6 +130,15 @@ class InvoiceBuildSerializer(serializers.Serializer):
 
 class InvoiceVoidSerializer(serializers.Serializer):
     reason = serializers.CharField(max_length=500)
+
+
+class InvoiceFinalizeSerializer(serializers.Serializer):
+    accept_unpriced = serializers.CharField(
+        required=False,
+        help_text="Finalize although some usage has no price, saying why: those tokens stay "
+        "on the invoice unbilled and the reason is stored on it. Ignored by an invoice "
+        "without unpriced usage.",
+    )
 
 
 class InvoicePaidSerializer(serializers.Serializer):

@@ -26,6 +26,7 @@ from ..models import Invoice, UsageEvent
 from .serializers import (
     InvoiceBuildSerializer,
     InvoiceDetailSerializer,
+    InvoiceFinalizeSerializer,
     InvoicePaidSerializer,
     InvoiceSerializer,
     InvoiceVoidSerializer,
@@ -154,13 +155,21 @@ class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
             return _conflict(exc)
         return self._detail(invoice)
 
-    @extend_schema(request=None, responses=InvoiceDetailSerializer)
+    @extend_schema(request=InvoiceFinalizeSerializer, responses=InvoiceDetailSerializer)
     @action(detail=True, methods=["post"])
     def finalize(self, request, pk=None):
-        """Rebuild the draft one last time and number it. Refused while any of its usage
-        has no price, before its month ends, or while an earlier month is open."""
+        """Rebuild the draft one last time and number it. Refused before its month ends,
+        while an earlier month is open, and while any of its usage has no price unless
+        `accept_unpriced` says why those tokens are accepted unbilled."""
+        invoice = self.get_object()
+        data = InvoiceFinalizeSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
         try:
-            invoice = invoice_finalize(invoice=self.get_object())
+            invoice = invoice_finalize(
+                invoice=invoice,
+                accept_unpriced=data.validated_data.get("accept_unpriced"),
+                accepted_by=request.user.get_username(),
+            )
         except InvoiceError as exc:
             return _conflict(exc)
         return self._detail(invoice)
