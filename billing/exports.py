@@ -24,6 +24,7 @@ from fpdf.enums import XPos, YPos
 
 from tenants.budgets import places_at_least
 
+from .invoicing import unpriced_note
 from .models import Invoice, InvoiceKeyLine, InvoiceLine
 
 FORMATS = ("csv", "json", "html", "pdf")
@@ -115,6 +116,8 @@ def invoice_document(invoice: Invoice) -> dict:
             "unit_price_per_1m": _text(line.unit_price),
             "amount_exact": _text(line.amount_exact),
             "amount": _text(line.amount),
+            # A line without a price is on the invoice with its tokens, billed nothing.
+            "note": "no price: not billed" if line.unit_price is None else "",
         }
         for line in lines
     ]
@@ -134,6 +137,12 @@ def invoice_document(invoice: Invoice) -> dict:
         "voided_at": invoice.voided_at.isoformat() if invoice.voided_at else None,
         "void_reason": invoice.void_reason or None,
         "corrects": invoice.corrects.number if invoice.corrects_id else None,
+        # Tokens metered without a price: on their lines at $0.00, never billed. A
+        # finalized invoice has them only if a superuser accepted them, saying why.
+        "unpriced_tokens": invoice.unpriced_tokens,
+        "unpriced_accepted": invoice.unpriced_accepted or None,
+        "unpriced_accepted_by": invoice.unpriced_accepted_by or None,
+        "unpriced_note": unpriced_note(invoice) or None,
         "lines": rows,
         "keys": invoice_key_totals(invoice),
         "total": _text(invoice.total),
@@ -154,6 +163,7 @@ CSV_COLUMNS = (
     "amount_exact",
     "amount",
     "currency",
+    "note",
 )
 
 
@@ -177,6 +187,8 @@ def _csv(document: dict) -> bytes:
                 row["amount_exact"],
                 row["amount"],
                 document["currency"],
+                # An unpriced line says so, and what the invoice says of all of them.
+                f"{row['note']}. {document['unpriced_note']}" if row["note"] else "",
             )
         )
     # A BOM so that spreadsheet programs read the file as UTF-8.
@@ -225,6 +237,13 @@ def _pdf(document: dict, *, compress: bool = True) -> bytes:
         + (f", void: {document['void_reason']}" if document["void_reason"] else ""),
     ):
         pdf.cell(0, 6, _latin1(text), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    if document["unpriced_note"]:
+        pdf.ln(2)
+        pdf.set_font("Helvetica", "B", 10)
+        pdf.set_text_color(170, 0, 0)
+        pdf.multi_cell(0, 5, _latin1(f"Unpriced usage: {document['unpriced_note']}."))
+        pdf.set_text_color(0, 0, 0)
+        pdf.set_font("Helvetica", size=10)
     pdf.ln(4)
     pdf.set_font("Helvetica", size=8)
     widths = (16, 30, 52, 24, 22, 16, 20)
@@ -303,7 +322,19 @@ def invoices_zip(invoices: Iterable[Invoice], fmt: str, *, name: str = "invoices
     # A void invoice and its correction both appear: `corrects` says which replaces which,
     # and `counts` which totals add up to what is owed.
     writer.writerow(
-        ("invoice", "tenant", "month", "status", "total", "currency", "counts", "corrects", "file")
+        (
+            "invoice",
+            "tenant",
+            "month",
+            "status",
+            "total",
+            "currency",
+            "counts",
+            "corrects",
+            "file",
+            "unpriced_tokens",
+            "unpriced_note",
+        )
     )
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for invoice in invoices:
@@ -320,6 +351,8 @@ def invoices_zip(invoices: Iterable[Invoice], fmt: str, *, name: str = "invoices
                     "no" if invoice.status == Invoice.Status.VOID else "yes",
                     invoice.corrects.number if invoice.corrects_id else "",
                     export.filename,
+                    invoice.unpriced_tokens,
+                    unpriced_note(invoice),
                 )
             )
         archive.writestr("summary.csv", "\ufeff" + summary.getvalue())

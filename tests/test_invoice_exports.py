@@ -10,6 +10,7 @@ import re
 import zipfile
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from html import escape
 from html.parser import HTMLParser
 
 import pytest
@@ -184,6 +185,43 @@ def test_a_draft_exports_as_a_draft(shop):
     assert "Draft invoice" in invoice_export(draft, "html").content.decode()
 
 
+def test_every_export_says_which_tokens_were_not_billed_and_why(shop):
+    tenant, (key, _), model = shop
+    model.prices.update(input_per_mtok=None, cached_input_per_mtok=None)
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), input_uncached=1234, output=1_000_000)
+    reason = "Input prices unpublished; agreed with Acme"
+    invoice = invoice_finalize(
+        invoice=invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT),
+        now=AFTER_OCT,
+        accept_unpriced=reason,
+        accepted_by="root",
+    )
+    note = (
+        f"1234 tokens (m) are not billed: they have no price; accepted unbilled by root: {reason}"
+    )
+
+    document = json.loads(invoice_export(invoice, "json").content)
+    assert (document["unpriced_tokens"], document["unpriced_note"]) == (1234, note)
+    assert (document["unpriced_accepted"], document["unpriced_accepted_by"]) == (reason, "root")
+    assert document["total"] == "1.10"
+    rows = list(
+        csv.DictReader(io.StringIO(invoice_export(invoice, "csv").content.decode("utf-8-sig")))
+    )
+    unpriced = [r for r in rows if not r["unit_price_per_1m"]]
+    assert [(r["quantity"], r["amount"], r["note"]) for r in unpriced] == [
+        ("1234", "0.00", f"no price: not billed. {note}")
+    ]
+    assert sum(Decimal(r["amount"]) for r in rows) == invoice.total
+    html = invoice_export(invoice, "html").content.decode()
+    assert f'id="unpriced">Unpriced usage: {escape(note)}.<' in html
+    pdf = _pdf(invoice_document(invoice), compress=False).decode("latin-1")
+    assert "Unpriced usage: 1234 tokens \\(m\\) are not billed: they have no price" in pdf
+    assert "accepted unbilled by root: Input prices" in pdf and "agreed with Acme." in pdf
+    summary = zipfile.ZipFile(io.BytesIO(invoices_zip([invoice], "pdf").content))
+    (row,) = csv.DictReader(io.StringIO(summary.read("summary.csv").decode("utf-8-sig")))
+    assert (row["total"], row["unpriced_tokens"], row["unpriced_note"]) == ("1.10", "1234", note)
+
+
 def test_a_month_of_invoices_as_one_zip(issued, shop):
     october, _ = issued
     export = invoices_zip([october], "csv", name="invoices-2026-10")
@@ -203,6 +241,8 @@ def test_a_month_of_invoices_as_one_zip(issued, shop):
             "counts": "yes",
             "corrects": "",
             "file": f"{october.number}.csv",
+            "unpriced_tokens": "0",
+            "unpriced_note": "",
         }
     ]
 
