@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.helpers import ActionForm
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME, ActionForm
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from django.template.response import TemplateResponse
@@ -29,6 +29,8 @@ from .invoicing import (
     invoice_void,
     month_close,
     month_parse,
+    unpriced_models,
+    unpriced_note,
 )
 from .models import Invoice, InvoiceLine, TenantPrice, UsageEvent
 from .pricing import tenant_price_change_check, tenant_price_set
@@ -182,6 +184,14 @@ class InvoiceActionForm(ActionForm):
     reason = forms.CharField(label="reason (to void)", required=False, max_length=500)
 
 
+class AcceptUnpricedForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Why these tokens are finalized unbilled. Stored on each invoice and shown "
+        "by every export.",
+    )
+
+
 class CloseMonthForm(forms.Form):
     month = forms.RegexField(r"^\d{4}-\d{2}$", help_text="YYYY-MM, in each tenant's time zone.")
     tenant = forms.ModelChoiceField(
@@ -226,6 +236,7 @@ class InvoiceAdmin(admin.ModelAdmin):
     actions = [
         "rebuild",
         "finalize",
+        "finalize_accepting_unpriced",
         "mark_paid",
         "void",
         "correct",
@@ -397,6 +408,41 @@ class InvoiceAdmin(admin.ModelAdmin):
             invoice_finalize(invoice=invoice)
 
         self._each(request, queryset, "Finalized", step)
+
+    @admin.action(
+        description="Finalize selected drafts, accepting their unpriced usage unbilled (asks why)",
+        permissions=["lifecycle"],
+    )
+    def finalize_accepting_unpriced(self, request, queryset):
+        """An intermediate page: the drafts, their unpriced tokens, and a reason to give;
+        on confirmation each is finalized with the reason stored on it."""
+        drafts = list(queryset.select_related("tenant").order_by("month", "tenant__slug"))
+        form = AcceptUnpricedForm(request.POST if "confirm" in request.POST else None)
+        if form.is_valid():
+            reason, user = form.cleaned_data["reason"], request.user.get_username()
+
+            def step(invoice):
+                if invoice.status != Invoice.Status.DRAFT:
+                    raise InvoiceError(f"it is already {invoice.status}.")
+                done = invoice_finalize(invoice=invoice, accept_unpriced=reason, accepted_by=user)
+                if done.unpriced_tokens:
+                    self.message_user(request, f"{done}: {unpriced_note(done)}.", messages.WARNING)
+
+            return self._each(request, queryset, "Finalized", step)
+        return TemplateResponse(
+            request,
+            "admin/billing/invoice/accept_unpriced.html",
+            {
+                **self.admin_site.each_context(request),
+                "opts": self.model._meta,
+                "title": "Finalize, accepting unpriced usage unbilled",
+                "form": form,
+                "invoices": [(i, unpriced_models(i)) for i in drafts],
+                "action": "finalize_accepting_unpriced",
+                "action_checkbox_name": ACTION_CHECKBOX_NAME,
+                "changelist_url": reverse("admin:billing_invoice_changelist"),
+            },
+        )
 
     @admin.action(description="Mark selected invoices paid", permissions=["lifecycle"])
     def mark_paid(self, request, queryset):

@@ -145,3 +145,40 @@ def test_staff_without_superuser_rights_read_but_do_not_act(client, draft):
     assert client.get(reverse("admin:billing_invoice_close_month")).status_code == 403
     download = reverse("admin:billing_invoice_download", args=[draft.pk, "csv"])
     assert client.get(download).status_code == 200
+
+
+def test_finalizing_unpriced_usage_asks_why_on_a_confirmation_page(admin_client, client, shop):
+    tenant, (a, _), model = shop
+    model.prices.update(input_per_mtok=None, cached_input_per_mtok=None)
+    record(a, model, datetime(2026, 10, 5, tzinfo=UTC), input_uncached=100, output=1_000_000)
+    draft = invoice_build(tenant=tenant, month=OCT, now=datetime(2026, 11, 2, tzinfo=UTC))
+
+    page = act(admin_client, "finalize", draft).content.decode()
+    assert "have no price" in page and "--accept-unpriced" in page  # refused by default
+    page = act(admin_client, "finalize_accepting_unpriced", draft).content.decode()
+    assert "Finalize, accepting unpriced usage unbilled" in page
+    assert "<td>100</td><td>m</td>" in page and 'name="reason"' in page
+    blank = act(admin_client, "finalize_accepting_unpriced", draft, confirm="yes", reason=" ")
+    assert "This field is required" in blank.content.decode()
+    assert Invoice.objects.get(pk=draft.pk).status == "draft"
+    staff = get_user_model().objects.create_user("finance", password="pw-fin-123", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_invoice"))
+    client.force_login(staff)
+    act(client, "finalize_accepting_unpriced", draft, confirm="yes", reason="mine")
+    assert Invoice.objects.get(pk=draft.pk).status == "draft"  # superusers only
+
+    done = act(
+        admin_client, "finalize_accepting_unpriced", draft, confirm="yes", reason="No input prices"
+    ).content.decode()
+
+    stored = Invoice.objects.get(pk=draft.pk)
+    assert (stored.status, stored.total, stored.unpriced_accepted, stored.unpriced_accepted_by) == (
+        "finalized",
+        Decimal("1.10"),
+        "No input prices",
+        "admin",
+    )
+    assert "Finalized 1 invoice(s)" in done
+    assert "100 tokens (m) are not billed: they have no price" in done
+    change = admin_client.get(reverse("admin:billing_invoice_change", args=[draft.pk]))
+    assert "No input prices" in change.content.decode()
