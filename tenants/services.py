@@ -103,10 +103,17 @@ def tenant_create(
     model_ids: list[str] | None = None,
     contact_email: str = "",
     timezone_name: str = "UTC",
+    alert_webhook_url: str = "",
 ) -> Tenant:
     """Create a tenant with an explicit model allowlist (possibly empty). The slug is
     stored lower case; ValidationError when it is taken in any case."""
-    tenant = Tenant(slug=slug, name=name, contact_email=contact_email, timezone=timezone_name)
+    tenant = Tenant(
+        slug=slug,
+        name=name,
+        contact_email=contact_email,
+        timezone=timezone_name,
+        alert_webhook_url=alert_webhook_url,
+    )
     tenant.full_clean()
     tenant.save()
     if model_ids:

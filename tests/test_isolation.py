@@ -14,7 +14,7 @@ from billing.models import Invoice, UsageEvent
 from billing.services import usage_record
 from routing.models import Provider
 from tenants.budgets import budget_set
-from tenants.models import ApiKey, Budget
+from tenants.models import ApiKey, Budget, Tenant
 from tenants.services import api_key_issue, tenant_create
 
 from .conftest import api, model_create, usage_facts
@@ -143,6 +143,28 @@ def test_v1_models_of_one_tenant_never_list_anothers(live_server, two_tenants):
     assert [m.id for m in client.models.list()] == ["shared-model"]
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("only-a")
+
+
+def test_a_tenant_created_through_the_api_keeps_every_field_it_was_given(superuser_token):
+    created = api(token=superuser_token).post(
+        "/api/tenants/",
+        {
+            "slug": "delta",
+            "name": "Delta",
+            "contact_email": "ops@delta.test",
+            "timezone": "Asia/Tokyo",
+            "alert_webhook_url": "https://hooks.delta.test/tollgate",
+        },
+        format="json",
+    )
+    assert created.status_code == 201, created.content
+    tenant = Tenant.objects.get(slug="delta")
+    assert (tenant.contact_email, tenant.timezone, tenant.alert_webhook_url) == (
+        "ops@delta.test",
+        "Asia/Tokyo",
+        "https://hooks.delta.test/tollgate",
+    )
+    assert created.json()["alert_webhook_url"] == "https://hooks.delta.test/tollgate"
 
 
 def test_superuser_token_manages_everything(two_tenants, superuser_token):

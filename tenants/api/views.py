@@ -63,6 +63,7 @@ class TenantViewSet(
                 model_ids=[m.public_id for m in data.get("allowed_models", [])],
                 contact_email=data.get("contact_email", ""),
                 timezone_name=data.get("timezone", "UTC"),
+                alert_webhook_url=data.get("alert_webhook_url", ""),
             )
         except DjangoValidationError as exc:
             raise ValidationError(exc.message_dict) from None
