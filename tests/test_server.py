@@ -1,5 +1,6 @@
 """The production server's worker class (config.workers): it heartbeats once a second
-instead of on every turn of its loop, and gunicorn's master must still see it alive."""
+instead of on every turn of its loop, and gunicorn's master must still see it alive; what
+gunicorn refuses before the application sees it is answered in OpenAI's error shape."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import httpx2
 
 from . import conftest
 from .upstream import gunicorn_gateway_start
@@ -44,3 +47,25 @@ def test_idle_workers_outlive_the_worker_timeout(django_db_setup):
         assert _workers(gateway.process.pid) == workers
     finally:
         gateway.stop()
+
+
+def test_a_url_or_headers_over_the_servers_limits_get_an_openai_error_not_html(
+    gunicorn_gateway,
+):
+    too_long = httpx2.get(f"{gunicorn_gateway.url}/models/{'x' * 10_000}", timeout=10)
+    too_big = httpx2.get(
+        f"{gunicorn_gateway.url}/models",
+        headers={"Authorization": "Bearer tg-not-a-key", "X-Padding": "y" * 9_000},
+        timeout=10,
+    )
+    for response, status, code in (
+        (too_long, 414, "uri_too_long"),
+        (too_big, 431, "headers_too_large"),
+    ):
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["x-request-id"].startswith("req_")
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] == code
+    assert "tg-not-a-key" not in too_big.text and "yyyy" not in too_big.text
