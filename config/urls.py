@@ -2,10 +2,14 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from routing.api.views import unknown_endpoint
 from routing.health import health_page
 from routing.metrics import metrics_view
 
 urlpatterns = [
+    # The base URL itself, which an OpenAI client never calls: a 404 in OpenAI's shape,
+    # where CommonMiddleware would redirect it to v1/ with an HTML body.
+    path("v1", unknown_endpoint),
     path("v1/", include("routing.api.urls")),
     path("api/", include("config.api_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),

@@ -198,5 +198,5 @@ class BudgetView(OpenAIView):
 @csrf_exempt
 def unknown_endpoint(request, path: str = ""):
     """Any other /v1/ path: a 404 in OpenAI's shape, not Django's HTML page."""
-    error = RouteNotFound(f"Invalid URL ({request.method} /v1/{path}).")
+    error = RouteNotFound(f"Invalid URL ({request.method} {request.path}).")
     return JsonResponse(error.body(), status=error.status)
