@@ -3,8 +3,6 @@ and day), tenant prices (versions added, never edited) and invoices (built, neve
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME, ActionForm
@@ -14,8 +12,8 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from routing.admin import PriceVersionForm
-from routing.services import PriceChangeError, price_change_earliest
+from routing.admin import PriceVersionAdmin, PriceVersionForm
+from routing.services import PriceChangeError
 from tenants.models import Tenant
 
 from .exports import FORMATS, invoice_export, invoice_key_totals, invoices_zip
@@ -33,7 +31,7 @@ from .invoicing import (
     unpriced_note,
 )
 from .models import Invoice, InvoiceLine, TenantPrice, UsageEvent
-from .pricing import tenant_price_change_check, tenant_price_set
+from .pricing import tenant_price_cancel, tenant_price_change_check, tenant_price_set
 
 
 @admin.register(UsageEvent)
@@ -130,8 +128,9 @@ class TenantPriceForm(PriceVersionForm):
 
 
 @admin.register(TenantPrice)
-class TenantPriceAdmin(admin.ModelAdmin):
-    """A tenant's own prices. Like list prices, versions are added, never edited."""
+class TenantPriceAdmin(PriceVersionAdmin):
+    """A tenant's own prices. Like list prices, versions are added, never edited, and a
+    scheduled one may be withdrawn."""
 
     form = TenantPriceForm
     list_display = (
@@ -145,17 +144,8 @@ class TenantPriceAdmin(admin.ModelAdmin):
     list_filter = ("tenant",)
     list_select_related = ("tenant", "model")
 
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
-    def get_changeform_initial_data(self, request):
-        initial = super().get_changeform_initial_data(request)
-        start = price_change_earliest() + timedelta(minutes=1)
-        initial.setdefault("effective_from", start.replace(second=0) + timedelta(minutes=1))
-        return initial
+    def withdraw(self, price: TenantPrice) -> None:
+        tenant_price_cancel(price)
 
     def save_model(self, request, obj, form, change):
         data = form.cleaned_data

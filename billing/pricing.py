@@ -22,7 +22,12 @@ from django.db import transaction
 
 from routing.config_cache import ConfigCache
 from routing.models import CatalogModel, ModelPrice
-from routing.services import PriceChangeError, price_change_earliest, price_version_check
+from routing.services import (
+    PriceChangeError,
+    price_change_earliest,
+    price_version_cancel,
+    price_version_check,
+)
 
 from .models import TenantPrice
 
@@ -174,3 +179,10 @@ def tenant_price_set(
         output_per_mtok=output_per_mtok,
         effective_from=effective_from,
     )
+
+
+def tenant_price_cancel(price: TenantPrice) -> TenantPrice | None:
+    """Withdraw a scheduled tenant price version (`price_version_cancel`), reopening the
+    tenant's version before it for the same model (or for every model)."""
+    versions = TenantPrice.objects.filter(tenant_id=price.tenant_id, model_id=price.model_id)
+    return price_version_cancel(price, versions)

@@ -31,10 +31,10 @@ from .routes import TargetDraft, route_name_validate, route_targets_validate
 from .services import (
     PriceChangeError,
     model_price_cancel,
-    model_price_cancellable,
     model_price_change_check,
     model_price_set,
     price_change_earliest,
+    price_version_cancellable,
 )
 
 UNSET = "unset"
@@ -207,31 +207,18 @@ class ModelPriceForm(PriceVersionForm):
         return data
 
 
-@admin.register(ModelPrice)
-class ModelPriceAdmin(admin.ModelAdmin):
-    form = ModelPriceForm
-    list_display = ("model", "effective_from", "effective_to", "input", "cached", "output")
-    list_filter = ("model__family", "model")
-    list_select_related = ("model",)
-    date_hierarchy = "effective_from"
+class PriceVersionAdmin(admin.ModelAdmin):
+    """Price versions (list or tenant): added, never edited; a scheduled one may be
+    withdrawn, one at a time, before any process prices with it (`withdraw`, through
+    routing.services.price_version_cancel); history may not."""
 
     def has_change_permission(self, request, obj=None) -> bool:
-        # Versions are never edited in place; set a new one instead.
         return False
 
-    def get_changeform_initial_data(self, request):
-        initial = super().get_changeform_initial_data(request)
-        # A minute of slack over the earliest allowed start, for filling in the form.
-        start = price_change_earliest() + timedelta(minutes=1)
-        initial.setdefault("effective_from", start.replace(second=0) + timedelta(minutes=1))
-        return initial
-
     def has_delete_permission(self, request, obj=None) -> bool:
-        # A scheduled version may be withdrawn, one at a time, before any process prices
-        # with it (routing.services.model_price_cancel); history may not.
         return (
             obj is not None
-            and model_price_cancellable(obj)
+            and price_version_cancellable(obj)
             and super().has_delete_permission(request, obj)
         )
 
@@ -240,8 +227,30 @@ class ModelPriceAdmin(admin.ModelAdmin):
         actions.pop("delete_selected", None)
         return actions
 
-    def delete_model(self, request, obj: ModelPrice) -> None:
-        model_price_cancel(obj)
+    def delete_model(self, request, obj) -> None:
+        self.withdraw(obj)
+
+    def withdraw(self, price) -> None:
+        raise NotImplementedError
+
+    def get_changeform_initial_data(self, request):
+        initial = super().get_changeform_initial_data(request)
+        # A minute of slack over the earliest allowed start, for filling in the form.
+        start = price_change_earliest() + timedelta(minutes=1)
+        initial.setdefault("effective_from", start.replace(second=0) + timedelta(minutes=1))
+        return initial
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(PriceVersionAdmin):
+    form = ModelPriceForm
+    list_display = ("model", "effective_from", "effective_to", "input", "cached", "output")
+    list_filter = ("model__family", "model")
+    list_select_related = ("model",)
+    date_hierarchy = "effective_from"
+
+    def withdraw(self, price: ModelPrice) -> None:
+        model_price_cancel(price)
 
     @admin.display(description="input $/1M")
     def input(self, price: ModelPrice) -> str:

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from .models import CatalogModel, ModelPrice, Provider
@@ -95,28 +96,24 @@ def model_price_set(
     )
 
 
-def model_price_cancellable(price: ModelPrice) -> bool:
-    """Whether a price version may still be withdrawn: the model's latest, and starting
-    no earlier than a new version could (no gateway process prices with it yet, so no
-    usage or invoice refers to it)."""
+def price_version_cancellable(price) -> bool:
+    """Whether a price version (list or tenant) may still be withdrawn: the latest of its
+    sequence, and starting no earlier than a new version could (no gateway process prices
+    with it yet, so no usage or invoice refers to it)."""
     return price.effective_to is None and price.effective_from >= price_change_earliest()
 
 
 @transaction.atomic
-def model_price_cancel(price: ModelPrice) -> ModelPrice | None:
-    """Withdraw a scheduled price version, reopening the one before it (returned; None
-    when it was the model's only version). A version already in force, or followed by
+def price_version_cancel(price, versions: QuerySet):
+    """Withdraw a scheduled price version, reopening the one before it in `versions` (its
+    own sequence: a model's list prices, or a tenant's prices for one model), which is
+    returned (None when it was the only one). A version already in force, or followed by
     another, stays: it is history, or a later version starts from its end."""
-    locked = (
-        ModelPrice.objects.select_for_update()
-        .filter(model_id=price.model_id)
-        .order_by("-effective_from")
-    )
-    versions = list(locked)
+    versions = list(versions.select_for_update().order_by("-effective_from"))
     price = next((v for v in versions if v.pk == price.pk), None)
     if price is None:
         raise PriceChangeError("This price version no longer exists.")
-    if not model_price_cancellable(price):
+    if not price_version_cancellable(price):
         raise PriceChangeError(
             "Only the latest price version can be withdrawn, and only before "
             f"{price.effective_from:%Y-%m-%d %H:%M:%S} UTC comes within "
@@ -129,6 +126,11 @@ def model_price_cancel(price: ModelPrice) -> ModelPrice | None:
         previous.effective_to = None
         previous.save(update_fields=["effective_to"])
     return previous
+
+
+def model_price_cancel(price: ModelPrice) -> ModelPrice | None:
+    """`price_version_cancel` for a model's list price."""
+    return price_version_cancel(price, ModelPrice.objects.filter(model_id=price.model_id))
 
 
 def model_price_change_check(

@@ -10,7 +10,12 @@ import pytest
 from django.utils import timezone
 
 from billing.models import TenantPrice, UsageEvent
-from billing.pricing import tenant_price_in_force, tenant_price_set, unit_prices
+from billing.pricing import (
+    tenant_price_cancel,
+    tenant_price_in_force,
+    tenant_price_set,
+    unit_prices,
+)
 from routing.models import ModelPrice
 from routing.services import PriceChangeError, price_change_earliest
 
@@ -244,3 +249,38 @@ def test_a_tenant_price_that_would_rewrite_history_is_refused_in_the_admin_form(
     }
     assert list(TenantPrice.objects.all()) == [current]
     assert add(current.effective_from + timedelta(minutes=15)).status_code == 302
+
+
+def test_a_scheduled_tenant_price_is_withdrawn_in_the_admin_and_the_one_before_reopens(
+    admin_client, world
+):
+    from django.urls import reverse
+
+    first = later(world, markup_percent=Decimal("10"))
+    typo = later(
+        world,
+        markup_percent=Decimal("1000"),
+        effective_from=first.effective_from + timedelta(hours=1),
+    )
+    other_model = later(world, model=world.models["glm"], output_per_mtok=Decimal("1"))
+    delete = "admin:billing_tenantprice_delete"
+    # Not the one before it: the typo starts where it ends.
+    assert admin_client.get(reverse(delete, args=[first.pk])).status_code == 403
+    response = admin_client.post(reverse(delete, args=[typo.pk]), {"post": "yes"})
+    assert response.status_code == 302
+    first.refresh_from_db()
+    assert first.effective_to is None  # the every-model markup reopens
+    other_model.refresh_from_db()
+    assert other_model.effective_to is None  # another sequence: untouched
+    assert set(TenantPrice.objects.all()) == {first, other_model}
+    at = first.effective_from + timedelta(hours=2)
+    assert tenant_price_in_force(tenant_id=world.tenant.pk, model_id=None, at=at) == first
+
+
+def test_a_tenant_price_in_force_cannot_be_withdrawn(world):
+    current = later(world, markup_percent=Decimal("10"))
+    start_now(current)
+    current.refresh_from_db()
+    with pytest.raises(PriceChangeError, match="Only the latest price version"):
+        tenant_price_cancel(current)
+    assert TenantPrice.objects.get() == current
