@@ -3,6 +3,7 @@ live server), and a small world of tenants, keys and priced models between them.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -74,21 +75,34 @@ def second_gunicorn_gateway(django_db_setup):
     gateway.stop()
 
 
-# A Redis database of its own, emptied first, so that no earlier run's tasks linger.
+# A Redis database for tests, and a key prefix of this run's own: test runs sharing the
+# machine's Redis (and an earlier run's leftovers) never see each other's tasks.
 TEST_BROKER_URL = "redis://127.0.0.1:6379/15"
+TEST_BROKER_KEY_PREFIX = f"tollgate-test-{uuid.uuid4().hex[:12]}:"
+TEST_BROKER_ENV = {
+    "CELERY_BROKER_URL": TEST_BROKER_URL,
+    "CELERY_BROKER_KEY_PREFIX": TEST_BROKER_KEY_PREFIX,
+}
+
+
+def broker_keys_clear() -> None:
+    """Delete every key this run's brokers wrote."""
+    import redis
+
+    client = redis.Redis.from_url(TEST_BROKER_URL)
+    for name in client.scan_iter(match=f"{TEST_BROKER_KEY_PREFIX}*"):
+        client.delete(name)
 
 
 @pytest.fixture(scope="module")
 def gateway_with_worker(django_db_setup):
     """gunicorn enqueueing tasks on a real Redis broker, and a real Celery worker."""
-    import redis
-
-    redis.Redis.from_url(TEST_BROKER_URL).flushdb()
-    worker = celery_worker_start(test_database_url(), TEST_BROKER_URL)
-    gateway = gunicorn_gateway_start(test_database_url(), CELERY_BROKER_URL=TEST_BROKER_URL)
+    worker = celery_worker_start(test_database_url(), **TEST_BROKER_ENV)
+    gateway = gunicorn_gateway_start(test_database_url(), **TEST_BROKER_ENV)
     yield gateway
     gateway.stop()
     worker.stop()
+    broker_keys_clear()
 
 
 def model_create(

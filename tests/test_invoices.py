@@ -33,7 +33,14 @@ from billing.models import Invoice, InvoiceImmutable, InvoiceNumber, UsageEvent
 from routing.models import ModelPrice, Provider
 from tenants.services import api_key_issue, tenant_create
 
-from .conftest import TEST_BROKER_URL, model_create, record
+from .conftest import (
+    TEST_BROKER_ENV,
+    TEST_BROKER_KEY_PREFIX,
+    TEST_BROKER_URL,
+    broker_keys_clear,
+    model_create,
+    record,
+)
 from .conftest import test_database_url as database_url_of_tests
 from .test_budget_alerts import wait_until
 from .upstream import celery_worker_start
@@ -711,9 +718,9 @@ def test_the_beat_task_on_a_real_worker_closes_the_month_once(shop, settings):
     """The task as beat sends it, through Redis, run by a real Celery worker process."""
     tenant, (key, _), model = shop
     record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
-    redis.Redis.from_url(TEST_BROKER_URL).flushdb()
-    worker = celery_worker_start(database_url_of_tests(), TEST_BROKER_URL)
+    worker = celery_worker_start(database_url_of_tests(), **TEST_BROKER_ENV)
     broker = Celery(broker=TEST_BROKER_URL, set_as_current=False)  # the tests keep theirs
+    broker.conf.broker_transport_options = {"global_keyprefix": TEST_BROKER_KEY_PREFIX}
     try:
         broker.send_task("billing.tasks.invoices_close_due", kwargs={"now": "2026-11-01T00:30Z"})
         broker.send_task("billing.tasks.invoices_close_due", kwargs={"now": "2026-11-01T01:30Z"})
@@ -722,10 +729,12 @@ def test_the_beat_task_on_a_real_worker_closes_the_month_once(shop, settings):
         broker.send_task("billing.tasks.invoices_close_due", kwargs={"now": "2026-11-02T00:00Z"})
         # Tasks are acknowledged once done (acks_late): nothing queued nor unacknowledged.
         queue = redis.Redis.from_url(TEST_BROKER_URL)
-        wait_until(lambda: queue.llen("celery") == 0 and queue.hlen("unacked") == 0)
+        queued, unacked = (f"{TEST_BROKER_KEY_PREFIX}{name}" for name in ("celery", "unacked"))
+        wait_until(lambda: queue.llen(queued) == 0 and queue.hlen(unacked) == 0)
     finally:
         worker.stop()
         broker.close()
+        broker_keys_clear()
 
     invoice = Invoice.objects.get()
     assert (invoice.tenant, invoice.month, invoice.number) == (tenant, OCT, "INV-2026-000001")

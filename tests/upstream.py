@@ -131,13 +131,14 @@ class CeleryWorker:
         process_stop(self.process)
 
 
-def celery_worker_start(database_url: str, broker_url: str) -> CeleryWorker:
-    """A real Celery worker (solo pool) on a real broker, on a given database."""
+def celery_worker_start(database_url: str, **broker_env: str) -> CeleryWorker:
+    """A real Celery worker (solo pool) on a given database, on the broker its
+    environment (`CELERY_BROKER_URL`, `CELERY_BROKER_KEY_PREFIX`) names."""
     env = dict(
         os.environ,
         DJANGO_SETTINGS_MODULE="config.settings.test",
         DATABASE_URL=database_url,
-        CELERY_BROKER_URL=broker_url,
+        **broker_env,
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo",

@@ -169,6 +169,11 @@ SPECTACULAR_SETTINGS = {
 # --- Celery ---------------------------------------------------------------------------
 
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="")
+# Deployments (or test runs) sharing one Redis keep their queues apart: every key the
+# broker writes (queues, unacknowledged tasks, bindings) starts with this prefix.
+CELERY_BROKER_KEY_PREFIX = env("CELERY_BROKER_KEY_PREFIX", default="")
+if CELERY_BROKER_KEY_PREFIX:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": CELERY_BROKER_KEY_PREFIX}
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=None)
 # No broker configured: run tasks in-process (the embedded default).
 CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
