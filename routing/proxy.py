@@ -41,7 +41,7 @@ from billing.metering import (
 )
 from billing.models import UsageEvent
 from billing.pricing import UnitPrices, unit_prices, unit_prices_for_call
-from billing.services import UsageFacts, usage_record
+from billing.services import UsageFacts, usage_write
 from config.db import run_together
 from tenants.budgets import (
     BudgetExceeded,
@@ -420,7 +420,7 @@ def _meter(
     ttft_ms: int | None = None,
     failure: UpstreamFailure | None = None,
     final: bool = True,
-) -> UsageEvent:
+) -> None:
     """Record the current attempt. `final`: no other attempt follows, so the call's
     budget holds and concurrency lease are released with it."""
     facts = UsageFacts(
@@ -462,15 +462,14 @@ def _meter(
             # window before its budgets, and so must this, or the two could deadlock.
             with transaction.atomic():
                 # Request ids are the gateway's own: no duplicate to recover from.
-                event = usage_record(facts, savepoint=False, with_statements=writes)
+                usage_write(facts, savepoint=False, with_statements=writes)
             call.released = True
         else:
-            event = usage_record(facts)
+            usage_write(facts)
         if final and call.rate is not None:
             # A plain answer's x-ratelimit-remaining-tokens then counts its own tokens
             # (a stream's headers went out at admission).
             call.rate = replace(call.rate, tokens=call.rate.tokens + release["tokens"])
-        return event
     except Exception:
         # The ledger is the product: leave everything needed to replay the row.
         logger.exception("Could not record usage: %r", facts)

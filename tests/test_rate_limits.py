@@ -102,13 +102,13 @@ def test_a_failed_ledger_write_still_gives_the_lease_back_and_counts_tokens_once
     # written, neither half of that transaction stays; the release then runs on its own.
     client = limited(world, concurrency_limit=1, tpm_limit=1000)
     key = ApiKey.objects.get(tenant=world.tenant)
-    real = proxy.usage_record
+    real = proxy.usage_write
 
     def written_then_failed(facts, **options):
         real(facts, **options)  # the event and the release, in the proxy's transaction
         raise DatabaseError("could not extend file: No space left on device")
 
-    monkeypatch.setattr("routing.proxy.usage_record", written_then_failed)
+    monkeypatch.setattr("routing.proxy.usage_write", written_then_failed)
     with pytest.raises(openai.InternalServerError) as caught:
         create(client)
     assert "Traceback" not in str(caught.value.body)
@@ -117,7 +117,7 @@ def test_a_failed_ledger_write_still_gives_the_lease_back_and_counts_tokens_once
     assert (window.requests, window.tokens) == (1, 16)  # 6 + 10, counted once
     assert not KeyLease.objects.filter(expires_at__gt=timezone.now()).exists()
 
-    monkeypatch.setattr("routing.proxy.usage_record", real)
+    monkeypatch.setattr("routing.proxy.usage_write", real)
     # The lease is back: a key limited to one call at a time calls again at once.
     second = create(client)
     assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - 16 - 16)
