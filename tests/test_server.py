@@ -1,11 +1,16 @@
 """The production server's worker class (config.workers): it heartbeats once a second
 instead of on every turn of its loop, and gunicorn's master must still see it alive; what
-gunicorn refuses before the application sees it is answered in OpenAI's error shape."""
+gunicorn refuses before the application sees it is answered in OpenAI's error shape; a
+kept-alive connection's next request is served by the thread that waits for it, without
+that wait starving other connections of threads."""
 
 from __future__ import annotations
 
+import http.client
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -69,3 +74,77 @@ def test_a_url_or_headers_over_the_servers_limits_get_an_openai_error_not_html(
         assert set(error) == {"message", "type", "param", "code"}
         assert error["code"] == code
     assert "tg-not-a-key" not in too_big.text and "yyyy" not in too_big.text
+
+
+def _connection(url: str) -> http.client.HTTPConnection:
+    parts = urllib.parse.urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+
+
+def _models_status(connection: http.client.HTTPConnection) -> int:
+    """GET /v1/models without a key on a kept-alive connection: its status (401)."""
+    connection.request("GET", "/v1/models")
+    response = connection.getresponse()
+    response.read()
+    assert response.getheader("content-type") == "application/json"
+    return response.status
+
+
+def test_a_kept_alive_connection_is_answered_whenever_its_next_request_comes(
+    django_db_setup,
+):
+    gateway = gunicorn_gateway_start(
+        conftest.test_database_url(), GUNICORN_WORKERS="1", GUNICORN_KEEPALIVE_LINGER_MS="200"
+    )
+    try:
+        connection = _connection(gateway.url)
+        sock_before = None
+        # At once (the thread waiting for it serves it), after the wait (the main
+        # loop's poller hands it to a thread), and at once again.
+        for pause in (0, 0, 0.5, 0):
+            time.sleep(pause)
+            assert _models_status(connection) == 401
+            sock_before = sock_before or connection.sock
+            assert connection.sock is sock_before  # one connection throughout
+        connection.close()  # closed while a thread waits on it
+
+        # Two requests in one write (pipelined): two answers, in order.
+        host = urllib.parse.urlsplit(gateway.url)
+        with socket.create_connection((host.hostname, host.port), timeout=10) as raw:
+            request = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            raw.sendall(request + request.replace(b"/v1/models", b"/v1/nowhere"))
+            received = b""
+            while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+                chunk = raw.recv(65536)
+                assert chunk, received
+                received += chunk
+        first, second = received.split(b"HTTP/1.1 ")[1:]
+        assert first.startswith(b"401") and second.startswith(b"404")
+
+        assert _models_status(_connection(gateway.url)) == 401  # still serving
+    finally:
+        gateway.stop()
+
+
+def test_threads_waiting_on_idle_connections_never_leave_a_new_request_unserved(
+    django_db_setup,
+):
+    # Two threads, a 5 s wait: one thread may wait on its connection, the other must go
+    # back to serving, so a third connection is answered at once, not after 5 s.
+    gateway = gunicorn_gateway_start(
+        conftest.test_database_url(),
+        GUNICORN_WORKERS="1",
+        GUNICORN_THREADS="2",
+        GUNICORN_KEEPALIVE_LINGER_MS="5000",
+    )
+    try:
+        first, second, third = (_connection(gateway.url) for _ in range(3))
+        assert _models_status(first) == 401
+        assert _models_status(second) == 401
+        started = time.monotonic()
+        assert _models_status(third) == 401
+        assert time.monotonic() - started < 2.5
+        for connection in (first, second, third):
+            connection.close()
+    finally:
+        gateway.stop()
