@@ -60,7 +60,7 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("openai SDK: request building, response wrapping", "Completions.create ("),
     ("openai SDK: request building, response wrapping", "SyncAPIClient.post ("),
     ("upstream HTTP exchange (httpx2 Client.send)", "Client.send (httpx2"),
-    ("ledger insert (usage_record)", "usage_record ("),
+    ("ledger insert (usage_write)", "usage_write ("),
 )
 
 KINDS: tuple[tuple[str, Callable[[str], bool]], ...] = (
