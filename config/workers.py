@@ -10,6 +10,7 @@ import threading
 import time
 
 from gunicorn import util
+from gunicorn.http import wsgi
 from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -37,10 +38,40 @@ _REFUSALS = (
 )
 
 
+class OneWriteResponse(wsgi.Response):
+    """gunicorn's HTTP/1 response, sending its headers in the same write as its body when
+    the body's length is known (a plain completion, any error).
+
+    gunicorn writes the headers, then the body: two TCP segments, and a client that
+    wakes for each. One write saved about 0.17 ms per plain call at concurrency 1 in
+    bench.compare. Streams (no length: chunked) and files (sendfile) are sent as
+    gunicorn sends them, headers first.
+    """
+
+    def write(self, arg):
+        if (
+            self.headers_sent
+            or self.chunked
+            or self._omits_body
+            or self.response_length is None
+            or not isinstance(arg, bytes)
+            or len(arg) > self.response_length
+        ):
+            super().write(arg)
+            return
+        # The head as gunicorn's send_headers builds it.
+        head = self.default_headers()
+        head.extend(f"{name}: {value}\r\n" for name, value in self.headers)
+        self.headers_sent = True
+        self.sent += len(arg)
+        util.write(self.sock, ("".join(head) + "\r\n").encode("latin-1") + arg)
+
+
 class GatewayThreadWorker(ThreadWorker):
-    """gunicorn's threaded worker, heartbeating at most once a second, and serving a
+    """gunicorn's threaded worker, heartbeating at most once a second, serving a
     kept-alive connection's next request in the thread that answered its last one when
-    that request comes promptly.
+    that request comes promptly, and writing a sized response in one write
+    (OneWriteResponse).
 
     The stock worker tells the master it is alive on every turn of its event loop, a
     system call (utime on a temporary file) two or three times per request: 2% of the
@@ -63,6 +94,9 @@ class GatewayThreadWorker(ThreadWorker):
     _heartbeat_at = float("-inf")
 
     def init_process(self) -> None:
+        # gthread builds each response with gunicorn.http.wsgi.create, which takes the
+        # module's Response class; in this worker's process, that is OneWriteResponse.
+        wsgi.Response = OneWriteResponse
         self.linger_ms = int(os.environ.get("GUNICORN_KEEPALIVE_LINGER_MS", "25"))
         self._lingering_max = max(1, self.cfg.threads // 4)
         self._lingering = 0

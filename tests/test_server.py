@@ -15,6 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import httpx2
+from gunicorn.config import Config
+from gunicorn.http import wsgi
+
+from config.workers import OneWriteResponse
 
 from . import conftest
 from .upstream import gunicorn_gateway_start
@@ -148,3 +152,52 @@ def test_threads_waiting_on_idle_connections_never_leave_a_new_request_unserved(
             connection.close()
     finally:
         gateway.stop()
+
+
+class _Socket:
+    """Records what a response writes, one entry per sendall."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+
+class _Request:
+    version = (1, 1)
+    method = "POST"
+
+    def should_close(self) -> bool:
+        return False
+
+
+def _respond(response_class, headers: list[tuple[str, str]], body: list[bytes]) -> list[bytes]:
+    sock = _Socket()
+    response = response_class(_Request(), sock, Config())
+    response.start_response("200 OK", headers)
+    for piece in body:
+        response.write(piece)
+    response.close()
+    return sock.writes
+
+
+def _undated(response: bytes) -> bytes:
+    return b"\r\n".join(line for line in response.split(b"\r\n") if not line.startswith(b"Date:"))
+
+
+def test_a_sized_answer_leaves_in_one_write_headers_and_body_together():
+    sized = [("Content-Type", "application/json"), ("Content-Length", "11")]
+    (write,) = _respond(OneWriteResponse, sized, [b'{"ok":true}'])
+    head, body = write.split(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nContent-Length: 11" in head and body == b'{"ok":true}'
+    # What gunicorn's own response sends, in two writes.
+    stock = _respond(wsgi.Response, sized, [b'{"ok":true}'])
+    assert len(stock) == 2 and _undated(b"".join(stock)) == _undated(write)
+
+    # A stream (no length: chunked) goes as gunicorn sends it: headers at once.
+    streamed = _respond(OneWriteResponse, [("Content-Type", "text/event-stream")], [b"data: 1"])
+    assert b"Transfer-Encoding: chunked\r\n" in streamed[0]
+    assert streamed[0].endswith(b"\r\n\r\n")
+    assert streamed[1:] == [b"7\r\ndata: 1\r\n", b"0\r\n\r\n"]
