@@ -76,7 +76,7 @@ _PLAIN_FIELDS = (
 
 
 @cache
-def _usage_insert_plan(vendor: str) -> tuple[str, tuple]:
+def _usage_insert_plan() -> tuple[str, tuple]:
     """The INSERT of one event, and per column (its attname, how to prepare its value:
     None when it goes as it is), built once from the model's metadata."""
     table, c = sql_names(UsageEvent)
@@ -99,7 +99,7 @@ def _usage_insert_statement(values: dict) -> Statement:
     instance and the ORM's statement building cost more than the database's work. Safe to
     retry: the request id and attempt are unique."""
     db = connections[DEFAULT_DB_ALIAS]  # once: each `connection.x` is a lookup
-    sql, plan = _usage_insert_plan(db.vendor)
+    sql, plan = _usage_insert_plan()
     params = [
         values[name] if prepare is None else prepare(values[name], db) for name, prepare in plan
     ]
