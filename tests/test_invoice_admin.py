@@ -182,3 +182,16 @@ def test_finalizing_unpriced_usage_asks_why_on_a_confirmation_page(admin_client,
     assert "100 tokens (m) are not billed: they have no price" in done
     change = admin_client.get(reverse("admin:billing_invoice_change", args=[draft.pk]))
     assert "No input prices" in change.content.decode()
+
+
+def test_the_admins_own_pages_lead_back_like_djangos_pages(admin_client):
+    # Home > app > model > page, as on Django's own change pages.
+    for page, app, changelist in (
+        ("admin:billing_invoice_close_month", "billing", "admin:billing_invoice_changelist"),
+        ("routing_health", "routing", "admin:routing_catalogmodel_changelist"),
+    ):
+        html = admin_client.get(reverse(page)).content.decode()
+        crumbs = html.split('<div class="breadcrumbs">')[1].split("</div>")[0]
+        assert reverse("admin:index") in crumbs
+        assert reverse("admin:app_list", kwargs={"app_label": app}) in crumbs
+        assert reverse(changelist) in crumbs
