@@ -23,6 +23,9 @@ What it measures:
    against (bench.reference: a plain Django view proxying with httpx under gunicorn
    threads, which the issue measured adding about 1.7 ms), interleaved round by round
    (the order alternating) after a warm-up, so that drift hits them all equally.
+   Also through the yardstick's ledger view: the same proxy plus one indexed key
+   lookup and one durable ledger INSERT, the least the issue asks of every call, so the
+   floor under any gateway that meets those requirements is measured in the same rounds.
    Reports p50/p99 of each, their differences, the median of the per-pair differences,
    and what the gateway adds where the yardstick adds 1.7 ms.
 2. rps: throughput at saturation. A separate process (bench.load plain: asyncio +
@@ -72,6 +75,7 @@ from . import procs
 from .seed import ROUTE_ID
 from .stack import (
     GUNICORN_CONF,
+    REFERENCE_LEDGER_KEY,
     ROOT,
     BenchEnv,
     Gateway,
@@ -80,6 +84,7 @@ from .stack import (
     gateway_start,
     gateway_warm,
     mock_start,
+    reference_ledger_rows,
     reference_start,
     uvicorn_available,
 )
@@ -203,9 +208,14 @@ def bench_latency(
             KeepAliveTarget(f"{reference.url}/v1/chat/completions", "bench-reference"),
             body,
         )
+        targets["reference_ledger"] = (
+            KeepAliveTarget(f"{reference.url}/ledger/v1/chat/completions", REFERENCE_LEDGER_KEY),
+            body,
+        )
     names = list(targets)
     times: dict[str, list[float]] = {name: [] for name in names}
     before = ledger.counts()
+    reference_rows_before = reference_ledger_rows(ledger.url) if reference else 0
     try:
         for _ in range(plan.latency_warmup):
             for target, target_body in targets.values():
@@ -238,6 +248,13 @@ def bench_latency(
         ref_added = _minus(ref["p50"], d["p50"])
         results["reference_ms"] = ref
         results["reference_added_p50_ms"] = ref_added
+        ref_ledger = summary(times["reference_ledger"])
+        results["reference_ledger_ms"] = ref_ledger
+        results["reference_ledger_added_p50_ms"] = _minus(ref_ledger["p50"], d["p50"])
+        results["reference_ledger_added_p99_ms"] = _minus(ref_ledger["p99"], d["p99"])
+        results["reference_ledger_rows_added"] = (
+            reference_ledger_rows(ledger.url) - reference_rows_before
+        )
         if ref_added and results["added_p50_ms"] is not None:
             # What the gateway would add where the yardstick adds the issue's 1.7 ms.
             results["added_p50_at_yardstick_ms"] = (
@@ -624,6 +641,17 @@ def report(results: dict) -> str:
         if y:
             rows.append(["yardstick (bench.reference)", y["p50"], y["p90"], y["p99"], y["mean"]])
             rows.append(["yardstick added (p50)", latency["reference_added_p50_ms"]])
+        y = latency.get("reference_ledger_ms")
+        if y:
+            rows.append(["yardstick + key + ledger row", y["p50"], y["p90"], y["p99"], y["mean"]])
+            rows.append(
+                [
+                    "  its added (p50, p99)",
+                    latency["reference_ledger_added_p50_ms"],
+                    None,
+                    latency["reference_ledger_added_p99_ms"],
+                ]
+            )
         out.append(table([[r[0], *(_ms(v) for v in r[1:])] for r in rows], _LAT_HEADER))
         scaled = latency.get("added_p50_at_yardstick_ms")
         if scaled is not None:
@@ -636,6 +664,12 @@ def report(results: dict) -> str:
             f"   targets: added p50 <= 3 ms, p99 <= 10 ms; ledger rows added "
             f"{latency['ledger_rows_added']} for {latency['gateway_200s']} gateway 200s"
         )
+        if "reference_ledger_rows_added" in latency:
+            out.append(
+                f"   the yardstick's ledger view committed "
+                f"{latency['reference_ledger_rows_added']} rows for "
+                f"{latency['requests_each'] + latency['warmup_each']} calls"
+            )
     rps = results.get("rps")
     if rps:
         out.append("")
@@ -897,7 +931,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if phase == "latency":
                     reference = reference_start(
-                        mock_url=mock_url, log_dir=RESULTS_DIR / f"gateway-{stamp}-logs"
+                        mock_url=mock_url,
+                        log_dir=RESULTS_DIR / f"gateway-{stamp}-logs",
+                        ledger_dsn=env.values["DATABASE_URL"],
                     )
                     try:
                         results["latency"] = bench_latency(

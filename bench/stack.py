@@ -7,6 +7,8 @@ pepper the gateway uses, and the usage ledger in PostgreSQL.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -270,9 +272,47 @@ def gateway_start(
     return gateway
 
 
-def reference_start(*, mock_url: str, log_dir: Path, workers: int = 2) -> Gateway:
+# The key the yardstick's ledger view (bench.reference) knows, by its keyed digest.
+REFERENCE_LEDGER_KEY = "bench-reference"
+
+
+def reference_ledger_prepare(dsn: str) -> str:
+    """(Re)create the tables of the yardstick's ledger view in `dsn`, holding one key
+    (REFERENCE_LEDGER_KEY); return the pepper its digest was made with."""
+    pepper = _random_secret()
+    digest = hmac.new(pepper.encode(), REFERENCE_LEDGER_KEY.encode(), hashlib.sha256)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS yardstick_usage, yardstick_key")
+        conn.execute(
+            "CREATE TABLE yardstick_key (id bigserial PRIMARY KEY, digest char(64) UNIQUE "
+            "NOT NULL, tenant_id integer NOT NULL, revoked_at timestamptz)"
+        )
+        conn.execute(
+            "CREATE TABLE yardstick_usage (id bigserial PRIMARY KEY, request_id uuid UNIQUE "
+            "NOT NULL, key_id bigint NOT NULL REFERENCES yardstick_key, tenant_id integer "
+            "NOT NULL, model text NOT NULL, prompt_tokens integer NOT NULL, "
+            "completion_tokens integer NOT NULL, cost numeric(24, 12) NOT NULL, "
+            "occurred_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute(
+            "INSERT INTO yardstick_key (digest, tenant_id) VALUES (%s, 1)", (digest.hexdigest(),)
+        )
+    return pepper
+
+
+def reference_ledger_rows(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM yardstick_usage").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def reference_start(
+    *, mock_url: str, log_dir: Path, workers: int = 2, ledger_dsn: str | None = None
+) -> Gateway:
     """The yardstick (bench.reference: a plain Django view proxying to the mock with
-    httpx) under stock gunicorn gthread workers, on a free port; returns once it answers."""
+    httpx) under stock gunicorn gthread workers, on a free port; returns once it answers.
+    With `ledger_dsn`, its ledger view is ready too (see reference_ledger_prepare)."""
     port = procs.free_port()
     command = [
         str(VENV_BIN / "gunicorn"),
@@ -286,6 +326,9 @@ def reference_start(*, mock_url: str, log_dir: Path, workers: int = 2) -> Gatewa
     ]
     env = dict(os.environ, REFERENCE_UPSTREAM_URL=f"{mock_url}/chat/completions")
     env.pop("DJANGO_SETTINGS_MODULE", None)
+    if ledger_dsn:
+        env["REFERENCE_LEDGER_DSN"] = ledger_dsn
+        env["REFERENCE_LEDGER_PEPPER"] = reference_ledger_prepare(ledger_dsn)
     reference = _server_start(
         "reference",
         command,
