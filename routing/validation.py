@@ -12,6 +12,12 @@ from .errors import InvalidRequest
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 _INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "n")
+# Arrays and objects inside one another, the body itself counting as one. Python's JSON
+# parser stops near a thousand levels, but the body is encoded again on its way to the
+# provider, deeper in the call stack, where a few levels fewer already fail; far more
+# than any request (tool schemas included) needs.
+MAX_NESTING = 128
+_TOO_DEEP = "The JSON body of your request is nested too deeply."
 _NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 
 
@@ -58,9 +64,7 @@ def chat_request_parse(raw: bytes) -> dict:
         # NaN and Infinity are Python's extensions, not JSON: providers reject them.
         body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
-        raise InvalidRequest(
-            "The JSON body of your request is nested too deeply.", code="invalid_json"
-        ) from None
+        raise InvalidRequest(_TOO_DEEP, code="invalid_json") from None
     except ValueError:  # includes UnicodeDecodeError
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be a JSON object.",
@@ -80,8 +84,26 @@ def chat_request_parse(raw: bytes) -> dict:
         raise InvalidRequest(
             f"The request body must be a JSON object, not {_json_type(body)}.", code="invalid_json"
         )
+    if _nested_deeper_than(body, MAX_NESTING):
+        raise InvalidRequest(
+            f"{_TOO_DEEP} At most {MAX_NESTING} levels of arrays and objects are accepted.",
+            code="invalid_json",
+        )
     chat_request_validate(body)
     return body
+
+
+def _nested_deeper_than(body: dict, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels deep (without recursion)."""
+    pending: list[tuple[dict | list, int]] = [(body, 1)]
+    while pending:
+        node, depth = pending.pop()
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                if depth == limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
 
 
 def chat_request_validate(body: dict) -> None:

@@ -17,7 +17,7 @@ import math
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
 from zoneinfo import ZoneInfo
 
 from cachetools import LRUCache
@@ -64,7 +64,9 @@ def places_at_least(amount: Decimal, places: int = 2) -> Decimal:
     every significant digit kept."""
     amount = amount.normalize()
     if amount.as_tuple().exponent > -places:
-        amount = amount.quantize(Decimal(1).scaleb(-places))
+        # Precision for every digit: a worst-case bound can be far beyond the default 28.
+        digits = Context(prec=max(amount.adjusted() + places + 1, 28))
+        amount = amount.quantize(Decimal(1).scaleb(-places), context=digits)
     return amount
 
 

@@ -124,6 +124,20 @@ def test_a_worst_case_beyond_any_budget_is_a_429_not_a_database_overflow(metered
     call(metered)  # and the budget still serves calls that fit
 
 
+def test_a_worst_case_beyond_decimal_precision_is_a_429_too(metered):
+    # 10^40 tokens: a bound of 41 digits, beyond the 28 of Python's default decimal context.
+    budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
+    with pytest.raises(openai.RateLimitError) as caught:
+        metered.client().chat.completions.create(
+            model="m-budget", messages=MESSAGES, max_tokens=10**40
+        )
+    assert caught.value.code == "insufficient_quota"
+    assert "may cost up to $10,000,000,000,000,000,000,000,000,000,000,000.00" in (
+        caught.value.message
+    )
+    assert UsageEvent.objects.count() == 0
+
+
 def test_key_budget_applies_inside_the_tenant_budget(metered):
     budget_set(tenant=metered.tenant, limit_usd=CALL * 3)
     small = api_key_issue(tenant=metered.tenant, name="small").secret

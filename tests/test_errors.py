@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from billing.models import UsageEvent
 from routing.models import CatalogModel
+from routing.validation import MAX_NESTING
 from tenants.models import ApiKey, Tenant
 from tenants.services import api_key_issue, key_revoke
 
@@ -70,11 +71,30 @@ def assert_openai_error(response, status: int, *, code=None, param=None) -> dict
         b'{"model": "m-openai", "messages": [{"role": "user", "content": "hi"}], '
         b'"stream": true, "extra": {"x": -1e999}}',
         b'{"model": "m-openai", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        # Parsed, but too deep to be encoded again on the way to the provider: was a 500.
+        b'{"model": "m-openai", "messages": [{"role": "user", "content": "hi"}], "x": '
+        + b"[" * 910
+        + b"]" * 910
+        + b"}",
     ],
 )
 def test_malformed_body_is_a_400(world, content):
     response = post(world, content=content, headers={"Content-Type": "application/json"})
     assert_openai_error(response, 400, code="invalid_json")
+
+
+def test_nesting_is_accepted_up_to_its_limit_and_refused_beyond(world):
+    def nested(levels):  # the body is one level, "x" holds the rest
+        return {
+            "model": "m-openai",
+            "messages": MESSAGES,
+            "x": json.loads("[" * levels + "]" * levels),
+        }
+
+    assert post(world, nested(MAX_NESTING - 1)).status_code == 200
+    error = assert_openai_error(post(world, nested(MAX_NESTING)), 400, code="invalid_json")
+    assert f"At most {MAX_NESTING} levels" in error["message"]
+    assert UsageEvent.objects.count() == 1
 
 
 @pytest.mark.parametrize(
