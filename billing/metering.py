@@ -33,18 +33,27 @@ class TokenBuckets:
         return self.output + self.reasoning
 
 
+# More than any one call can use (a million times a 1M-token context), and far inside
+# the ledger's 64-bit columns: a count above it is garbage, not usage.
+COUNT_MAX = 10**12
+
+
 def _count(value: object) -> int | None:
-    """A token count from provider JSON: a non-negative int (or a whole float, or the
-    digits of one in a string), else None."""
+    """A token count from provider JSON: an int from 0 to COUNT_MAX (or a whole float, or
+    the digits of one in a string), else None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    return None
+    if isinstance(value, float):
+        if not value.is_integer():  # NaN and infinities included
+            return None
+        value = int(value)
+    elif isinstance(value, str):
+        if not (value.isascii() and value.isdigit() and len(value) <= len(str(COUNT_MAX))):
+            return None
+        value = int(value)
+    elif not isinstance(value, int):
+        return None
+    return value if 0 <= value <= COUNT_MAX else None
 
 
 _COUNTS = (

@@ -11,7 +11,7 @@ from django.db import IntegrityError, connection, transaction
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.metering import TokenBuckets, usage_charge, usage_normalize
+from billing.metering import TokenBuckets, usage_charge, usage_normalize, usage_reported
 from billing.models import UsageEvent
 from billing.services import UsageConflictError, UsageFacts, usage_record
 from routing.models import Provider
@@ -67,6 +67,19 @@ def test_every_cache_spelling_gives_the_same_buckets(usage):
 def test_garbage_usage_never_goes_negative_or_raises(usage):
     buckets = usage_normalize(usage)
     assert min(buckets.input_uncached, buckets.input_cached, buckets.output, buckets.reasoning) >= 0
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        # Beyond the ledger's 64-bit columns, and beyond Python's 4,300-digit int().
+        {"prompt_tokens": 10**19, "completion_tokens": 1e19, "total_tokens": 2 * 10**19},
+        {"prompt_tokens": "9" * 5000, "completion_tokens": float("inf")},
+    ],
+)
+def test_absurd_counts_are_unreadable_usage_not_an_error(usage):
+    assert not usage_reported(usage)
+    assert usage_normalize(usage) == TokenBuckets()
 
 
 def test_cached_count_above_prompt_is_capped():
