@@ -665,18 +665,25 @@ def chat_complete(call: ChatCall) -> bytes:
         streamed=False,
         raw_usage=raw_usage,
     )
-    return json.dumps(completion, ensure_ascii=False, separators=(",", ":")).encode()
+    return _json_bytes(completion)
 
 
 # --- streaming -----------------------------------------------------------------------
 
 
+def _json_bytes(payload: dict) -> bytes:
+    """Compact JSON in UTF-8, non-ASCII text as it is. A provider may send a lone surrogate
+    escape ("\\ud83d": valid JSON, but no UTF-8 encodes it): such a payload goes out
+    with every non-ASCII character escaped, which clients read back as the provider sent
+    it."""
+    try:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(payload, separators=(",", ":")).encode()
+
+
 def _sse(payload: dict) -> bytes:
-    return (
-        b"data: "
-        + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        + b"\n\n"
-    )
+    return b"data: " + _json_bytes(payload) + b"\n\n"
 
 
 _DONE = b"data: [DONE]\n\n"
@@ -803,7 +810,11 @@ def _stream_attempt(call: ChatCall) -> tuple[UpstreamStream, Iterator[str]] | No
                     UpstreamFailed("The upstream provider ended the stream without an answer."),
                     200,
                 )
-            elif chunk is not None and chunk.get("error"):
+            elif chunk is None:
+                failure = UpstreamFailure(
+                    UpstreamFailed("The upstream provider sent a malformed stream event."), 200
+                )
+            elif chunk.get("error"):
                 failure = _stream_upstream_error(chunk["error"])
     if failure is not None:
         upstream.close()
@@ -903,12 +914,14 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
             meter(UsageEvent.Status.CLIENT_CANCELLED)
         raise
     except Exception:
+        # A fault of the gateway's own (the provider's are handled above). The stream has
+        # begun: the client gets an error event, as for any failure from here on, not a
+        # cut connection its SDK cannot tell from a network fault.
+        logger.exception("The relay of %s failed", call.request_id)
+        failure = UpstreamFailure(UpstreamFailed("The relay failed.", code="gateway_error"), None)
         if not recorded:
-            meter(
-                UsageEvent.Status.UPSTREAM_ERROR,
-                UpstreamFailure(UpstreamFailed("The relay failed.", code="gateway_error"), None),
-            )
-        raise
+            meter(UsageEvent.Status.UPSTREAM_ERROR, failure)
+        yield _sse(failure.error.body())
     finally:
         upstream.close()
 

@@ -260,3 +260,24 @@ def test_nan_and_infinity_from_the_provider_reach_the_client_as_null(world, scri
     first = _strict_json(events[0])["choices"][0]
     assert first["logprobs"]["content"][0]["logprob"] is None
     assert all(_strict_json(e) for e in events[:-1])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lone_surrogate_from_the_provider_reaches_the_client_escaped(world, scripted, stream):
+    # "\ud83d" alone is valid JSON but no UTF-8: it was a 500 after the call was metered
+    # (plain, so the SDK's retries billed it three times) or a cut stream.
+    scripted(USAGE_SENT, {"note": "\ud83d"})
+    response = httpx2.post(
+        f"{world.url}/chat/completions",
+        json={"model": "m-scripted", "messages": MESSAGES, "stream": stream},
+        headers={"Authorization": f"Bearer {world.secret}"},
+    )
+    assert response.status_code == 200
+    assert '"note":"\\ud83d"' in response.text
+    if stream:
+        assert response.text.endswith("data: [DONE]\n\n")
+    else:
+        assert response.json()["choices"][0]["message"]["content"] == "four words of answer"
+    event = UsageEvent.objects.get()
+    assert event.status == UsageEvent.Status.OK
+    assert (event.prompt_tokens, event.output_tokens) == (10, 4)
