@@ -37,6 +37,8 @@ before anything else and is never echoed back. Unknown keys are a 400. All keys 
                   of a completion. deepseek + 402 says "Insufficient Balance"; glm + 429
                   carries code "1113" (balance exhausted). The latency applies first.
     retry_after   seconds; adds a Retry-After header to the `status` answer.
+    error_code    the `code` of the `status` answer's error (e.g. "insufficient_quota"),
+                  instead of the status's own.
     cut_after     stream: after that many content chunks, abort the TCP connection (no
                   finishing chunk, no usage, no [DONE]); 0 cuts right after the role and
                   reasoning chunks, a value >= the content chunks cuts before the
@@ -123,6 +125,7 @@ KNOBS = frozenset(
         "style",
         "status",
         "retry_after",
+        "error_code",
         "cut_after",
         "error_after",
         "end_after",
@@ -353,6 +356,7 @@ class Plan:
     usage: Usage
     status: int | None = None
     retry_after: float | None = None
+    error_code: str | None = None
     cut_after: int | None = None
     error_after: int | None = None
     end_after: int | None = None
@@ -379,6 +383,13 @@ def _number_knob(knobs: Mapping[str, Any], key: str) -> float | None:
     if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
         raise KnobError(f"mock.{key} must be a number >= 0", f"mock.{key}")
     return float(value)
+
+
+def _str_knob(knobs: Mapping[str, Any], key: str) -> str | None:
+    value = knobs.get(key)
+    if value is not None and not isinstance(value, str):
+        raise KnobError(f"mock.{key} must be a string", f"mock.{key}")
+    return value
 
 
 def _bool_knob(knobs: Mapping[str, Any], key: str) -> bool:
@@ -472,6 +483,7 @@ def build_plan(body: dict[str, Any], prefix_style: str | None, defaults: MockDef
         usage=compute_usage(messages, len(pieces), reasoning, _usage_knob(knobs)),
         status=status,
         retry_after=_number_knob(knobs, "retry_after"),
+        error_code=_str_knob(knobs, "error_code"),
         cut_after=_int_knob(knobs, "cut_after"),
         error_after=_int_knob(knobs, "error_after"),
         end_after=_int_knob(knobs, "end_after"),
@@ -683,7 +695,10 @@ def _chat_handler(prefix_style: str | None) -> Handler:
             if plan.retry_after is not None:
                 seconds = plan.retry_after
                 headers["Retry-After"] = str(int(seconds)) if seconds.is_integer() else str(seconds)
-            return error_response(plan.status, plan.style, headers=headers)
+            response = error_body(plan.status, plan.style)
+            if plan.error_code is not None:
+                response["error"]["code"] = plan.error_code
+            return web.json_response(response, status=plan.status, headers=headers, dumps=_dumps)
 
         if not plan.stream:
             if plan.latency_s:

@@ -159,17 +159,19 @@ def upstream_failure(
                 ),
                 status,
             )
-        if status == 429 and code != "1113":
+        if status == 429 and code not in _QUOTA_CODES:
             return UpstreamFailure(
                 UpstreamRateLimited(
                     "The upstream provider is rate limiting; retry shortly.",
-                    headers=_retry_after(exc.response),
+                    headers=_retry_after(exc.response)
+                    or {"Retry-After": RETRY_AFTER_DEFAULT_SECONDS},
                 ),
                 status,
             )
         if status in (401, 402, 403, 429):
-            # An empty balance (DeepSeek 402, GLM 429 code 1113) or refused credentials:
-            # an operator must act; a client retry cannot help.
+            # An empty balance (DeepSeek 402, GLM 429 code 1113, OpenAI-style 429
+            # insufficient_quota) or refused credentials: an operator must act; a client
+            # retry cannot help.
             logger.error("Upstream %s refused the gateway: HTTP %s %s", provider.name, status, code)
             return UpstreamFailure(
                 UpstreamFailed(
@@ -199,9 +201,21 @@ def upstream_failure(
     raise exc
 
 
+# A 429 whose code says the account's balance or quota is spent: waiting cannot help.
+_QUOTA_CODES = frozenset({"1113", "insufficient_quota"})
+
+# What an upstream rate limit tells the client to wait when the provider did not say.
+RETRY_AFTER_DEFAULT_SECONDS = "1"
+
+
 def _retry_after(response: httpx2.Response) -> dict[str, str]:
-    retry_after = response.headers.get("retry-after")
-    return {"Retry-After": retry_after} if retry_after else {}
+    """The provider's Retry-After and retry-after-ms (the openai SDK reads both)."""
+    hints = {}
+    for name in ("Retry-After", "retry-after-ms"):
+        value = response.headers.get(name)
+        if value:
+            hints[name] = value
+    return hints
 
 
 def _without_secret(message: str | None, secret: str | None) -> str | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx2
 import openai
@@ -14,6 +16,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from billing.models import UsageEvent
+from routing import proxy
 from routing.models import CatalogModel
 from routing.validation import MAX_NESTING
 from tenants.models import ApiKey, Tenant
@@ -342,6 +345,33 @@ def test_upstream_rate_limit_is_a_429_with_retry_after(world):
     assert caught.value.response.headers["retry-after"] == "7"
 
 
+def test_upstream_rate_limit_without_a_hint_still_says_when_to_retry(world):
+    with pytest.raises(openai.RateLimitError) as caught:
+        call_with_mock(world, {"status": 429})
+    assert caught.value.response.headers["retry-after"] == "1"
+
+
+def test_upstream_quota_spent_is_a_502_the_sdk_does_not_retry(world):
+    # OpenAI's own "insufficient_quota" 429: the account's balance, not a rate.
+    sent = []
+    client = openai.OpenAI(
+        base_url=world.url,
+        api_key=world.secret,
+        max_retries=2,
+        http_client=httpx2.Client(event_hooks={"request": [sent.append]}),
+    )
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(
+            model="m-openai",
+            messages=MESSAGES,
+            extra_body={"mock": {"status": 429, "error_code": "insufficient_quota"}},
+        )
+    assert caught.value.code == "upstream_account_error"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(sent) == 1
+    assert only_event().upstream_status == 429
+
+
 @pytest.mark.parametrize(("model", "status"), [("m-deepseek", 402), ("m-glm", 429)])
 def test_empty_provider_balance_is_a_502_the_sdk_does_not_retry(world, model, status):
     with pytest.raises(openai.InternalServerError) as caught:
@@ -458,3 +488,51 @@ def test_a_chunked_request_body_over_the_limit_is_a_413(world, django_db_setup):
         gateway.stop()
     assert_openai_error(response, 413, code="request_too_large")
     assert UsageEvent.objects.count() == 0
+
+
+def test_a_gateway_fault_mid_stream_is_an_error_event_not_a_cut(world, monkeypatch):
+    absorb = proxy._StreamState.absorb
+
+    def fails_on_the_third_chunk(state, chunk):
+        if state.pieces == 2:
+            raise RuntimeError("a bug of the gateway's own")
+        return absorb(state, chunk)
+
+    monkeypatch.setattr(proxy._StreamState, "absorb", fails_on_the_third_chunk)
+    with pytest.raises(openai.APIError, match="The relay failed"):
+        call_with_mock(world, {"chunks": 5}, stream=True)
+    event = only_event()
+    assert event.status == UsageEvent.Status.UPSTREAM_ERROR
+    assert event.error_code == "gateway_error"
+
+
+def test_a_malformed_first_stream_event_is_a_502_before_the_stream_begins(world):
+    class NotJson(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            payload = b"data: oops\n\ndata: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotJson)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        provider = world.providers["openai"]
+        provider.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        provider.save()
+        with pytest.raises(openai.InternalServerError) as caught:
+            call_with_mock(world, {}, stream=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert caught.value.status_code == 502
+    assert "malformed stream event" in caught.value.message
+    assert only_event().status == UsageEvent.Status.UPSTREAM_ERROR
