@@ -262,8 +262,17 @@ class Invoice(models.Model):
         max_length=150, blank=True, help_text="Who accepted them, where the path knew a user."
     )
 
-    # What may still change once an invoice is finalized: its payment and voiding.
-    AFTER_FINALIZED = frozenset({"status", "paid_at", "voided_at", "void_reason", "updated_at"})
+    # What may still change once an invoice is finalized, by (stored, new) status: its
+    # payment with the step to paid, its voiding with the step to void, nothing else.
+    TRANSITIONS = {
+        (Status.FINALIZED, Status.FINALIZED): frozenset({"updated_at"}),
+        (Status.FINALIZED, Status.PAID): frozenset({"status", "paid_at", "updated_at"}),
+        (Status.FINALIZED, Status.VOID): frozenset(
+            {"status", "voided_at", "void_reason", "updated_at"}
+        ),
+        (Status.PAID, Status.PAID): frozenset({"updated_at"}),
+        (Status.PAID, Status.VOID): frozenset({"status", "voided_at", "void_reason", "updated_at"}),
+    }
 
     class Meta:
         ordering = ["-month", "tenant_id"]
@@ -291,14 +300,8 @@ class Invoice(models.Model):
                     for f in self._meta.concrete_fields
                     if getattr(stored, f.attname) != getattr(self, f.attname)
                 }
-                allowed = (stored.status, self.status) in {
-                    (self.Status.FINALIZED, self.Status.FINALIZED),
-                    (self.Status.FINALIZED, self.Status.PAID),
-                    (self.Status.FINALIZED, self.Status.VOID),
-                    (self.Status.PAID, self.Status.PAID),
-                    (self.Status.PAID, self.Status.VOID),
-                }
-                if not allowed or changed - self.AFTER_FINALIZED:
+                allowed = self.TRANSITIONS.get((stored.status, self.status))
+                if allowed is None or changed - allowed:
                     raise InvoiceImmutable(
                         f"Invoice {stored.number} is {stored.status}: it cannot change "
                         f"({', '.join(sorted(changed)) or 'status'})."
@@ -373,10 +376,15 @@ class InvoiceKeyLine(models.Model):
         return f"key {self.api_key_id}: {self.quantity}"
 
     def save(self, *args, **kwargs):
-        _refuse_unless_draft(
-            InvoiceLine.objects.values_list("invoice_id", flat=True).get(pk=self.line_id)
-        )
+        _refuse_unless_draft(self._invoice_id())
         super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        _refuse_unless_draft(self._invoice_id())
+        return super().delete(*args, **kwargs)
+
+    def _invoice_id(self) -> int:
+        return InvoiceLine.objects.values_list("invoice_id", flat=True).get(pk=self.line_id)
 
 
 def _refuse_unless_draft(invoice_id: int) -> None:

@@ -267,8 +267,25 @@ def test_finalized_invoices_refuse_every_change(shop):
         line.save()
     with pytest.raises(InvoiceImmutable):
         line.delete()
+    with pytest.raises(InvoiceImmutable):
+        line.key_lines.get().delete()
     invoice.status = Invoice.Status.DRAFT
     with pytest.raises(InvoiceImmutable):
+        invoice.save()
+    # Payment and voiding change only with their own step of status.
+    for field, value in [
+        ("paid_at", datetime(2020, 1, 1, tzinfo=UTC)),
+        ("voided_at", AFTER_OCT),
+        ("void_reason", "typo"),
+    ]:
+        invoice.refresh_from_db()
+        setattr(invoice, field, value)
+        with pytest.raises(InvoiceImmutable, match=field):
+            invoice.save()
+    invoice.refresh_from_db()
+    invoice.status, invoice.paid_at = Invoice.Status.PAID, AFTER_OCT
+    invoice.void_reason = "not a void"
+    with pytest.raises(InvoiceImmutable, match="void_reason"):
         invoice.save()
     # Rebuilding and finalizing again change nothing.
     invoice.refresh_from_db()
