@@ -293,28 +293,33 @@ def usage_payload(usage: Usage, style: str) -> dict[str, Any]:
 
 
 def error_body(
-    status: int, style: str = "openai", message: str | None = None, param: str | None = None
+    status: int,
+    style: str = "openai",
+    message: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
-    """An OpenAI-shaped error object for one status, with the provider quirks."""
+    """An OpenAI-shaped error object for one status, with the provider quirks; `code`
+    replaces the status's own."""
     default_type = "server_error" if status >= 500 else "invalid_request_error"
     if status > 500 and status != 503:
         default_type = "api_error"
-    error_type, code, default_message = ERROR_TYPES.get(
+    error_type, own_code, default_message = ERROR_TYPES.get(
         status, (default_type, None, f"Mock upstream error {status}.")
     )
     if style == "deepseek" and status == 402:
-        error_type, code = "unknown_error", "invalid_request_error"
+        error_type, own_code = "unknown_error", "invalid_request_error"
         default_message = "Insufficient Balance"
     elif style == "glm" and status == 429:
         # Zhipu's "balance exhausted": a 429 that waiting does not fix.
-        error_type, code = "rate_limit_error", "1113"
+        error_type, own_code = "rate_limit_error", "1113"
         default_message = "Insufficient account balance or no resource package; please recharge."
     return {
         "error": {
             "message": message or default_message,
             "type": error_type,
             "param": param,
-            "code": code,
+            "code": own_code if code is None else code,
         }
     }
 
@@ -325,9 +330,13 @@ def error_response(
     message: str | None = None,
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
+    code: str | None = None,
 ) -> web.Response:
     return web.json_response(
-        error_body(status, style, message, param), status=status, headers=headers, dumps=_dumps
+        error_body(status, style, message, param, code),
+        status=status,
+        headers=headers,
+        dumps=_dumps,
     )
 
 
@@ -695,10 +704,7 @@ def _chat_handler(prefix_style: str | None) -> Handler:
             if plan.retry_after is not None:
                 seconds = plan.retry_after
                 headers["Retry-After"] = str(int(seconds)) if seconds.is_integer() else str(seconds)
-            response = error_body(plan.status, plan.style)
-            if plan.error_code is not None:
-                response["error"]["code"] = plan.error_code
-            return web.json_response(response, status=plan.status, headers=headers, dumps=_dumps)
+            return error_response(plan.status, plan.style, headers=headers, code=plan.error_code)
 
         if not plan.stream:
             if plan.latency_s:
