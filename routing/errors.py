@@ -53,6 +53,10 @@ class PayloadTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class UnprocessableRequest(InvalidRequest):
+    status = 422
+
+
 class ModelNotFound(InvalidRequest):
     status = 404
     code = "model_not_found"

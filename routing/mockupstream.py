@@ -39,6 +39,7 @@ before anything else and is never echoed back. Unknown keys are a 400. All keys 
     retry_after   seconds; adds a Retry-After header to the `status` answer.
     error_code    the `code` of the `status` answer's error (e.g. "insufficient_quota"),
                   instead of the status's own.
+    error_param   the `param` of the `status` answer's error (e.g. "messages").
     cut_after     stream: after that many content chunks, abort the TCP connection (no
                   finishing chunk, no usage, no [DONE]); 0 cuts right after the role and
                   reasoning chunks, a value >= the content chunks cuts before the
@@ -126,6 +127,7 @@ KNOBS = frozenset(
         "status",
         "retry_after",
         "error_code",
+        "error_param",
         "cut_after",
         "error_after",
         "end_after",
@@ -366,6 +368,7 @@ class Plan:
     status: int | None = None
     retry_after: float | None = None
     error_code: str | None = None
+    error_param: str | None = None
     cut_after: int | None = None
     error_after: int | None = None
     end_after: int | None = None
@@ -493,6 +496,7 @@ def build_plan(body: dict[str, Any], prefix_style: str | None, defaults: MockDef
         status=status,
         retry_after=_number_knob(knobs, "retry_after"),
         error_code=_str_knob(knobs, "error_code"),
+        error_param=_str_knob(knobs, "error_param"),
         cut_after=_int_knob(knobs, "cut_after"),
         error_after=_int_knob(knobs, "error_after"),
         end_after=_int_knob(knobs, "end_after"),
@@ -704,7 +708,13 @@ def _chat_handler(prefix_style: str | None) -> Handler:
             if plan.retry_after is not None:
                 seconds = plan.retry_after
                 headers["Retry-After"] = str(int(seconds)) if seconds.is_integer() else str(seconds)
-            return error_response(plan.status, plan.style, headers=headers, code=plan.error_code)
+            return error_response(
+                plan.status,
+                plan.style,
+                param=plan.error_param,
+                headers=headers,
+                code=plan.error_code,
+            )
 
         if not plan.stream:
             if plan.latency_s:

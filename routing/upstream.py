@@ -25,6 +25,8 @@ from django.db.models import Q
 from .errors import (
     GatewayError,
     InvalidRequest,
+    PayloadTooLarge,
+    UnprocessableRequest,
     UpstreamFailed,
     UpstreamRateLimited,
     UpstreamTimeout,
@@ -147,15 +149,19 @@ def upstream_failure(
         status = exc.status_code
         code = _error_code(exc.body)
         message = _error_message(exc.body)
-        if status in (400, 413, 422):
+        if status in _REJECTIONS:
             # The provider rejected the request itself (e.g. context too long): the
-            # client's to fix, so it gets the provider's words, less the gateway's own
-            # key should they quote it.
+            # client's to fix, so it gets the provider's status, words and param, less
+            # the gateway's own key should they quote it.
+            param = _error_object(exc.body).get("param")
             return UpstreamFailure(
-                InvalidRequest(
+                _REJECTIONS[status](
                     _without_secret(message, provider.api_key())
                     or "The upstream provider rejected the request.",
                     code=code,
+                    param=_without_secret(str(param)[:200], provider.api_key())
+                    if param is not None
+                    else None,
                 ),
                 status,
             )
@@ -200,6 +206,10 @@ def upstream_failure(
         )
     raise exc
 
+
+# A provider's refusal of the request itself, passed on with its status: the SDK raises
+# BadRequestError, APIStatusError (413) or UnprocessableEntityError, as from the provider.
+_REJECTIONS = {400: InvalidRequest, 413: PayloadTooLarge, 422: UnprocessableRequest}
 
 # A 429 whose code says the account's balance or quota is spent: waiting cannot help.
 _QUOTA_CODES = frozenset({"1113", "insufficient_quota"})

@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from billing.models import UsageEvent
 from routing import proxy
+from routing.mockupstream import error_body
 from routing.models import CatalogModel
 from routing.validation import MAX_NESTING
 from tenants.models import ApiKey, Tenant
@@ -381,10 +382,29 @@ def test_empty_provider_balance_is_a_502_the_sdk_does_not_retry(world, model, st
     assert only_event().upstream_status == status
 
 
-def test_upstream_rejecting_the_request_is_a_400_with_its_reason(world):
-    with pytest.raises(openai.BadRequestError):
-        call_with_mock(world, {"status": 400})
-    assert only_event().upstream_status == 400
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("status", "exception"),
+    [
+        (400, openai.BadRequestError),
+        (413, openai.APIStatusError),
+        (422, openai.UnprocessableEntityError),
+    ],
+)
+def test_upstream_rejecting_the_request_passes_on_its_status_reason_and_param(
+    world, status, exception, stream
+):
+    mock = {"status": status, "error_code": "context_length_exceeded", "error_param": "messages"}
+    with pytest.raises(exception) as caught:
+        call_with_mock(world, mock, stream=stream)
+    assert caught.value.status_code == status
+    assert caught.value.type == "invalid_request_error"
+    assert caught.value.code == "context_length_exceeded"
+    assert caught.value.param == "messages"
+    assert caught.value.body["message"] == error_body(status)["error"]["message"]
+    event = only_event()
+    assert event.upstream_status == status
+    assert event.cost == 0
 
 
 def test_upstream_refusing_the_gateways_credentials_is_not_the_clients_401(world):

@@ -152,20 +152,23 @@ def test_rate_limits_and_server_errors_fall_through_to_the_next_target(fleet, st
     assert second.status == UsageEvent.Status.OK
 
 
-def test_a_client_error_does_not_fall_through(fleet):
-    fleet.mocks["a"].faults(status=400)
+@pytest.mark.parametrize(
+    ("status", "exception"), [(400, openai.BadRequestError), (422, openai.UnprocessableEntityError)]
+)
+def test_a_client_error_does_not_fall_through(fleet, status, exception):
+    fleet.mocks["a"].faults(status=status)
     fleet.route(
         "chain", Route.Strategy.FALLBACK, {"model": fleet.models["a"]}, {"model": fleet.models["b"]}
     )
 
-    with pytest.raises(openai.BadRequestError) as caught:
+    with pytest.raises(exception) as caught:
         fleet.call("chain")
 
     assert caught.value.response.headers["x-attempts"] == "1"
     assert caught.value.response.headers["x-route"] == "chain"
     assert fleet.mocks["b"].stats()["requests"] == 0
     [event] = events(caught.value.request_id)
-    assert event.upstream_status == 400
+    assert event.upstream_status == status
 
 
 def test_when_every_target_fails_the_sdk_gets_one_clean_error(fleet):
