@@ -21,9 +21,11 @@ from .pricing import unit_prices
 
 logger = logging.getLogger(__name__)
 
-# The facts that make two posts of one request id "the same event".
+# The facts that make two posts of one request id "the same event". Timings and the raw
+# usage may differ between two posts of one event; what is billed, when, and why may not.
 _IDENTITY_FIELDS = (
     "api_key_id",
+    "requested_model",
     "served_model_id",
     "price_id",
     "tenant_price_id",
@@ -31,7 +33,11 @@ _IDENTITY_FIELDS = (
     "input_cached_tokens",
     "output_tokens",
     "reasoning_tokens",
+    "usage_source",
     "status",
+    "upstream_status",
+    "streamed",
+    "occurred_at",
 )
 
 

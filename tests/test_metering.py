@@ -4,10 +4,12 @@ ledger writes."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -176,9 +178,12 @@ def facts():
     model = model_create("m", provider=provider)
     tenant = tenant_create(slug="t", name="T", model_ids=["m"])
     key = api_key_issue(tenant=tenant).key
+    occurred_at = timezone.now()
 
     def make(**overrides) -> UsageFacts:
-        return usage_facts(key, model, request_id="req_1", **overrides)
+        return usage_facts(
+            key, model, **{"request_id": "req_1", "occurred_at": occurred_at, **overrides}
+        )
 
     return make
 
@@ -203,11 +208,24 @@ def test_inside_a_transaction_without_a_savepoint_a_duplicate_fails_it_whole(fac
 
 
 @pytest.mark.django_db
-def test_same_request_id_with_other_usage_is_a_conflict(facts):
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"buckets": TokenBuckets(input_uncached=10, output=6)},
+        {"requested_model": "auto"},
+        {"usage_source": UsageEvent.Source.ESTIMATED},
+        {"streamed": True},
+        {"status": UsageEvent.Status.UPSTREAM_ERROR, "upstream_status": 500},
+        {"occurred_at": timezone.now() - timedelta(days=40)},  # another month's invoice
+    ],
+    ids=["usage", "requested_model", "usage_source", "streamed", "status", "occurred_at"],
+)
+def test_same_request_id_with_other_facts_is_a_conflict(facts, other):
     usage_record(facts())
     with pytest.raises(UsageConflictError):
-        usage_record(facts(buckets=TokenBuckets(input_uncached=10, output=6)))
-    assert UsageEvent.objects.get().output_tokens == 5
+        usage_record(facts(**other))
+    event = UsageEvent.objects.get()
+    assert (event.output_tokens, event.requested_model, event.streamed) == (5, "m", False)
 
 
 @pytest.mark.django_db(transaction=True)
