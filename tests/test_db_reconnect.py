@@ -28,12 +28,16 @@ from .upstream import ROOT, gunicorn_gateway_start
 ADMIN_URL = os.environ.get(
     "TOLLGATE_TEST_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres"
 )
-NAME = "tollgate_test_reconnect"
+# One scratch database per test process: two suites running at once on one machine
+# (a SQLite run beside a PostgreSQL run) must not drop each other's. The processes a test
+# starts import this module too: they get the name from the environment.
+NAME = os.environ.get("TOLLGATE_TEST_RECONNECT_DB") or f"tollgate_test_reconnect_{os.getpid()}"
 URL = f"{ADMIN_URL.rsplit('/', 1)[0]}/{NAME}"
 ENV = {
     **{k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "DJANGO_"))},
     "DJANGO_SETTINGS_MODULE": "config.settings.test",
     "DATABASE_URL": URL,
+    "TOLLGATE_TEST_RECONNECT_DB": NAME,
 }
 
 
