@@ -15,6 +15,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -485,6 +486,30 @@ def test_the_beat_task_never_accepts_unpriced_usage(shop):
     assert "--accept-unpriced" in outcome  # it says how a superuser may, never does it
     stored = Invoice.objects.get(pk=draft.pk)
     assert (stored.status, stored.number, stored.unpriced_accepted) == ("draft", None, "")
+
+
+@pytest.mark.parametrize(
+    ("now", "reason"),
+    [
+        ("yesterday", "not an ISO 8601 instant"),
+        ("2026-13-02T00:00Z", "not an ISO 8601 instant"),
+        ("2026-11-02T00:00", "no UTC offset"),
+        ("2999-01-01T00:00Z", "in the future"),
+    ],
+)
+def test_the_beat_task_refuses_an_as_of_time_it_cannot_trust(shop, now, reason):
+    from billing.tasks import invoices_close_due
+
+    _, (key, _), model = shop
+    # Acting as of the present would close October; as of 2999, this month too.
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    record(key, model, timezone.now() - timedelta(minutes=1), output=1_000_000)
+
+    with pytest.raises(ValueError, match=reason):
+        invoices_close_due(now=now)
+
+    assert not Invoice.objects.exists()
+    assert invoices_close_due() == ["acme 2026-10: finalized"]
 
 
 def test_a_month_cannot_be_finalized_before_it_ends(shop):
