@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
 
 
@@ -191,6 +191,53 @@ class InvoiceImmutable(Exception):
     """A change to an invoice that is no longer a draft."""
 
 
+class _DraftsOnlyQuerySet(models.QuerySet):
+    """Bulk update() and delete() skip the models' save() and delete(), and with them
+    their guards: these refuse, touching nothing, when any row they would touch belongs to
+    an invoice that is no longer a draft. The invoices are locked first (on PostgreSQL),
+    so none is finalized between the check and the change."""
+
+    invoice_path = "pk"  # from a row to its invoice's id
+
+    def update(self, **kwargs):
+        with transaction.atomic(using=self.db):
+            self._refuse_unless_drafts()
+            return super().update(**kwargs)
+
+    update.alters_data = True
+
+    def delete(self):
+        with transaction.atomic(using=self.db):
+            self._refuse_unless_drafts()
+            return super().delete()
+
+    delete.alters_data = True
+
+    def _refuse_unless_drafts(self) -> None:
+        invoices = (
+            Invoice._base_manager.using(self.db)
+            .filter(pk__in=self.order_by().values(self.invoice_path))
+            .select_for_update()
+        )
+        for status, number in invoices.values_list("status", "number"):
+            if status != Invoice.Status.DRAFT:
+                raise InvoiceImmutable(
+                    f"Invoice {number} is {status}: neither it nor its lines change in bulk."
+                )
+
+
+class _InvoiceQuerySet(_DraftsOnlyQuerySet):
+    invoice_path = "pk"
+
+
+class _InvoiceLineQuerySet(_DraftsOnlyQuerySet):
+    invoice_path = "invoice_id"
+
+
+class _InvoiceKeyLineQuerySet(_DraftsOnlyQuerySet):
+    invoice_path = "line__invoice_id"
+
+
 class InvoiceNumber(models.Model):
     """The gap-free sequence of one year's invoice numbers: INV-<year>-<000042>. A number
     is taken in the transaction that finalizes its invoice, so a failure gives it back."""
@@ -261,6 +308,8 @@ class Invoice(models.Model):
     unpriced_accepted_by = models.CharField(
         max_length=150, blank=True, help_text="Who accepted them, where the path knew a user."
     )
+
+    objects = _InvoiceQuerySet.as_manager()
 
     # What may still change once an invoice is finalized, by (stored, new) status: its
     # payment with the step to paid, its voiding with the step to void, nothing else.
@@ -340,6 +389,8 @@ class InvoiceLine(models.Model):
     amount_exact = models.DecimalField(max_digits=30, decimal_places=12)
     amount = models.DecimalField(max_digits=18, decimal_places=2)
 
+    objects = _InvoiceLineQuerySet.as_manager()
+
     class Meta:
         ordering = ["invoice", "usage_month", "model_name", "price_id", "tenant_price_id", "id"]
 
@@ -368,6 +419,8 @@ class InvoiceKeyLine(models.Model):
     quantity = models.PositiveBigIntegerField()
     amount_exact = models.DecimalField(max_digits=30, decimal_places=12)
     amount = models.DecimalField(max_digits=18, decimal_places=2)
+
+    objects = _InvoiceKeyLineQuerySet.as_manager()
 
     class Meta:
         ordering = ["line", "api_key_id"]

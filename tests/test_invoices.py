@@ -30,7 +30,14 @@ from billing.invoicing import (
     month_parse,
     months_due,
 )
-from billing.models import Invoice, InvoiceImmutable, InvoiceNumber, UsageEvent
+from billing.models import (
+    Invoice,
+    InvoiceImmutable,
+    InvoiceKeyLine,
+    InvoiceLine,
+    InvoiceNumber,
+    UsageEvent,
+)
 from routing.models import ModelPrice, Provider
 from tenants.services import api_key_issue, tenant_create
 
@@ -245,6 +252,41 @@ def test_cents_of_a_line_are_allocated_to_its_keys_exactly(shop):
     shares = {k.api_key_id: k.amount for k in line.key_lines.all()}
     assert line.amount == Decimal("1.10")
     assert shares == {a.pk: Decimal("0.37"), b.pk: Decimal("0.73")}
+
+
+def test_bulk_updates_and_deletes_cannot_touch_a_finalized_invoice(shop):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    record(key, model, datetime(2026, 11, 5, tzinfo=UTC), output=2_000_000)
+    invoice = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT), now=AFTER_OCT)
+    draft = invoice_build(
+        tenant=tenant, month=date(2026, 11, 1), now=datetime(2026, 12, 2, tzinfo=UTC)
+    )
+    key_lines = InvoiceKeyLine.objects.filter(line__invoice__tenant=tenant)
+    attempts = [
+        lambda: Invoice.objects.update(total=Decimal("0.01")),
+        lambda: Invoice.objects.filter(tenant=tenant).delete(),
+        lambda: InvoiceLine.objects.filter(invoice__tenant=tenant).update(quantity=1),
+        lambda: invoice.lines.all().delete(),
+        lambda: key_lines.update(amount=Decimal("0")),
+        lambda: key_lines.delete(),
+    ]
+    for attempt in attempts:
+        with pytest.raises(InvoiceImmutable, match=invoice.number):
+            attempt()
+
+    # Nothing changed, the draft included: a refused bulk change touches no row.
+    invoice.refresh_from_db()
+    draft.refresh_from_db()
+    assert (invoice.total, draft.total) == (Decimal("1.10"), Decimal("2.20"))
+    assert [line.quantity for line in InvoiceLine.objects.order_by("usage_month")] == [
+        1_000_000,
+        2_000_000,
+    ]
+    assert InvoiceKeyLine.objects.count() == 2
+    # A draft's own rows still change in bulk.
+    assert draft.lines.all().update(quantity=3) == 1
+    assert Invoice.objects.filter(pk=draft.pk).delete()[0] == 3  # with its line and key line
 
 
 def test_finalized_invoices_refuse_every_change(shop):
