@@ -280,17 +280,27 @@ def no_target_error(route: str, skipped: list[tuple[str, str]]) -> GatewayError:
     return ModelNotAllowed(message, param="model")
 
 
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens")
+
+
+def output_limit(body: dict, model: CatalogModel) -> int:
+    """The most output tokens one choice of a call served by `model` may cost: the larger
+    of the client's max_tokens and max_completion_tokens (a provider may read either),
+    at most the model's output cap; the cap when the client sets neither. A call under
+    a budget is held to it: the provider is sent it (_upstream_body)."""
+    asked = [body[name] for name in _OUTPUT_LIMITS if body.get(name)]
+    return min(max(asked), model.max_output_tokens) if asked else model.max_output_tokens
+
+
 def target_cost_bound(body: dict, model: CatalogModel, units: UnitPrices) -> Decimal:
     """Worst-case cost of a call served by `model` at `units`, for budget reservations.
 
     Input: the UTF-8 size of the messages, since a token is at least one byte, at the
-    dearer of the input and cached input prices. Output: the client's max_tokens (or
-    max_completion_tokens), else the model's output cap, times n, at the output price.
+    dearer of the input and cached input prices. Output: `output_limit` times n, at the
+    output price.
     """
     prompt_bound = len(json.dumps(body["messages"], ensure_ascii=False).encode())
-    output_bound = (
-        body.get("max_completion_tokens") or body.get("max_tokens") or model.max_output_tokens
-    ) * (body.get("n") or 1)
+    output_bound = output_limit(body, model) * (body.get("n") or 1)
     input_unit = max(
         (p for p in (units.input, units.cached_input) if p is not None), default=Decimal(0)
     )
@@ -400,9 +410,15 @@ def db_connection_release() -> None:
 def _upstream_body(call: ChatCall, *, stream: bool) -> dict:
     body = dict(call.body)
     body["model"] = call.model.upstream_model_id
-    if call.budget_holds and not (body.get("max_tokens") or body.get("max_completion_tokens")):
-        # The reservation assumed the model's output cap: make the provider keep to it.
-        body["max_tokens"] = call.model.max_output_tokens
+    if call.budget_holds:
+        # The reservation assumed output_limit per choice: make the provider keep to it,
+        # whichever of the two fields it reads (DeepSeek, Qwen, Kimi and GLM document
+        # max_tokens alone), and never above the model's cap.
+        limit = output_limit(body, call.model)
+        for name in _OUTPUT_LIMITS:
+            if body.get(name):
+                body[name] = min(body[name], limit)
+        body["max_tokens"] = body.get("max_tokens") or limit
     if stream:
         # Always ask for usage, whatever the client asked: the ledger needs it.
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}

@@ -108,13 +108,13 @@ def test_over_budget_is_a_429_the_sdk_does_not_retry(metered):
     assert UsageEvent.objects.count() == 2  # nothing reached the provider
 
 
-@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
-def test_a_worst_case_beyond_any_budget_is_a_429_not_a_database_overflow(metered, field):
-    # 10^14 tokens at $1 per 1M: $10^8, 10^20 picodollars, more than a 64-bit integer.
+def test_a_worst_case_beyond_any_budget_is_a_429_not_a_database_overflow(metered):
+    # 10^14 choices of a token at $1 per 1M: $10^8, 10^20 picodollars, more than a 64-bit
+    # integer.
     budget = budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
     with pytest.raises(openai.RateLimitError) as caught:
         metered.client().chat.completions.create(
-            model="m-budget", messages=MESSAGES, extra_body={field: 10**14}
+            model="m-budget", messages=MESSAGES, max_tokens=1, n=10**14
         )
     assert caught.value.code == "insufficient_quota"
     assert "may cost up to $100,000,000.00" in caught.value.message
@@ -125,17 +125,49 @@ def test_a_worst_case_beyond_any_budget_is_a_429_not_a_database_overflow(metered
 
 
 def test_a_worst_case_beyond_decimal_precision_is_a_429_too(metered):
-    # 10^40 tokens: a bound of 41 digits, beyond the 28 of Python's default decimal context.
+    # 10^40 choices: a bound of 41 digits, beyond the 28 of Python's default decimal context.
     budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
     with pytest.raises(openai.RateLimitError) as caught:
         metered.client().chat.completions.create(
-            model="m-budget", messages=MESSAGES, max_tokens=10**40
+            model="m-budget", messages=MESSAGES, max_tokens=1, n=10**40
         )
     assert caught.value.code == "insufficient_quota"
     assert "may cost up to $10,000,000,000,000,000,000,000,000,000,000,000.00" in (
         caught.value.message
     )
     assert UsageEvent.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("asked", "sent"),
+    [
+        # max_completion_tokens alone: DeepSeek, Qwen, Kimi and GLM read max_tokens only,
+        # so the provider is sent both (the reservation counted 30 tokens).
+        ({"max_completion_tokens": 30}, {"max_tokens": 30, "max_completion_tokens": 30}),
+        # Either field, whichever the provider reads, is held to the larger one.
+        (
+            {"max_tokens": 30, "max_completion_tokens": 40},
+            {"max_tokens": 30, "max_completion_tokens": 40},
+        ),
+        # Beyond the model's output cap (8192): the call is held to the cap, not refused
+        # for a cost it cannot reach.
+        ({"max_tokens": 10**14}, {"max_tokens": 8192}),
+        (
+            {"max_completion_tokens": 100_000},
+            {"max_tokens": 8192, "max_completion_tokens": 8192},
+        ),
+    ],
+)
+def test_a_call_under_a_budget_is_held_to_what_was_reserved(metered, asked, sent):
+    budget_set(tenant=metered.tenant, limit_usd=Decimal("0.01"))  # 10,000 output tokens
+    completion = metered.client().chat.completions.create(
+        model="m-budget",
+        messages=MESSAGES,
+        extra_body={**asked, "mock": {"chunks": 50, "echo_request": True}},
+    )
+    upstream = completion.model_extra["mock_request"]
+    assert {name: upstream.get(name) for name in sent} == sent
+    assert set(sent) | {"max_tokens"} >= {k for k in upstream if k.startswith("max_")}
 
 
 def test_key_budget_applies_inside_the_tenant_budget(metered):
