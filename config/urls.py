@@ -19,3 +19,8 @@ urlpatterns = [
     path("admin/routing/health/", admin.site.admin_view(health_page), name="routing_health"),
     path("admin/", admin.site.urls),
 ]
+
+# Django's error pages outside the views: OpenAI's shape except in the admin and /api/.
+handler400 = "routing.api.views.bad_request"
+handler404 = "routing.api.views.page_not_found"
+handler500 = "routing.api.views.server_error"

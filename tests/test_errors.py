@@ -160,6 +160,26 @@ def test_wrong_method_and_unknown_path_answer_in_openai_shape(world):
         world.client().embeddings.create(model="m-openai", input="hi")
 
 
+def test_a_base_url_without_v1_gets_an_openai_error_that_says_so(world):
+    root = world.url.removesuffix("/v1")
+    client = openai.OpenAI(base_url=root, api_key=world.secret, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="m-openai", messages=MESSAGES)
+    assert caught.value.body["message"] == (
+        "Invalid URL (POST /chat/completions). The API is under /v1/: an OpenAI client's "
+        "base URL ends in /v1."
+    )
+    assert caught.value.response.headers["x-request-id"].startswith("req_")
+    # The management API keeps its own shape.
+    assert httpx2.get(f"{root}/api/nowhere/").json() == {"detail": "Not found."}
+
+
+def test_a_host_the_gateway_does_not_serve_gets_an_openai_400(world):
+    response = httpx2.get(f"{world.url}/models", headers={"Host": "gateway.example"})
+    error = assert_openai_error(response, 400)
+    assert "Host header" in error["message"] and "gateway.example" not in response.text
+
+
 # --- keys -----------------------------------------------------------------------------
 
 

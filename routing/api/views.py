@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
+from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.permissions import BasePermission
@@ -18,6 +19,8 @@ from tenants.budgets import budget_status, budgets_for_key, usd_str
 from tenants.selectors import model_for_key, models_for_key, routes_for_key
 
 from ..errors import (
+    GatewayError,
+    InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
     RouteNotFound,
@@ -200,3 +203,51 @@ def unknown_endpoint(request, path: str = ""):
     """Any other /v1/ path: a 404 in OpenAI's shape, not Django's HTML page."""
     error = RouteNotFound(f"Invalid URL ({request.method} {request.path}).")
     return JsonResponse(error.body(), status=error.status)
+
+
+# Django's own error pages (config/urls.py handler400/404/500), reached outside the views
+# above: a client whose base URL lacks /v1, a Host header the gateway does not serve. The
+# admin keeps Django's HTML pages, the management API DRF's {"detail": ...}; every other
+# path answers in OpenAI's shape, which the SDK reads into its exception's message.
+
+
+def _error_page(request, status: int, openai_error: GatewayError, detail: str, html_view):
+    if request.path.startswith("/admin/"):
+        return html_view()
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": detail}, status=status)
+    return JsonResponse(openai_error.body(), status=status)
+
+
+def bad_request(request, exception):
+    if isinstance(exception, DisallowedHost):
+        message = "The Host header names no host this gateway serves (ALLOWED_HOSTS)."
+    else:
+        message = "The request could not be read."
+    return _error_page(
+        request,
+        400,
+        InvalidRequest(message),
+        message,
+        lambda: defaults.bad_request(request, exception),
+    )
+
+
+def page_not_found(request, exception):
+    message = f"Invalid URL ({request.method} {request.path})."
+    if not request.path.startswith(("/v1/", "/api/")):
+        message += " The API is under /v1/: an OpenAI client's base URL ends in /v1."
+    return _error_page(
+        request,
+        404,
+        RouteNotFound(message),
+        "Not found.",
+        lambda: defaults.page_not_found(request, exception),
+    )
+
+
+def server_error(request):
+    message = "The gateway failed to process the request."
+    return _error_page(
+        request, 500, GatewayError(message), message, lambda: defaults.server_error(request)
+    )
