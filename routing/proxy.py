@@ -92,6 +92,7 @@ from .upstream import (
     chat_completion,
     chat_completion_stream,
     upstream_client,
+    upstream_error_failure,
     upstream_failure,
 )
 
@@ -633,6 +634,11 @@ def _complete_attempt(call: ChatCall) -> dict | None:
         _attempt_failed(call, _failure(exc, call), streamed=False)
         return None
     completion = _json_object(content)
+    if completion is not None and completion.get("error"):
+        # An error in a 200 (some providers answer a failure so): its words, not a shrug.
+        failure = upstream_error_failure(completion["error"], provider, mid_stream=False)
+        _attempt_failed(call, UpstreamFailure(failure.error, 200), streamed=False)
+        return None
     if completion is None or not isinstance(completion.get("choices"), list):
         failure = UpstreamFailure(
             UpstreamFailed(
@@ -645,11 +651,26 @@ def _complete_attempt(call: ChatCall) -> dict | None:
     return completion
 
 
+def _completion_identity(completion: dict, call: ChatCall) -> tuple[str, int]:
+    """The id and creation time the client gets: the provider's, or, where it sent none
+    (or an empty string, or 0), the gateway's own."""
+    given_id, created = completion.get("id"), completion.get("created")
+    if isinstance(given_id, bool) or not isinstance(given_id, str | int) or given_id == "":
+        given_id = f"chatcmpl-{call.request_id}"
+    return (
+        str(given_id),
+        created
+        if isinstance(created, int) and not isinstance(created, bool) and created > 0
+        else int(time.time()),
+    )
+
+
 def chat_complete(call: ChatCall) -> bytes:
     """Forward a non-streaming call; return the JSON the client gets. A route tries its
     targets in turn until one answers (see `_attempt_failed`)."""
     completion = _attempts(call, _complete_attempt)
-    completion.setdefault("object", "chat.completion")
+    completion["id"], completion["created"] = _completion_identity(completion, call)
+    completion["object"] = "chat.completion"
     completion["model"] = call.model.public_id
     for choice in completion["choices"]:
         if isinstance(choice, dict):
@@ -726,13 +747,11 @@ class _StreamState:
         seen wins. The client gets usage only in one final chunk, and only if it asked.
         """
         if self.id is None:
-            self.id = str(chunk.get("id") or f"chatcmpl-{self.call.request_id}")
-            created = chunk.get("created")
-            self.created = created if isinstance(created, int) else int(time.time())
+            self.id, self.created = _completion_identity(chunk, self.call)
         chunk["id"] = self.id
         chunk["created"] = self.created
         chunk["model"] = self.call.model.public_id
-        chunk.setdefault("object", "chat.completion.chunk")
+        chunk["object"] = "chat.completion.chunk"
 
         usage = chunk.pop("usage", None)
         choices = chunk.get("choices")
@@ -770,9 +789,9 @@ class _StreamState:
 
     def usage_chunk(self, buckets: TokenBuckets) -> dict:
         return {
-            "id": self.id or f"chatcmpl-{self.call.request_id}",
+            "id": self.id,
             "object": "chat.completion.chunk",
-            "created": self.created or int(time.time()),
+            "created": self.created,
             "model": self.call.model.public_id,
             "choices": [],
             "usage": usage_openai_shape(self.usage or {}, buckets),
@@ -831,7 +850,7 @@ def _stream_attempt(call: ChatCall) -> tuple[UpstreamStream, Iterator[str]] | No
                     UpstreamFailed("The upstream provider sent a malformed stream event."), 200
                 )
             elif chunk.get("error"):
-                failure = _stream_upstream_error(chunk["error"])
+                failure = upstream_error_failure(chunk["error"], call.model.provider)
     if failure is not None:
         upstream.close()
         _attempt_failed(call, failure, streamed=True)
@@ -900,7 +919,7 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
                     )
                     break
                 if chunk.get("error"):
-                    failure = _stream_upstream_error(chunk["error"])
+                    failure = upstream_error_failure(chunk["error"], call.model.provider)
                     break
                 out = state.absorb(chunk)
                 if out is not None:
@@ -958,23 +977,6 @@ def _json_object(data: str | bytes) -> dict | None:
     except ValueError:  # UnicodeDecodeError included
         return None
     return value if isinstance(value, dict) else None
-
-
-def _stream_upstream_error(error: object) -> UpstreamFailure:
-    message = None
-    code = None
-    if isinstance(error, dict):
-        message = error.get("message")
-        code = error.get("code")
-    return UpstreamFailure(
-        UpstreamFailed(
-            f"The upstream provider failed mid-stream: {message}"
-            if message
-            else "The upstream provider failed mid-stream.",
-            code=str(code) if code else "upstream_error",
-        ),
-        None,
-    )
 
 
 def _drain(state: _StreamState, events: Iterator[str]) -> None:

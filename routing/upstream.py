@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import threading
 import weakref
@@ -207,6 +208,31 @@ def upstream_failure(
     raise exc
 
 
+def upstream_error_failure(
+    error: object, provider: Provider, *, mid_stream: bool = True
+) -> UpstreamFailure:
+    """Map an error a provider sent in a 200 (`{"error": {...}}`: an event of its stream,
+    or its whole answer) to the gateway's error: the provider's message and code, less
+    the gateway's own key should they quote it."""
+    message = code = None
+    if isinstance(error, Mapping):
+        message = _error_message(error)
+        code = error.get("code")
+    elif isinstance(error, str):
+        message = error[:2000]
+    message = _without_secret(message, provider.api_key())
+    failed = (
+        "The upstream provider failed mid-stream" if mid_stream else "The upstream provider failed"
+    )
+    return UpstreamFailure(
+        UpstreamFailed(
+            f"{failed}: {message}" if message else f"{failed}.",
+            code=str(code) if code else "upstream_error",
+        ),
+        None,
+    )
+
+
 # A provider's refusal of the request itself, passed on with its status: the SDK raises
 # BadRequestError, APIStatusError (413) or UnprocessableEntityError, as from the provider.
 _REJECTIONS = {400: InvalidRequest, 413: PayloadTooLarge, 422: UnprocessableRequest}
@@ -297,25 +323,46 @@ class UpstreamStream:
         return self._response.read()
 
     def events(self) -> Iterator[str]:
-        """The data of each SSE event, in order; comment lines come through as ':'."""
+        """The data of each SSE event, in order; comment lines come through as ':'. An
+        event named `error` comes through as `{"error": ...}`, however its data is shaped
+        (`{"type": "error", "message": ...}`, plain text), so that the relay reads it as
+        the provider's failure with its message, not as a chunk."""
         data: list[str] = []
+        event = ""
         for line in self._response.iter_lines():
             if not line:
                 if data:
-                    yield "\n".join(data)
+                    joined = "\n".join(data)
+                    yield _error_event(joined) if event == "error" else joined
                     data = []
+                event = ""
                 continue
             if line.startswith("data:"):
                 value = line[5:]
                 data.append(value[1:] if value.startswith(" ") else value)
+            elif line.startswith("event:"):
+                event = line[6:].strip()
             elif line.startswith(":"):
                 yield ":"
-            # event:, id:, retry: carry nothing chat completions use.
+            # id: and retry: carry nothing chat completions use.
         if data:
-            yield "\n".join(data)
+            joined = "\n".join(data)
+            yield _error_event(joined) if event == "error" else joined
 
     def close(self) -> None:
         self._response.close()
+
+
+def _error_event(data: str) -> str:
+    """The data of an SSE event named `error`, as an object with an `error` member."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and parsed.get("error"):
+        return data
+    error = parsed if isinstance(parsed, dict) else {"message": data[:2000] or None}
+    return json.dumps({"error": error})
 
 
 def chat_completion_stream(

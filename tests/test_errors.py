@@ -3,6 +3,7 @@ and nothing a client sends produces a 500."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -546,15 +547,17 @@ def test_a_gateway_fault_mid_stream_is_an_error_event_not_a_cut(world, monkeypat
     assert event.error_code == "gateway_error"
 
 
-def test_a_malformed_first_stream_event_is_a_502_before_the_stream_begins(world):
-    class NotJson(BaseHTTPRequestHandler):
+@contextlib.contextmanager
+def canned_upstream(world, payload: bytes, content_type: str = "text/event-stream"):
+    """The world's provider pointed at a server that answers every call with `payload`."""
+
+    class Canned(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
-            payload = b"data: oops\n\ndata: [DONE]\n\n"
             self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
@@ -562,17 +565,121 @@ def test_a_malformed_first_stream_event_is_a_502_before_the_stream_begins(world)
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotJson)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Canned)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         provider = world.providers["openai"]
         provider.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
         provider.save()
-        with pytest.raises(openai.InternalServerError) as caught:
-            call_with_mock(world, {}, stream=True)
+        yield
     finally:
         server.shutdown()
         server.server_close()
+
+
+def sse(*events: dict | str) -> bytes:
+    return b"".join(
+        (e if isinstance(e, str) else f"data: {json.dumps(e)}\n\n").encode() for e in events
+    )
+
+
+def test_a_malformed_first_stream_event_is_a_502_before_the_stream_begins(world):
+    with (
+        canned_upstream(world, b"data: oops\n\ndata: [DONE]\n\n"),
+        pytest.raises(openai.InternalServerError) as caught,
+    ):
+        call_with_mock(world, {}, stream=True)
     assert caught.value.status_code == 502
     assert "malformed stream event" in caught.value.message
     assert only_event().status == UsageEvent.Status.UPSTREAM_ERROR
+
+
+def chunk(content: str | None, **fields) -> dict:
+    delta = {"content": content} if content is not None else {}
+    return {
+        "id": "c-1",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        **fields,
+    }
+
+
+ERROR_EVENT = 'event: error\ndata: {"type": "error", "message": "overloaded"}\n\n'
+
+
+def test_an_sse_error_event_as_the_first_event_is_a_502_with_the_providers_message(world):
+    with (
+        canned_upstream(world, sse(ERROR_EVENT)),
+        pytest.raises(openai.InternalServerError) as caught,
+    ):
+        call_with_mock(world, {}, stream=True)
+    assert caught.value.status_code == 502
+    assert "overloaded" in caught.value.message
+    assert only_event().status == UsageEvent.Status.UPSTREAM_ERROR
+
+
+def test_an_sse_error_event_mid_stream_ends_it_with_the_providers_message(world):
+    received = []
+    with canned_upstream(world, sse(chunk("Hel"), ERROR_EVENT, "data: [DONE]\n\n")):
+        client = world.client()
+        with pytest.raises(openai.APIError, match="overloaded"):
+            for piece in client.chat.completions.create(
+                model="m-openai", messages=MESSAGES, stream=True
+            ):
+                received.append(piece)
+    # Only the real chunk reached the client, not the error's payload dressed as one.
+    assert [p.choices[0].delta.content for p in received] == ["Hel"]
+    assert only_event().status == UsageEvent.Status.UPSTREAM_ERROR
+
+
+def test_a_stream_whose_first_chunk_has_empty_ids_still_has_one_id_and_time(world):
+    # A content filter's first chunk, as some unified endpoints send it.
+    prefilter = {**chunk(None), "id": "", "object": "", "created": 0, "choices": []}
+    prefilter["prompt_filter_results"] = [{"prompt_index": 0}]
+    finish = chunk(None)
+    finish["choices"][0]["finish_reason"] = "stop"
+    usage = {**chunk(None), "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    payload = sse(prefilter, chunk("Hi"), finish, usage, "data: [DONE]\n\n")
+    with canned_upstream(world, payload):
+        pieces = list(
+            world.client().chat.completions.create(
+                model="m-openai",
+                messages=MESSAGES,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    assert len(pieces) == 4  # the filter chunk, the content, the finish, the usage
+    assert len({p.id for p in pieces}) == 1 and pieces[0].id
+    assert {p.object for p in pieces} == {"chat.completion.chunk"}
+    assert len({p.created for p in pieces}) == 1 and pieces[0].created > 1_700_000_000
+    assert pieces[-1].usage.completion_tokens == 1
+
+
+def test_a_plain_answer_without_id_or_time_gets_the_gateways_own(world):
+    answer = {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+    with canned_upstream(world, json.dumps(answer).encode(), "application/json"):
+        completion = call_with_mock(world, {})
+    assert completion.id == f"chatcmpl-{completion._request_id}"
+    assert completion.created > 1_700_000_000
+    assert completion.object == "chat.completion"
+
+
+def test_an_error_in_a_200_answer_is_a_502_with_the_providers_message(world):
+    answer = {"error": {"message": "model is overloaded", "code": "overloaded"}}
+    with (
+        canned_upstream(world, json.dumps(answer).encode(), "application/json"),
+        pytest.raises(openai.InternalServerError) as caught,
+    ):
+        call_with_mock(world, {})
+    assert caught.value.status_code == 502
+    assert caught.value.body["message"] == "The upstream provider failed: model is overloaded"
+    assert caught.value.code == "overloaded"
+    assert only_event().upstream_status == 200
