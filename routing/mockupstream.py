@@ -46,7 +46,8 @@ before anything else and is never echoed back. Unknown keys are a 400. All keys 
                   finishing chunk. Plain request: any value closes the connection without
                   a response.
     error_after   stream: after that many content chunks, send `data: {"error": {...}}`
-                  and end the stream (no [DONE]). `cut_after` wins when both trigger.
+                  and end the stream (no [DONE]); a value >= the content chunks sends it
+                  before the finishing chunk. `cut_after` wins when both trigger.
     end_after     stream: after that many content chunks, end the response cleanly (the
                   HTTP body complete) with no finishing chunk, no usage and no [DONE]:
                   a provider that stops early without saying so. A value above the
@@ -649,12 +650,17 @@ async def _stream(
         await response.write(writer.chunk({"reasoning_content": piece}))
     pieces = plan.content_pieces
     # `sent` runs one past the last piece so that a cut or error can also come after all
-    # the content, before the finishing chunk.
+    # the content, before the finishing chunk; a cut or error beyond the content acts
+    # there (end_after beyond it acts after the usage chunk, below).
+    cut_after, error_after = (
+        None if knob is None else min(knob, len(pieces))
+        for knob in (plan.cut_after, plan.error_after)
+    )
     for sent in range(len(pieces) + 1):
-        if plan.cut_after == sent:
+        if cut_after == sent:
             await _abort(request)
             return "cut"
-        if plan.error_after == sent:
+        if error_after == sent:
             await response.write(writer.error(sent))
             await response.write_eof()
             return "errored"

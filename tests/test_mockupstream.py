@@ -400,6 +400,20 @@ def test_cut_after_in_a_stream_breaks_the_sdk_and_is_counted(mock: MockUpstream)
     )
 
 
+@pytest.mark.parametrize("knob", ["cut_after", "error_after"])
+def test_a_cut_or_error_beyond_the_content_comes_before_the_finishing_chunk(
+    mock: MockUpstream, knob: str
+) -> None:
+    stream = client(mock, "openai").chat.completions.create(
+        model="m", messages=USER, stream=True, extra_body={"mock": {"chunks": 3, knob: 99}}
+    )
+    received = []
+    with pytest.raises(openai.APIError):
+        received.extend(stream)
+    assert len([c for c in received if c.choices and c.choices[0].delta.content]) == 3
+    assert not any(c.choices and c.choices[0].finish_reason for c in received)
+
+
 def test_cut_after_on_a_plain_request_sends_nothing(mock: MockUpstream) -> None:
     before = stats(mock)
     with pytest.raises(openai.APIConnectionError):
