@@ -53,6 +53,11 @@ class PayloadTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class UnsupportedEncoding(InvalidRequest):
+    status = 415
+    code = "unsupported_content_encoding"
+
+
 class UnprocessableRequest(InvalidRequest):
     status = 422
 

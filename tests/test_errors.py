@@ -4,6 +4,7 @@ and nothing a client sends produces a 500."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import threading
@@ -146,6 +147,18 @@ def test_huge_body_is_a_413_and_nothing_is_metered(world):
             world, {"model": "m-openai", "messages": [{"role": "user", "content": "x" * 20_000}]}
         )
     assert_openai_error(response, 413, code="request_too_large")
+    assert UsageEvent.objects.count() == 0
+
+
+def test_a_compressed_body_is_a_415_that_says_so(world):
+    body = gzip.compress(json.dumps({"model": "m-openai", "messages": MESSAGES}).encode())
+    response = post(
+        world,
+        content=body,
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    error = assert_openai_error(response, 415, code="unsupported_content_encoding")
+    assert error["message"].startswith("Content-Encoding 'gzip' is not supported")
     assert UsageEvent.objects.count() == 0
 
 

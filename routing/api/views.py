@@ -25,6 +25,7 @@ from ..errors import (
     PayloadTooLarge,
     RouteNotFound,
     TenantSuspended,
+    UnsupportedEncoding,
     openai_exception_handler,
 )
 from ..models import CatalogModel
@@ -107,7 +108,13 @@ class ModelDetailView(OpenAIView):
 def request_body(request) -> bytes:
     """The request's body, also when the client sent it chunked (Transfer-Encoding:
     chunked, no Content-Length): Django reads such a body as empty, while gunicorn hands
-    it over de-chunked and ended (`wsgi.input_terminated`). 413 over the upload limit."""
+    it over de-chunked and ended (`wsgi.input_terminated`). 413 over the upload limit,
+    415 for a compressed body (which would otherwise read as malformed JSON)."""
+    encoding = request.META.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedEncoding(
+            f"Content-Encoding '{encoding[:40]}' is not supported: send the JSON body uncompressed."
+        )
     try:
         raw = request.body
     except RequestDataTooBig:
