@@ -171,6 +171,7 @@ def test_wrong_method_and_unknown_path_answer_in_openai_shape(world):
         f"{world.url}/chat/completions", headers={"Authorization": f"Bearer {world.secret}"}
     )
     assert_openai_error(options, 405)
+    assert options.headers["Allow"] == "POST"
     assert_openai_error(httpx2.get(f"{world.url}/embeddingz"), 404)
     base = httpx2.get(world.url)  # /v1 itself: no redirect to an HTML page
     assert "Invalid URL (GET /v1)" in assert_openai_error(base, 404)["message"]

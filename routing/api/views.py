@@ -63,7 +63,8 @@ class OpenAIView(APIView):
     content_negotiation_class = AnyAcceptNegotiation
     throttle_classes = []
     schema = None  # not part of the management API's OpenAPI document
-    metadata_class = None  # OPTIONS: a 405 like any other method, not DRF's self-description
+    # No OPTIONS: a 405 like any other method, not DRF's description of the view.
+    http_method_names = ["get", "post", "head"]
 
     def get_exception_handler(self):
         return openai_exception_handler
