@@ -7,6 +7,9 @@ from routing.api.management import RouteViewSet
 from tenants.api.views import ApiKeyViewSet, BudgetViewSet, TenantViewSet
 
 router = DefaultRouter()
+# The trailing slash optional: a POST without it would otherwise be redirected (301) and
+# resent by the client as a GET, which lists instead of creating. The schema keeps "/".
+router.trailing_slash = "/?"
 router.register("tenants", TenantViewSet, basename="tenant")
 router.register("keys", ApiKeyViewSet, basename="apikey")
 router.register("budgets", BudgetViewSet, basename="budget")

@@ -24,6 +24,18 @@ def validate_env_var_name(value: str) -> None:
         )
 
 
+# The longest an upstream call may be given, in seconds: an hour is far beyond any chat
+# completion, and the socket layer refuses values past about 9.2e9 s.
+MAX_TIMEOUT_SECONDS = 3600.0
+
+
+def validate_timeout(value: float) -> None:
+    if not 0 < value <= MAX_TIMEOUT_SECONDS:  # NaN fails too
+        raise ValidationError(
+            f"A timeout is more than 0 and at most {MAX_TIMEOUT_SECONDS:g} seconds."
+        )
+
+
 def validate_provider_url(value: str) -> None:
     """http or https, and no user:password in it (URLField's own check lets ftp and
     credentials through)."""
@@ -65,6 +77,7 @@ class Provider(models.Model):
     )
     timeout_seconds = models.FloatField(
         default=60.0,
+        validators=[validate_timeout],
         help_text="Connect and read timeout for one upstream call, in seconds.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
@@ -270,6 +283,7 @@ class RouteTarget(models.Model):
     timeout_seconds = models.FloatField(
         null=True,
         blank=True,
+        validators=[validate_timeout],
         help_text="Per attempt, e.g. 10. Empty: the provider's timeout (or the enclosing "
         "target's).",
     )

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from django.core.exceptions import ValidationError
 
 from .config_cache import ConfigCache
-from .models import CatalogModel, Route, RouteTarget
+from .models import MAX_TIMEOUT_SECONDS, CatalogModel, Route, RouteTarget
 
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
@@ -391,8 +391,11 @@ def route_targets_validate(route: Route, targets: list[TargetDraft]) -> None:
             errors.append(f"Target {index}: choose a model or a route, not both or neither.")
         if t.weight is None or t.weight <= 0:
             errors.append(f"Target {index}: the weight must be a positive whole number.")
-        if t.timeout_seconds is not None and t.timeout_seconds <= 0:
-            errors.append(f"Target {index}: the timeout must be positive.")
+        if t.timeout_seconds is not None and not 0 < t.timeout_seconds <= MAX_TIMEOUT_SECONDS:
+            errors.append(
+                f"Target {index}: the timeout must be more than 0 and at most "
+                f"{MAX_TIMEOUT_SECONDS:g} seconds."
+            )
         if t.subroute is not None and route.pk is not None and t.subroute.pk == route.pk:
             errors.append(f"Target {index}: a route cannot be its own target.")
     if errors:

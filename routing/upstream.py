@@ -32,7 +32,7 @@ from .errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
 )
-from .models import Provider
+from .models import MAX_TIMEOUT_SECONDS, Provider
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +279,9 @@ def _error_message(body: object) -> str | None:
 
 
 def _timeout(seconds: float) -> httpx2.Timeout:
+    # Bounded as the models validate it: a row saved before that check, or by hand, with
+    # a huge value would make the socket layer raise OverflowError on every call.
+    seconds = min(seconds, MAX_TIMEOUT_SECONDS)
     return httpx2.Timeout(seconds, connect=min(seconds, 10.0))
 
 

@@ -84,7 +84,7 @@ def chat_request_parse(raw: bytes) -> dict:
         raise InvalidRequest(
             f"The request body must be a JSON object, not {_json_type(body)}.", code="invalid_json"
         )
-    if _nested_deeper_than(body, MAX_NESTING):
+    if nested_deeper_than(body, MAX_NESTING):
         raise InvalidRequest(
             f"{_TOO_DEEP} At most {MAX_NESTING} levels of arrays and objects are accepted.",
             code="invalid_json",
@@ -93,7 +93,7 @@ def chat_request_parse(raw: bytes) -> dict:
     return body
 
 
-def _nested_deeper_than(body: dict, limit: int) -> bool:
+def nested_deeper_than(body: dict | list, limit: int) -> bool:
     """Whether arrays and objects nest more than `limit` levels deep (without recursion)."""
     pending: list[tuple[dict | list, int]] = [(body, 1)]
     while pending:

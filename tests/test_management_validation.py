@@ -266,3 +266,46 @@ def test_a_provider_with_a_variable_name_or_no_key_is_saved(admin_client):
         "mock": "",
         "qwen": "_QWEN",
     }
+
+
+def test_a_body_nested_too_deeply_is_a_400_on_the_management_api(superuser_token):
+    client = api(token=superuser_token)
+    for depth in (200, 5000):  # past the limit; past what Python's parser can recurse
+        response = client.post(
+            "/api/tenants/", "[" * depth + "]" * depth, content_type="application/json"
+        )
+        assert response.status_code == 400, depth
+        assert "more than 128 deep" in response.json()["detail"]
+    assert not Tenant.objects.exists()
+
+
+def test_writes_without_the_trailing_slash_reach_the_endpoint(acme, superuser_token):
+    client = api(token=superuser_token)
+    created = client.post("/api/tenants", {"slug": "zz", "name": "Z"}, format="json")
+    assert created.status_code == 201, created.content
+    assert Tenant.objects.filter(slug="zz").exists()
+    key = api_key_issue(tenant=acme).key
+    revoked = client.post(f"/api/keys/{key.prefix}/revoke", format="json")
+    assert revoked.status_code == 200, revoked.content
+    key.refresh_from_db()
+    assert key.revoked_at is not None
+
+
+@pytest.mark.parametrize("timeout", [1e10, float("nan"), 0, -1])
+def test_a_timeout_beyond_an_hour_or_not_a_number_is_refused(acme, superuser_token, timeout):
+    with pytest.raises(CommandError, match="at most 3600 seconds"):
+        run(
+            "provider_set", "slow", "--base-url", "http://127.0.0.1:9/v1", "--timeout", str(timeout)
+        )
+    assert not Provider.objects.filter(name="slow").exists()
+    if timeout != timeout:  # NaN: JSON has none to send
+        return
+    client = api(token=superuser_token)
+    body = {
+        "name": "slow",
+        "strategy": "fallback",
+        "targets": [{"model": "deepseek-v4-flash", "timeout_seconds": timeout}],
+    }
+    response = client.post("/api/routes/", body, format="json")
+    assert response.status_code == 400, response.content
+    assert "at most 3600 seconds" in str(response.json())

@@ -1,6 +1,7 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from routing.models import MAX_TIMEOUT_SECONDS
 from routing.services import provider_set
 
 
@@ -21,8 +22,10 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=None, help="Seconds.")
 
     def handle(self, *args, name, base_url, api_key_env, timeout, **options):
-        if timeout is not None and timeout <= 0:
-            raise CommandError("--timeout must be positive.")
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+            raise CommandError(
+                f"--timeout must be more than 0 and at most {MAX_TIMEOUT_SECONDS:g} seconds."
+            )
         try:
             provider, created = provider_set(
                 name=name, base_url=base_url, api_key_env=api_key_env, timeout_seconds=timeout
