@@ -306,6 +306,10 @@ _RENDERERS = {
 }
 
 
+# Each format's media type, without parameters (the management API's schema lists them).
+MEDIA_TYPES = {fmt: content_type.split(";")[0] for fmt, (_, content_type) in _RENDERERS.items()}
+
+
 def invoice_export(invoice: Invoice, fmt: str) -> Export:
     """One invoice in one format."""
     if fmt not in _RENDERERS:

@@ -4,6 +4,7 @@ outsiders and 200 to the tenant's own members (NetBox-style checks for every end
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 import pytest
@@ -240,6 +241,29 @@ def test_openapi_schema_is_published(superuser_token):
     assert "/api/keys/{prefix}/revoke/" in paths
     assert "/api/tenants/{slug}/models/" in paths
     assert "/v1/chat/completions" not in paths
+
+
+def test_the_schema_describes_what_the_api_answers(superuser_token):
+    # What a client generated from the schema parses: months as YYYY-MM strings, a key's
+    # replaced_by as null until it is rotated, each download's own media type.
+    schema = api(token=superuser_token).get("/api/schema/?format=json").json()
+    components = schema["components"]["schemas"]
+    for name, field in [
+        ("Invoice", "month"),
+        ("InvoiceDetail", "month"),
+        ("InvoiceLine", "usage_month"),
+    ]:
+        month = components[name]["properties"][field]
+        assert (month["type"], month.get("format")) == ("string", None), name
+        assert re.fullmatch(month["pattern"], "2026-10")
+    assert components["ApiKey"]["properties"]["replaced_by"]["nullable"] is True
+    download = schema["paths"]["/api/invoices/{id}/download/{fmt}/"]["get"]
+    assert set(download["responses"]["200"]["content"]) == {
+        "text/csv",
+        "application/json",
+        "text/html",
+        "application/pdf",
+    }
 
 
 def test_budgets_and_limits_through_the_management_api(two_tenants, superuser_token):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.reverse import reverse
 
@@ -46,8 +47,16 @@ class UsageEventSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+@extend_schema_field({"type": "string", "pattern": r"^\d{4}-\d{2}$", "example": "2026-10"})
+class MonthField(serializers.DateField):
+    """A calendar month as YYYY-MM (stored as its first day)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(format="%Y-%m", **kwargs)
+
+
 class InvoiceLineSerializer(serializers.ModelSerializer):
-    usage_month = serializers.DateField(format="%Y-%m")
+    usage_month = MonthField()
     adjustment = serializers.BooleanField(source="is_adjustment")
     model = serializers.CharField(source="model_name")
 
@@ -70,7 +79,7 @@ class InvoiceLineSerializer(serializers.ModelSerializer):
 
 class InvoiceSerializer(serializers.ModelSerializer):
     tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
-    month = serializers.DateField(format="%Y-%m")
+    month = MonthField()
     corrects = serializers.SlugRelatedField(slug_field="number", read_only=True)
     downloads = serializers.SerializerMethodField()
 

@@ -12,7 +12,7 @@ from rest_framework.response import Response
 
 from tenants.api.scoping import SuperuserWritesMembersRead, TenantScopedViewSet
 
-from ..exports import BULK_FORMATS, FORMATS, invoice_export, invoices_zip
+from ..exports import BULK_FORMATS, FORMATS, MEDIA_TYPES, invoice_export, invoices_zip
 from ..invoicing import (
     InvoiceError,
     invoice_build,
@@ -210,7 +210,7 @@ class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
         return self._detail(invoice, status.HTTP_201_CREATED)
 
     @extend_schema(
-        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+        responses={(200, media): OpenApiTypes.BINARY for media in MEDIA_TYPES.values()},
         parameters=[OpenApiParameter("fmt", str, OpenApiParameter.PATH, enum=list(FORMATS))],
     )
     @action(detail=True, methods=["get"], url_path=r"download/(?P<fmt>[a-z]+)")

@@ -56,7 +56,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
         help_text="Narrows the tenant's allowlist for this key; empty means the whole list.",
     )
     state = serializers.SerializerMethodField()
-    replaced_by = serializers.SlugRelatedField(slug_field="prefix", read_only=True)
+    replaced_by = serializers.SlugRelatedField(slug_field="prefix", read_only=True, allow_null=True)
 
     class Meta:
         model = ApiKey
