@@ -66,10 +66,17 @@ _COUNTS = (
 
 
 def usage_reported(usage: object) -> bool:
-    """Whether a provider's usage object carries a token count the gateway can read. One
-    that does not (every count null, say) is no usage at all: the call is estimated, not
-    metered as zero tokens."""
-    return isinstance(usage, Mapping) and any(_count(usage.get(k)) is not None for k in _COUNTS)
+    """Whether a provider's usage object carries token counts the gateway can read. One
+    that does not (every count null, say) is no usage at all, and neither is one with a
+    count it cannot read beside readable ones (a completion_tokens of 10^20 beside a
+    prompt_tokens of 10 would bill no output): the call is estimated, not metered as zero
+    tokens."""
+    if not isinstance(usage, Mapping):
+        return False
+    counts = [(usage.get(k), _count(usage.get(k))) for k in _COUNTS]
+    readable = any(count is not None for _, count in counts)
+    garbled = any(raw is not None and count is None for raw, count in counts)
+    return readable and not garbled
 
 
 def _first_count(*values: object) -> int | None:

@@ -56,17 +56,23 @@ def test_plain_usage_is_exact_in_every_style(world, style):
     assert_exact(UsageEvent.objects.get(request_id=completion._request_id))
 
 
-def test_absurd_provider_counts_are_estimated_not_a_500(world):
+@pytest.mark.parametrize(
+    "absurd",
+    [
+        {"prompt_tokens": 10**19, "completion_tokens": 10**19},
+        {"prompt_tokens": 10, "completion_tokens": 10**20},  # output billed as 0 before
+    ],
+)
+def test_absurd_provider_counts_are_estimated_not_a_500(world, absurd):
     # 10^19 tokens: beyond the ledger's 64-bit columns. The client still gets its answer,
     # and the call its row, with an estimate instead of the provider's garbage.
-    absurd = {"prompt_tokens": 10**19, "completion_tokens": 10**19}
     completion = world.client().chat.completions.create(
         model="m-openai", messages=MESSAGES, extra_body={"mock": {"usage": absurd}}
     )
     event = UsageEvent.objects.get(request_id=completion._request_id)
     assert event.status == UsageEvent.Status.OK
     assert event.usage_source == UsageEvent.Source.ESTIMATED
-    assert 0 < event.input_uncached_tokens < 100
+    assert 0 < event.input_uncached_tokens < 100 and event.output_tokens > 0
     assert completion.usage.prompt_tokens == event.input_uncached_tokens
 
 
