@@ -1,8 +1,9 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from routing.api.views import unknown_endpoint
+from routing.api.views import page_not_found, unknown_endpoint
 from routing.health import health_page
 from routing.metrics import metrics_view
 
@@ -18,6 +19,9 @@ urlpatterns = [
     # A staff page beside the catalog's admin; before admin/, which would claim the path.
     path("admin/routing/health/", admin.site.admin_view(health_page), name="routing_health"),
     path("admin/", admin.site.urls),
+    # Anything else (a base URL without /v1, say): OpenAI's 404, with DEBUG on too, where
+    # Django would show its HTML page. The admin and /api/ keep their own 404s.
+    re_path(r"^(?!admin(?:/|$)|api(?:/|$)|static/)", csrf_exempt(page_not_found)),
 ]
 
 # Django's error pages outside the views: OpenAI's shape except in the admin and /api/.

@@ -701,3 +701,13 @@ def test_an_error_in_a_200_answer_is_a_502_with_the_providers_message(world):
     assert caught.value.body["message"] == "The upstream provider failed: model is overloaded"
     assert caught.value.code == "overloaded"
     assert only_event().upstream_status == 200
+
+
+@pytest.mark.django_db
+def test_a_wrong_path_is_an_openai_404_with_debug_on_too(client):
+    with override_settings(DEBUG=True):
+        response = client.post("/chat/completions", {}, content_type="application/json")
+        admin = client.get("/admin")
+    assert response.status_code == 404
+    assert response.json()["error"]["message"].startswith("Invalid URL (POST /chat/completions)")
+    assert admin.status_code == 301  # the admin's own redirect to /admin/ still works

@@ -242,7 +242,7 @@ def bad_request(request, exception):
     )
 
 
-def page_not_found(request, exception):
+def page_not_found(request, exception=None):
     message = f"Invalid URL ({request.method} {request.path})."
     if not request.path.startswith(("/v1/", "/api/")):
         message += " The API is under /v1/: an OpenAI client's base URL ends in /v1."
