@@ -178,6 +178,8 @@ class PriceVersionForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for name in self.PRICE_FIELDS:
+            if name not in self.fields:
+                continue  # a stored version's page: read-only, no form fields
             self.fields[name].validators.append(_price_not_negative)
             self.fields[name].widget.attrs["min"] = 0
 

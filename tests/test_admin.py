@@ -161,6 +161,10 @@ def test_setting_a_price_in_the_admin_opens_a_new_version(admin_client):
         == 403
     )
     assert ModelPrice.objects.get(pk=versions[0].pk).output_per_mtok == Decimal("0.25")
+    # Each version's page opens, read-only, with its prices shown.
+    page = admin_client.get(reverse("admin:routing_modelprice_change", args=[versions[0].pk]))
+    assert page.status_code == 200
+    assert "0.25" in page.content.decode()
 
 
 def test_a_scheduled_price_can_be_withdrawn_in_the_admin_but_history_cannot(admin_client):

@@ -156,6 +156,9 @@ def test_tenant_prices_are_added_in_the_admin(admin_client, world):
     )
     assert "not both" in both.content.decode()
     assert admin_client.get(reverse("admin:billing_tenantprice_changelist")).status_code == 200
+    stored = TenantPrice.objects.get()
+    page = admin_client.get(reverse("admin:billing_tenantprice_change", args=[stored.pk]))
+    assert page.status_code == 200 and "7.5" in page.content.decode()
 
 
 NEGATIVE = "A price is not negative: USD per 1M tokens, 0 or more."
