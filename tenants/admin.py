@@ -351,6 +351,13 @@ class BudgetAdmin(admin.ModelAdmin):
     readonly_fields = ("this_month", "created_at", "updated_at")
     fields = ("tenant", "api_key", "limit_usd", "hard", "alert_thresholds", "this_month")
 
+    def get_readonly_fields(self, request, obj=None):
+        # A budget stays with its tenant or key: another scope is another budget (saving
+        # through budget_set would have made one and left this one in force).
+        if obj is not None:
+            return (*self.readonly_fields, "tenant", "api_key")
+        return self.readonly_fields
+
     def save_model(self, request, obj, form, change):
         # Through the service: a lower limit alerts at once for thresholds already passed.
         saved = budget_set(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zoneinfo
+from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -188,6 +189,15 @@ class StaffToken(KeyBase):
 # (SQLite would add Decimal columns as floats).
 PICO = 10**12
 
+# The largest monthly limit: in picodollars it stays inside the 64-bit integers the
+# counters are compared with (2^63 is about 9.2 million USD).
+MAX_BUDGET_USD = Decimal("9000000")
+
+
+def validate_budget_limit(value: Decimal) -> None:
+    if not 0 < value <= MAX_BUDGET_USD:
+        raise ValidationError("A monthly limit is more than 0 and at most 9,000,000 USD.")
+
 
 def default_alert_thresholds() -> list[int]:
     return [50, 80, 100]
@@ -216,7 +226,13 @@ class Budget(models.Model):
         related_name="budgets",
         help_text="Empty: the budget of the whole tenant.",
     )
-    limit_usd = models.DecimalField("monthly limit (USD)", max_digits=18, decimal_places=6)
+    limit_usd = models.DecimalField(
+        "monthly limit (USD)",
+        max_digits=18,
+        decimal_places=6,
+        validators=[validate_budget_limit],
+        help_text="More than 0, at most 9,000,000.",
+    )
     hard = models.BooleanField(
         default=True, help_text="Hard budgets refuse calls that might not fit; soft ones alert."
     )
@@ -254,7 +270,8 @@ class Budget(models.Model):
 
     @property
     def limit_pico(self) -> int:
-        return int(self.limit_usd * PICO)
+        # Bounded as validated: a row written past the validation must not overflow SQL.
+        return int(min(self.limit_usd, MAX_BUDGET_USD) * PICO)
 
 
 class BudgetPeriod(models.Model):

@@ -15,7 +15,7 @@ from django.core.management import call_command
 from billing.models import UsageEvent
 from tenants.budgets import budget_month, budget_rebuild, budget_set, budget_status
 from tenants.models import ApiKey, BudgetAlert, BudgetPeriod, BudgetReservation
-from tenants.services import api_key_issue
+from tenants.services import api_key_issue, tenant_create
 
 from .conftest import api, model_create
 
@@ -289,7 +289,6 @@ def test_budget_amounts_are_plain_decimals_at_zero_and_below_a_millionth(metered
 @pytest.mark.django_db
 def test_an_alert_webhook_writes_a_spent_below_a_millionth_in_full():
     from tenants.alerts import budget_alert_payload
-    from tenants.services import tenant_create
 
     tenant = tenant_create(slug="tiny", name="Tiny", model_ids=[])
     budget = budget_set(tenant=tenant, limit_usd=Decimal("0.000001"), alert_thresholds=[50])
@@ -332,16 +331,18 @@ POSITIVE = "The limit must be a positive amount in USD."
         ("NaN", POSITIVE),
         ("Infinity", POSITIVE),
         ("abc", "'abc' is not an amount in USD."),
-        # What the API refuses too: more than 6 decimal places, or than 18 digits.
+        # What the API refuses too: more than 6 decimal places.
         ("0.0000001", "Ensure that there are no more than 6 decimal places."),
-        ("1e400", "Ensure that there are no more than 18 digits in total."),
+        # Past 2^63 picodollars, which the counters compare in SQL.
+        ("9000000.000001", "The limit must be at most 9,000,000 USD a month."),
+        ("999999999999.999999", "The limit must be at most 9,000,000 USD a month."),
+        ("1e400", "The limit must be at most 9,000,000 USD a month."),
     ],
 )
 def test_budget_set_command_refuses_a_bad_limit_in_one_line(usd, error, capsys):
     from django.core.management import load_command_class
 
     from tenants.models import Budget
-    from tenants.services import tenant_create
 
     tenant_create(slug="acme", name="Acme", model_ids=[])
     # As from the shell: a CommandError that escapes run_from_argv is a traceback.
@@ -458,3 +459,26 @@ def test_a_period_deleted_by_hand_is_found_again(metered):
     with pytest.raises(openai.RateLimitError):
         call(metered)
     assert budget_rebuild() == []
+
+
+def test_the_largest_limit_still_serves_calls(metered):
+    budget = budget_set(tenant=metered.tenant, limit_usd=Decimal("9000000"))
+    call(metered)
+    assert budget_status(budget).spent == CALL
+
+
+def test_a_budget_edited_in_the_admin_keeps_its_tenant_and_key(metered, admin_client):
+    from django.urls import reverse
+
+    from tenants.models import Budget
+
+    other = tenant_create(slug="other", name="Other", model_ids=[])
+    budget = budget_set(tenant=metered.tenant, limit_usd=Decimal("0.5"))
+    url = reverse("admin:tenants_budget_change", args=[budget.pk])
+    response = admin_client.post(
+        url,
+        {"tenant": other.pk, "limit_usd": "7", "hard": "on", "alert_thresholds": "[50, 80, 100]"},
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    # The limit changed in place; the tenant is not a field of a stored budget.
+    assert list(Budget.objects.values_list("tenant__slug", "limit_usd")) == [("acme", Decimal("7"))]

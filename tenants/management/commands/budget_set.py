@@ -4,7 +4,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from tenants.budgets import budget_set, budget_status, usd_format
-from tenants.models import ApiKey, Tenant
+from tenants.models import MAX_BUDGET_USD, ApiKey, Tenant
 
 
 def _usd(value: str) -> Decimal:
@@ -17,6 +17,8 @@ def _usd(value: str) -> Decimal:
         raise CommandError(f"{value!r} is not an amount in USD.") from None
     if not amount.is_finite() or amount <= 0:
         raise CommandError("The limit must be a positive amount in USD.")
+    if amount > MAX_BUDGET_USD:
+        raise CommandError("The limit must be at most 9,000,000 USD a month.")
     return amount
 
 
