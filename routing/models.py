@@ -37,8 +37,8 @@ def validate_timeout(value: float) -> None:
 
 
 def validate_provider_url(value: str) -> None:
-    """http or https, and no user:password in it (URLField's own check lets ftp and
-    credentials through)."""
+    """http or https, with no user:password, query or fragment in it (URLField's own check
+    lets ftp and credentials through)."""
     if "://" not in value:
         return  # not a URL at all: URLField's own message says so
     try:
@@ -50,10 +50,13 @@ def validate_provider_url(value: str) -> None:
         raise ValidationError(
             f"A provider's base URL starts with http:// or https://, not {parts.scheme}://."
         )
-    if has_credentials:
+    if has_credentials or parts.query or parts.fragment:
+        # A query could carry a key (?api_key=...), and the SDK appends its paths after
+        # it, so no call would work either.
         raise ValidationError(
-            "Leave credentials out of the base URL: put the provider's key in an environment "
-            "variable and name that variable instead."
+            "Leave credentials, a query (?...) and a fragment (#...) out of the base URL: "
+            "put the provider's key in an environment variable and name that variable "
+            "instead."
         )
 
 

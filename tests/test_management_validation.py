@@ -236,8 +236,10 @@ def test_a_provider_key_is_named_by_its_environment_variable_never_pasted(admin_
     ("url", "message"),
     [
         ("ftp://api.deepseek.com/v1", "starts with http:// or https://, not ftp://"),
-        ("https://user:sk-live-abc@api.deepseek.com/v1", "Leave credentials out"),
-        ("https://sk-live-abc@api.deepseek.com/v1", "Leave credentials out"),
+        ("https://user:sk-live-abc@api.deepseek.com/v1", "Leave credentials, a query"),
+        ("https://sk-live-abc@api.deepseek.com/v1", "Leave credentials, a query"),
+        ("https://api.deepseek.com/v1?api_key=sk-live-abc", "Leave credentials, a query"),
+        ("https://api.deepseek.com/v1#sk-live-abc", "Leave credentials, a query"),
     ],
 )
 def test_a_provider_base_url_is_http_or_https_without_credentials(admin_client, url, message):
