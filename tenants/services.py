@@ -41,6 +41,17 @@ def key_digest(secret: str) -> str:
     ).hexdigest()
 
 
+def api_key_named(value: str) -> tuple[ApiKey | None, str]:
+    """The API key an operator names on the command line: by its display prefix (a
+    trailing … allowed) or by the whole secret, pasted when revoking a leaked key. Also
+    what to call it in a message: the prefix, never more of a secret."""
+    value = value.strip().rstrip("…")
+    shown = value[: len(API_KEY_MARK) + PREFIX_RANDOM_CHARS]
+    if len(value) > len(shown):
+        return ApiKey.objects.filter(digest=key_digest(value)).first(), f"{shown}…"
+    return ApiKey.objects.filter(prefix=value).first(), value
+
+
 K = TypeVar("K", bound=KeyBase)
 
 

@@ -185,6 +185,34 @@ def test_key_revoke_command_by_prefix():
         run("key_revoke", "tg-nothing")
 
 
+def test_a_leaked_secret_pasted_whole_is_revoked_and_never_repeated():
+    tenant = Tenant.objects.create(slug="acme", name="Acme")
+    issued = api_key_issue(tenant=tenant)
+
+    out, err = run("key_revoke", issued.secret)
+    assert f"Revoked key {issued.key.prefix}…" in out
+    assert issued.secret not in out + err
+    assert ApiKey.objects.get(pk=issued.key.pk).revoked_at is not None
+    # A secret that is no key: the message names its prefix, never the rest.
+    unknown = "tg-" + "x" * 43
+    with pytest.raises(CommandError) as caught:
+        run("key_revoke", unknown)
+    assert unknown not in str(caught.value) and "tg-xxxxxxxx…" in str(caught.value)
+    # budget_set --key takes it too, and names no more of it.
+    other = api_key_issue(tenant=tenant)
+    out, _ = run("budget_set", "ACME", "5", "--key", other.secret)
+    assert other.key.budgets.get().limit_usd == 5
+    assert other.secret not in out
+
+
+def test_commands_take_a_tenant_slug_in_any_case():
+    Tenant.objects.create(slug="acme", name="Acme")
+    out, _ = run("key_issue", "ACME")
+    assert out.strip().startswith("tg-")
+    out, _ = run("budget_set", "Acme", "20")
+    assert "Budget of" in out
+
+
 def test_provider_set_creates_updates_and_validates():
     out, _ = run(
         "provider_set",

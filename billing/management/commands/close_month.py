@@ -42,7 +42,7 @@ class Command(BaseCommand):
                 raise CommandError("--accept-unpriced needs a reason, in words.")
         tenants = Tenant.objects.order_by("slug")
         if tenant:
-            tenants = tenants.filter(slug=tenant)
+            tenants = tenants.filter(slug=tenant.lower())
             if not tenants.exists():
                 raise CommandError(f"No tenant with slug {tenant!r}.")
         tenants = list(tenants)

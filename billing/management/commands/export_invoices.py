@@ -32,9 +32,9 @@ class Command(BaseCommand):
             .order_by("number")
         )
         if tenant:
-            if not Tenant.objects.filter(slug=tenant).exists():
+            if not Tenant.objects.filter(slug=tenant.lower()).exists():
                 raise CommandError(f"No tenant with slug {tenant!r}.")
-            invoices = invoices.filter(tenant__slug=tenant)
+            invoices = invoices.filter(tenant__slug=tenant.lower())
         invoices = list(invoices)
         if not invoices:
             raise CommandError(f"No issued invoice for {month:%Y-%m}: run close_month first.")

@@ -4,7 +4,8 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from tenants.budgets import budget_set, budget_status, usd_format
-from tenants.models import MAX_BUDGET_USD, ApiKey, Tenant
+from tenants.models import MAX_BUDGET_USD, Tenant
+from tenants.services import api_key_named
 
 
 def _usd(value: str) -> Decimal:
@@ -36,14 +37,14 @@ class Command(BaseCommand):
 
     def handle(self, *args, slug, usd, key, soft, alerts, **options):
         usd = _usd(usd)
-        tenant = Tenant.objects.filter(slug=slug).first()
+        tenant = Tenant.objects.filter(slug=slug.lower()).first()
         if tenant is None:
             raise CommandError(f"No tenant with slug {slug!r}.")
         api_key = None
         if key:
-            api_key = ApiKey.objects.filter(prefix=key.rstrip("…"), tenant=tenant).first()
-            if api_key is None:
-                raise CommandError(f"Tenant {slug} has no key with prefix {key!r}.")
+            api_key, shown = api_key_named(key)
+            if api_key is None or api_key.tenant_id != tenant.pk:
+                raise CommandError(f"Tenant {tenant.slug} has no key {shown!r}.")
         thresholds = None
         if alerts is not None:
             try:

@@ -23,7 +23,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, slug, name, expires_in_days, models, **options):
-        tenant = Tenant.objects.filter(slug=slug).first()
+        tenant = Tenant.objects.filter(slug=slug.lower()).first()
         if tenant is None:
             raise CommandError(f"No tenant with slug {slug!r}.")
         expires_at = None

@@ -1,19 +1,18 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from tenants.models import ApiKey
-from tenants.services import key_revoke
+from tenants.services import api_key_named, key_revoke
 
 
 class Command(BaseCommand):
-    help = "Revoke an API key by its display prefix (e.g. tg-AbCd1234)."
+    help = "Revoke an API key by its display prefix (e.g. tg-AbCd1234) or its whole secret."
 
     def add_arguments(self, parser):
-        parser.add_argument("prefix")
+        parser.add_argument("prefix", help="The key's display prefix, or the leaked secret.")
 
     def handle(self, *args, prefix, **options):
-        key = ApiKey.objects.filter(prefix=prefix.rstrip("…")).first()
+        key, shown = api_key_named(prefix)
         if key is None:
-            raise CommandError(f"No API key with prefix {prefix!r}.")
+            raise CommandError(f"No API key {shown!r}.")
         if key.revoked_at is not None:
             self.stdout.write(
                 f"Key {key.prefix}… was already revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S}."
