@@ -161,6 +161,17 @@ class CatalogModel(models.Model):
     def __str__(self) -> str:
         return self.public_id
 
+    def clean(self) -> None:
+        # Clients call routes and models by one name; a model named like a route would
+        # silently take its calls (routes' own check is route_name_validate).
+        if self.public_id and Route.objects.filter(name=self.public_id).exists():
+            raise ValidationError(
+                {
+                    "public_id": f"'{self.public_id}' is the name of a route; a model needs an "
+                    "id of its own."
+                }
+            )
+
 
 class ModelPrice(models.Model):
     """One version of a model's list price, USD per 1M tokens, in force over [from, to).

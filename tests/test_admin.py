@@ -315,3 +315,28 @@ def test_budgets_are_set_through_the_admin(admin_client, acme):
     )
     for name in ("tenants_budget", "tenants_budgetalert", "tenants_webhookdelivery"):
         assert admin_client.get(reverse(f"admin:{name}_changelist")).status_code == 200
+
+
+def test_a_catalog_model_cannot_take_a_routes_name(admin_client):
+    from routing.models import Provider, Route
+
+    Route.objects.create(name="r1", strategy=Route.Strategy.FALLBACK)
+    page = admin_client.post(
+        reverse("admin:routing_catalogmodel_add"),
+        {
+            "public_id": "r1",
+            "display_name": "R1",
+            "family": "X",
+            "developer": "X",
+            "provider": Provider.objects.first().pk,
+            "upstream_model_id": "r1",
+            "context_window": 128000,
+            "max_output_tokens": 8192,
+            "modalities": ["text"],
+            "enabled": "on",
+        },
+    )
+    assert page.status_code == 200
+    errors = page.context["adminform"].form.errors
+    assert "is the name of a route" in errors["public_id"][0]
+    assert not CatalogModel.objects.filter(public_id="r1").exists()
