@@ -98,6 +98,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import signal
 import sys
 import time
@@ -848,9 +849,18 @@ async def run(host: str, port: int, defaults: MockDefaults) -> None:
         await runner.cleanup()
 
 
+class ListenError(Exception):
+    """The mock cannot listen where it was asked to (the port taken, an unknown host)."""
+
+
 def serve(host: str = "127.0.0.1", port: int = 8001, defaults: MockDefaults | None = None) -> None:
-    """Run the mock upstream in the foreground (blocking)."""
-    asyncio.run(run(host, port, defaults or MockDefaults()))
+    """Run the mock upstream in the foreground (blocking). Raises ListenError when it
+    cannot listen on host:port."""
+    try:
+        asyncio.run(run(host, port, defaults or MockDefaults()))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ListenError(f"The mock upstream cannot listen on {host}:{port}: {reason}.") from exc
 
 
 # --- Command line (shared by the management command and `python -m`) ------------------
@@ -871,10 +881,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def defaults_from_options(options: Mapping[str, Any]) -> MockDefaults:
+    if not 0 <= options["port"] <= 65535:
+        raise ValueError("--port must be from 0 to 65535 (0 picks a free port)")
     if options["chunks"] < 1:
         raise ValueError("--chunks must be >= 1")
-    if options["latency_ms"] < 0 or options["interval_ms"] < 0:
-        raise ValueError("--latency-ms and --interval-ms must be >= 0")
+    if not all(
+        math.isfinite(options[name]) and options[name] >= 0
+        for name in ("latency_ms", "interval_ms")
+    ):
+        raise ValueError("--latency-ms and --interval-ms must be numbers >= 0")
     return MockDefaults(
         latency_ms=options["latency_ms"],
         chunks=options["chunks"],
@@ -892,7 +907,10 @@ def main(argv: list[str] | None = None) -> None:
         defaults = defaults_from_options(options)
     except ValueError as exc:
         parser.error(str(exc))
-    serve(options["host"], options["port"], defaults)
+    try:
+        serve(options["host"], options["port"], defaults)
+    except ListenError as exc:
+        parser.exit(1, f"mockupstream: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ No database: the mock runs in its own process.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -741,3 +742,21 @@ def test_stats_count_and_reset(mock: MockUpstream) -> None:
     sse(mock, "kimi", {"model": "m", "messages": USER})
     httpx2.get(f"{mock.url()}/models", headers=AUTH)
     wait_for_stats(mock, requests=3, streams_started=1, streams_completed=1, streams_open=0)
+
+
+def test_the_command_says_in_one_line_why_it_cannot_start() -> None:
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(CommandError, match=f"cannot listen on 127.0.0.1:{port}"):
+            call_command("mockupstream", "--port", str(port))
+    for options, message in [
+        (["--port", "99999"], "--port must be from 0 to 65535"),
+        (["--interval-ms", "nan"], "must be numbers >= 0"),
+    ]:
+        with pytest.raises(CommandError, match=message):
+            call_command("mockupstream", *options)

@@ -25,4 +25,7 @@ class Command(BaseCommand):
             defaults = mockupstream.defaults_from_options(options)
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
-        mockupstream.serve(options["host"], options["port"], defaults)
+        try:
+            mockupstream.serve(options["host"], options["port"], defaults)
+        except mockupstream.ListenError as exc:
+            raise CommandError(str(exc)) from None
