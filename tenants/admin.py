@@ -24,6 +24,7 @@ from .services import (
     api_key_rotate,
     key_revoke,
     staff_token_issue,
+    tenant_allowlist_check,
     tenant_resume,
     tenant_suspend,
 )
@@ -70,8 +71,22 @@ class ApiKeyInline(admin.TabularInline):
         return format_html('<a href="{}">{}…</a>', url, key.prefix)
 
 
+class TenantForm(forms.ModelForm):
+    class Meta:
+        model = Tenant
+        fields = ("allowed_models",)  # the admin's fieldsets add the rest
+
+    def clean(self):
+        data = super().clean()
+        models = data.get("allowed_models")
+        if models is not None and self.instance.pk is not None:
+            tenant_allowlist_check(tenant=self.instance, models=models)
+        return data
+
+
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
+    form = TenantForm
     list_display = (
         "slug",
         "name",

@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from routing.models import CatalogModel
@@ -106,6 +107,37 @@ def api_key_models_check(*, tenant: Tenant, models: Iterable[CatalogModel]) -> N
         )
 
 
+def tenant_allowlist_check(*, tenant: Tenant, models: Iterable[CatalogModel]) -> None:
+    """Refuse a tenant allowlist that leaves out a model one of its usable keys is
+    narrowed to: the key would be refused that model (and, narrowed to such models alone,
+    everything), with nothing to say why. The counterpart of api_key_models_check.
+
+    Raises ValidationError on `allowed_models`, naming the keys by their prefixes."""
+    if tenant.pk is None:
+        return
+    kept = {m.pk for m in models}
+    now = timezone.now()
+    usable = ApiKey.objects.filter(tenant=tenant, revoked_at__isnull=True).filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+    )
+    stranded: dict[str, list[str]] = {}
+    for prefix, public_id in (
+        ApiKey.allowed_models.through.objects.filter(apikey__in=usable)
+        .exclude(catalogmodel_id__in=kept)
+        .values_list("apikey__prefix", "catalogmodel__public_id")
+        .order_by("apikey__prefix", "catalogmodel__public_id")
+    ):
+        stranded.setdefault(prefix, []).append(public_id)
+    if stranded:
+        keys = "; ".join(f"{p}… ({', '.join(ids)})" for p, ids in stranded.items())
+        raise ValidationError(
+            {
+                "allowed_models": f"Keys of {tenant.slug} are narrowed to models this list "
+                f"leaves out: {keys}. Change or revoke those keys first, or keep the models."
+            }
+        )
+
+
 @transaction.atomic
 def tenant_create(
     *,
@@ -150,6 +182,8 @@ def tenant_update(
     UnknownModelsError and changes nothing when a value is refused.
     """
     models = catalog_models_resolve(model_ids) if model_ids is not None else None
+    if models is not None:
+        tenant_allowlist_check(tenant=tenant, models=models)
     given = {
         "slug": slug,
         "name": name,
@@ -181,7 +215,11 @@ def tenant_update(
 
 
 def tenant_allowlist_set(*, tenant: Tenant, model_ids: list[str]) -> None:
-    tenant.allowed_models.set(catalog_models_resolve(model_ids))
+    """Replace the tenant's allowlist. Raises UnknownModelsError, or ValidationError when
+    it leaves out a model a key is narrowed to (tenant_allowlist_check)."""
+    models = catalog_models_resolve(model_ids)
+    tenant_allowlist_check(tenant=tenant, models=models)
+    tenant.allowed_models.set(models)
 
 
 def tenant_suspend(*, tenant: Tenant) -> None:

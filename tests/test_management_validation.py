@@ -311,3 +311,43 @@ def test_a_timeout_beyond_an_hour_or_not_a_number_is_refused(acme, superuser_tok
     response = client.post("/api/routes/", body, format="json")
     assert response.status_code == 400, response.content
     assert "at most 3600 seconds" in str(response.json())
+
+
+def test_a_tenant_allowlist_cannot_strand_a_narrowed_key(acme, admin_client, superuser_token):
+    flash = CatalogModel.objects.get(public_id="deepseek-v4-flash")
+    acme.allowed_models.add(CatalogModel.objects.get(public_id=KIMI))
+    narrowed = api_key_issue(tenant=acme, model_ids=[KIMI]).key
+    revoked = api_key_issue(tenant=acme, model_ids=[KIMI]).key
+    revoked.revoked_at = timezone.now()
+    revoked.save()
+
+    with pytest.raises(CommandError) as caught:
+        run("tenant_create", "acme", "--models", "deepseek-v4-flash")
+    assert f"{narrowed.prefix}… ({KIMI})" in str(caught.value)
+    assert revoked.prefix not in str(caught.value)  # a revoked key strands nothing
+
+    client = api(token=superuser_token)
+    put = client.put("/api/tenants/acme/models/", {"models": [flash.public_id]}, format="json")
+    assert put.status_code == 400 and narrowed.prefix in put.json()["models"][0]
+    patch = client.patch("/api/tenants/acme/", {"models": [flash.public_id]}, format="json")
+    assert patch.status_code == 400 and narrowed.prefix in patch.json()["models"][0]
+
+    page = admin_client.post(
+        reverse("admin:tenants_tenant_change", args=[acme.pk]),
+        {
+            "name": "Acme",
+            "slug": "acme",
+            "status": "active",
+            "timezone": "UTC",
+            "allowed_models": [flash.pk],
+        },
+    )
+    assert page.status_code == 200
+    assert narrowed.prefix in page.context["adminform"].form.errors["allowed_models"][0]
+    assert set(acme.allowed_models.values_list("public_id", flat=True)) == {
+        "deepseek-v4-flash",
+        KIMI,
+    }
+    # Keeping the key's model, or widening the key first, is fine.
+    run("tenant_create", "acme", "--models", KIMI)
+    assert list(acme.allowed_models.values_list("public_id", flat=True)) == [KIMI]

@@ -82,7 +82,10 @@ class TenantViewSet(
                 model_ids=None if models is None else [m.public_id for m in models],
             )
         except DjangoValidationError as exc:
-            raise ValidationError(exc.message_dict) from None
+            errors = exc.message_dict
+            if "allowed_models" in errors:  # the API calls the field `models`
+                errors["models"] = errors.pop("allowed_models")
+            raise ValidationError(errors) from None
 
     @extend_schema(request=None, responses=TenantSerializer)
     @action(detail=True, methods=["post"], permission_classes=[IsSuperuser])
@@ -124,6 +127,8 @@ class TenantViewSet(
                     {"models": [f"Unknown model ids: {', '.join(exc.unknown)}"]},
                     status=status.HTTP_400_BAD_REQUEST,
                 )
+            except DjangoValidationError as exc:
+                return Response({"models": exc.messages}, status=status.HTTP_400_BAD_REQUEST)
         models = sorted(tenant.allowed_models.values_list("public_id", flat=True))
         return Response({"models": models})
 
