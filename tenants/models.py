@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zoneinfo
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -18,6 +19,25 @@ def validate_timezone(value: str) -> None:
         raise ValidationError(f"{value!r} is not an IANA time zone name (e.g. America/New_York).")
 
 
+def validate_webhook_url(value: str) -> None:
+    """http or https, and no user:password: the receiver checks the signature instead,
+    and credentials here would be stored and shown in clear."""
+    try:
+        parts = urlsplit(value)
+        has_credentials = parts.username is not None or parts.password is not None
+    except ValueError:
+        return  # URLField's own message says so
+    if parts.scheme and parts.scheme.lower() not in ("http", "https"):
+        raise ValidationError(
+            f"A webhook URL starts with http:// or https://, not {parts.scheme}://."
+        )
+    if has_credentials:
+        raise ValidationError(
+            "Leave credentials out of the webhook URL: the receiver checks the "
+            "Tollgate-Signature header instead."
+        )
+
+
 class Tenant(models.Model):
     class Status(models.TextChoices):
         ACTIVE = "active", "Active"
@@ -28,7 +48,10 @@ class Tenant(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
     contact_email = models.EmailField(blank=True, help_text="Budget alerts are emailed here.")
     alert_webhook_url = models.URLField(
-        max_length=500, blank=True, help_text="Budget alerts are POSTed here, signed."
+        max_length=500,
+        blank=True,
+        validators=[validate_webhook_url],
+        help_text="Budget alerts are POSTed here, signed.",
     )
     timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
     # Explicit: a tenant with an empty allowlist can call nothing.
@@ -60,6 +83,9 @@ class Tenant(models.Model):
         # Slugs are lower case (admin, API and shell alike validate through here), so that
         # "ACME" is refused, or names the existing tenant, where "acme" exists.
         self.slug = self.slug.lower()
+        self.name = self.name.strip()
+        if not self.name:
+            raise ValidationError({"name": "A tenant needs a name, not only spaces."})
 
     @property
     def is_active(self) -> bool:

@@ -351,3 +351,24 @@ def test_a_tenant_allowlist_cannot_strand_a_narrowed_key(acme, admin_client, sup
     # Keeping the key's model, or widening the key first, is fine.
     run("tenant_create", "acme", "--models", KIMI)
     assert list(acme.allowed_models.values_list("public_id", flat=True)) == [KIMI]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("name", "   ", "A tenant needs a name, not only spaces."),
+        ("alert_webhook_url", "ftp://hooks.example/x", "starts with http:// or https://"),
+        ("alert_webhook_url", "https://user:pw@hooks.example/x", "Leave credentials out"),
+    ],
+)
+def test_a_blank_name_or_an_odd_webhook_url_is_refused(superuser_token, field, value, message):
+    client = api(token=superuser_token)
+    created = client.post("/api/tenants/", {"slug": "zz", "name": "Z", field: value}, format="json")
+    assert created.status_code == 400, created.content
+    api_message = "may not be blank" if field == "name" else message  # DRF trims first
+    assert api_message in created.json()[field][0]
+    assert not Tenant.objects.filter(slug="zz").exists()
+    if field == "name":  # the shell sets no webhook
+        with pytest.raises(CommandError, match=re.escape(message)):
+            run("tenant_create", "zz", "--name", value)
+        assert not Tenant.objects.filter(slug="zz").exists()
