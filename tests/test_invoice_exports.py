@@ -279,6 +279,8 @@ def test_export_invoices_into_a_file_or_below_one_is_a_clear_error(issued, tmp_p
     with pytest.raises(CommandError, match=r"^Cannot write .*\.zip: Is a directory\.$"):
         call_command("export_invoices", "2026-10", "--out", str(tmp_path / "out"))
     assert existing.read_text() == "keep me"
+    with pytest.raises(CommandError, match=r"^--out needs a directory"):
+        call_command("export_invoices", "2026-10", "--out", " ")
 
 
 def test_export_invoices_for_an_unknown_tenant_says_so_like_close_month(issued, tmp_path):

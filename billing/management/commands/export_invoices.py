@@ -38,6 +38,8 @@ class Command(BaseCommand):
         invoices = list(invoices)
         if not invoices:
             raise CommandError(f"No issued invoice for {month:%Y-%m}: run close_month first.")
+        if not out.strip():
+            raise CommandError("--out needs a directory (. for this one).")
         directory = Path(out)
         if directory.exists() and not directory.is_dir():
             raise CommandError(f"--out {out} is a file, not a directory.")
