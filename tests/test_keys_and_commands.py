@@ -275,3 +275,10 @@ def test_demo_setup_is_harmless_to_run_twice(settings, tmp_path):
     assert Route.objects.count() == 2
     assert "auto (the seeds' router)" in first
     assert oct((tmp_path / ".run" / "demo-key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_blank_value_names_the_option_it_came_from():
+    with pytest.raises(CommandError, match="^--name: This field cannot be blank"):
+        run("tenant_create", "zz", "--name", "")
+    with pytest.raises(CommandError, match="^--base-url: This field cannot be blank"):
+        run("provider_set", "p", "--base-url", "")

@@ -1,6 +1,7 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from config.command_errors import validation_command_error
 from routing.models import MAX_TIMEOUT_SECONDS
 from routing.services import provider_set
 
@@ -31,6 +32,14 @@ class Command(BaseCommand):
                 name=name, base_url=base_url, api_key_env=api_key_env, timeout_seconds=timeout
             )
         except ValidationError as exc:
-            raise CommandError("; ".join(exc.messages)) from None
+            raise validation_command_error(
+                exc,
+                {
+                    "name": "NAME",
+                    "base_url": "--base-url",
+                    "api_key_env": "",
+                    "timeout_seconds": "--timeout",
+                },
+            ) from None
         verb = "Created" if created else "Updated"
         self.stdout.write(f"{verb} provider {provider.name}: {provider.base_url}")

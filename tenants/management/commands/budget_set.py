@@ -3,6 +3,7 @@ from decimal import Decimal, InvalidOperation
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from config.command_errors import validation_command_error
 from tenants.budgets import budget_set, budget_status, usd_format
 from tenants.models import MAX_BUDGET_USD, Tenant
 from tenants.services import api_key_named
@@ -60,7 +61,9 @@ class Command(BaseCommand):
                 alert_thresholds=thresholds,
             )
         except ValidationError as exc:
-            raise CommandError("; ".join(exc.messages)) from None
+            raise validation_command_error(
+                exc, {"limit_usd": "", "alert_thresholds": "--alerts", "hard": "--soft"}
+            ) from None
         status = budget_status(budget)
         kind = "soft" if soft else "hard"
         scope = f"key {api_key.prefix}…" if api_key else f"tenant {slug}"

@@ -4,7 +4,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from tenants.management.errors import validation_command_error
+from config.command_errors import validation_command_error
 from tenants.models import Tenant
 from tenants.services import UnknownModelsError, api_key_issue
 

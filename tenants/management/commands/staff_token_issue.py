@@ -2,7 +2,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from tenants.management.errors import validation_command_error
+from config.command_errors import validation_command_error
 from tenants.services import staff_token_issue
 
 

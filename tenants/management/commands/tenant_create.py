@@ -1,12 +1,23 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from config.command_errors import validation_command_error
 from tenants.models import Tenant
 from tenants.services import UnknownModelsError, tenant_create, tenant_update
 
 
 def _models(count: int) -> str:
     return f"{count} model{'' if count == 1 else 's'}"
+
+
+# Which option each field's message is about ("" where the message says it itself).
+OPTIONS = {
+    "slug": "SLUG",
+    "name": "--name",
+    "contact_email": "--email",
+    "timezone": "--timezone",
+    "allowed_models": "",
+}
 
 
 class Command(BaseCommand):
@@ -48,7 +59,7 @@ class Command(BaseCommand):
         except UnknownModelsError as exc:
             raise CommandError(str(exc)) from None
         except ValidationError as exc:
-            raise CommandError("; ".join(exc.messages)) from None
+            raise validation_command_error(exc, OPTIONS) from None
         count = len(model_ids or [])
         self.stdout.write(f"Created tenant {tenant.slug} with {count} allowed models.")
 
