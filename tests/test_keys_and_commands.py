@@ -278,7 +278,7 @@ def test_demo_setup_is_harmless_to_run_twice(settings, tmp_path):
 
 
 def test_a_blank_value_names_the_option_it_came_from():
-    with pytest.raises(CommandError, match="^--name: This field cannot be blank"):
+    with pytest.raises(CommandError, match=r"^--name: This field cannot be blank"):
         run("tenant_create", "zz", "--name", "")
-    with pytest.raises(CommandError, match="^--base-url: This field cannot be blank"):
+    with pytest.raises(CommandError, match=r"^--base-url: This field cannot be blank"):
         run("provider_set", "p", "--base-url", "")
