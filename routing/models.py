@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from decimal import Decimal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -36,21 +36,27 @@ def validate_timeout(value: float) -> None:
         )
 
 
+def http_url_parts(value: str, what: str) -> SplitResult | None:
+    """The parts of an http or https URL; ValidationError naming `what` for another
+    scheme; None where URLField's own check will say it is no URL at all."""
+    if "://" not in value:
+        return None
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValidationError(f"{what} starts with http:// or https://, not {parts.scheme}://.")
+    return parts
+
+
 def validate_provider_url(value: str) -> None:
     """http or https, with no user:password, query or fragment in it (URLField's own check
     lets ftp and credentials through)."""
-    if "://" not in value:
-        return  # not a URL at all: URLField's own message says so
-    try:
-        parts = urlsplit(value)
-        has_credentials = parts.username is not None or parts.password is not None
-    except ValueError:
-        return  # URLField's own message says so
-    if parts.scheme.lower() not in ("http", "https"):
-        raise ValidationError(
-            f"A provider's base URL starts with http:// or https://, not {parts.scheme}://."
-        )
-    if has_credentials or parts.query or parts.fragment:
+    parts = http_url_parts(value, "A provider's base URL")
+    if parts is None:
+        return
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
         # A query could carry a key (?api_key=...), and the SDK appends its paths after
         # it, so no call would work either.
         raise ValidationError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import zoneinfo
 from decimal import Decimal
-from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -12,6 +11,8 @@ from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Lower
 from django.utils import timezone
+
+from routing.models import http_url_parts
 
 
 def validate_timezone(value: str) -> None:
@@ -22,16 +23,8 @@ def validate_timezone(value: str) -> None:
 def validate_webhook_url(value: str) -> None:
     """http or https, and no user:password: the receiver checks the signature instead,
     and credentials here would be stored and shown in clear."""
-    try:
-        parts = urlsplit(value)
-        has_credentials = parts.username is not None or parts.password is not None
-    except ValueError:
-        return  # URLField's own message says so
-    if parts.scheme and parts.scheme.lower() not in ("http", "https"):
-        raise ValidationError(
-            f"A webhook URL starts with http:// or https://, not {parts.scheme}://."
-        )
-    if has_credentials:
+    parts = http_url_parts(value, "A webhook URL")
+    if parts is not None and (parts.username is not None or parts.password is not None):
         raise ValidationError(
             "Leave credentials out of the webhook URL: the receiver checks the "
             "Tollgate-Signature header instead."
