@@ -110,20 +110,9 @@ class TenantPriceForm(PriceVersionForm):
                 )
             except PriceChangeError as exc:
                 self.add_error("effective_from", str(exc))
-        if any(self.has_error(f) for f in ("markup_percent", "model", *self.PRICE_FIELDS)):
-            return data  # said on the field; what is left of the price is not judged
-        prices = [
-            data.get(f) for f in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
-        ]
-        if data.get("markup_percent") is not None and any(p is not None for p in prices):
-            raise forms.ValidationError("Set a markup or negotiated prices, not both.")
-        if data.get("markup_percent") is None and (
-            data.get("model") is None or data.get("output_per_mtok") is None
-        ):
-            raise forms.ValidationError(
-                "A negotiated price names a model and sets its output price; a markup may "
-                "cover every model."
-            )
+        # A markup or negotiated prices, not both, and a negotiated price's model and output
+        # price: the model's constraints say so, in words, after this (and not where one of
+        # their fields was already refused on its own).
         return data
 
 

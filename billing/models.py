@@ -54,11 +54,14 @@ class TenantPrice(models.Model):
                     & Q(output_per_mtok__isnull=True)
                 ),
                 name="tenant_price_markup_or_prices",
+                violation_error_message="Set a markup or negotiated prices, not both.",
             ),
             models.CheckConstraint(
                 condition=Q(markup_percent__isnull=False)
                 | (Q(model__isnull=False) & Q(output_per_mtok__isnull=False)),
                 name="tenant_price_negotiated_names_model_and_output",
+                violation_error_message="A negotiated price names a model and sets its output "
+                "price; a markup may cover every model.",
             ),
             models.CheckConstraint(
                 condition=Q(markup_percent__isnull=True) | Q(markup_percent__gt=-100),

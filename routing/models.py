@@ -275,6 +275,17 @@ class Route(models.Model):
         return self.name
 
 
+# What a refused target is told, in words: on its row in the admin (the constraints'
+# messages, which Django's model validation gives) and, numbered, by
+# `routing.routes.route_targets_validate` (the management API, the admin's formset).
+TARGET_MODEL_OR_ROUTE = "Choose a model or a route, not both or neither."
+TARGET_WEIGHT_POSITIVE = "The weight must be a positive whole number."
+TARGET_TIMEOUT_BOUNDS = (
+    f"The timeout must be more than 0 and at most {MAX_TIMEOUT_SECONDS:g} seconds."
+)
+TARGET_NOT_ITSELF = "A route cannot be its own target."
+
+
 class RouteTarget(models.Model):
     """One target of a route: a catalog model or another route, in order.
 
@@ -331,14 +342,22 @@ class RouteTarget(models.Model):
                 condition=Q(model__isnull=False, subroute__isnull=True)
                 | Q(model__isnull=True, subroute__isnull=False),
                 name="route_target_model_or_route",
+                violation_error_message=TARGET_MODEL_OR_ROUTE,
             ),
-            models.CheckConstraint(condition=Q(weight__gt=0), name="route_target_weight_positive"),
+            models.CheckConstraint(
+                condition=Q(weight__gt=0),
+                name="route_target_weight_positive",
+                violation_error_message=TARGET_WEIGHT_POSITIVE,
+            ),
             models.CheckConstraint(
                 condition=Q(timeout_seconds__isnull=True) | Q(timeout_seconds__gt=0),
                 name="route_target_timeout_positive",
+                violation_error_message=TARGET_TIMEOUT_BOUNDS,
             ),
             models.CheckConstraint(
-                condition=~Q(subroute=models.F("route")), name="route_target_not_itself"
+                condition=~Q(subroute=models.F("route")),
+                name="route_target_not_itself",
+                violation_error_message=TARGET_NOT_ITSELF,
             ),
         ]
 

@@ -31,7 +31,16 @@ from dataclasses import dataclass, field
 from django.core.exceptions import ValidationError
 
 from .config_cache import ConfigCache
-from .models import MAX_TIMEOUT_SECONDS, CatalogModel, Route, RouteTarget
+from .models import (
+    MAX_TIMEOUT_SECONDS,
+    TARGET_MODEL_OR_ROUTE,
+    TARGET_NOT_ITSELF,
+    TARGET_TIMEOUT_BOUNDS,
+    TARGET_WEIGHT_POSITIVE,
+    CatalogModel,
+    Route,
+    RouteTarget,
+)
 
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
@@ -388,16 +397,13 @@ def route_targets_validate(route: Route, targets: list[TargetDraft]) -> None:
         errors.append("A route needs at least one target.")
     for index, t in enumerate(targets, 1):
         if (t.model is None) == (t.subroute is None):
-            errors.append(f"Target {index}: choose a model or a route, not both or neither.")
+            errors.append(_numbered(index, TARGET_MODEL_OR_ROUTE))
         if t.weight is None or t.weight <= 0:
-            errors.append(f"Target {index}: the weight must be a positive whole number.")
+            errors.append(_numbered(index, TARGET_WEIGHT_POSITIVE))
         if t.timeout_seconds is not None and not 0 < t.timeout_seconds <= MAX_TIMEOUT_SECONDS:
-            errors.append(
-                f"Target {index}: the timeout must be more than 0 and at most "
-                f"{MAX_TIMEOUT_SECONDS:g} seconds."
-            )
+            errors.append(_numbered(index, TARGET_TIMEOUT_BOUNDS))
         if t.subroute is not None and route.pk is not None and t.subroute.pk == route.pk:
-            errors.append(f"Target {index}: a route cannot be its own target.")
+            errors.append(_numbered(index, TARGET_NOT_ITSELF))
     if errors:
         raise ValidationError(errors)
     if route.pk is None:
@@ -417,6 +423,12 @@ def route_targets_validate(route: Route, targets: list[TargetDraft]) -> None:
             + " -> ".join(names.get(p, "?") for p in path)
             + f" -> {names.get(route.pk, '?')}."
         )
+
+
+def _numbered(index: int, message: str) -> str:
+    """A target's refusal as the API says it, "Target 2: choose a model ...": the words
+    its constraint gives on the row itself in the admin."""
+    return f"Target {index}: {message[0].lower()}{message[1:]}"
 
 
 def _cycle_from(start: int, edges: dict[int, set[int]]) -> list[int] | None:

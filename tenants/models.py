@@ -270,11 +270,14 @@ class Budget(models.Model):
                 fields=["tenant"],
                 condition=Q(api_key__isnull=True),
                 name="budget_one_per_tenant",
+                violation_error_message="This tenant already has a budget of the whole "
+                "tenant: change that one.",
             ),
             models.UniqueConstraint(
                 fields=["api_key"],
                 condition=Q(api_key__isnull=False),
                 name="budget_one_per_key",
+                violation_error_message="This key already has a budget: change that one.",
             ),
             models.CheckConstraint(condition=Q(limit_usd__gt=0), name="budget_limit_positive"),
         ]

@@ -340,3 +340,184 @@ def test_a_catalog_model_cannot_take_a_routes_name(admin_client):
     errors = page.context["adminform"].form.errors
     assert "is the name of a route" in errors["public_id"][0]
     assert not CatalogModel.objects.filter(public_id="r1").exists()
+
+
+# --- Refusals in words, never a database constraint's name ------------------------------
+
+
+def route_form(name: str, targets: list[dict], *, route=None) -> dict:
+    """The Route add or change form with its inline targets (`id` for a saved one)."""
+    form = {
+        "name": name,
+        "description": "",
+        "strategy": "split",
+        "enabled": "on",
+        "targets-TOTAL_FORMS": str(len(targets)),
+        "targets-INITIAL_FORMS": str(sum("id" in t for t in targets)),
+        "targets-MIN_NUM_FORMS": "0",
+        "targets-MAX_NUM_FORMS": "1000",
+    }
+    for index, target in enumerate(targets):
+        row = {"position": str(index), "model": "", "subroute": "", "timeout_seconds": ""}
+        row |= {"weight": "1", "route": str(route.pk) if route is not None else ""}
+        for field, value in (row | target).items():
+            form[f"targets-{index}-{field}"] = value
+    return form
+
+
+@pytest.mark.parametrize("page", ["add", "change"])
+@pytest.mark.parametrize(
+    ("target", "draft", "constraint", "words"),
+    [
+        (
+            {"timeout_seconds": "10"},
+            {"model": None, "subroute": None, "timeout_seconds": 10.0},
+            "route_target_model_or_route",
+            "Choose a model or a route, not both or neither.",
+        ),
+        (
+            {"model": "flash", "subroute": "other"},
+            {"model": "flash", "subroute": "other"},
+            "route_target_model_or_route",
+            "Choose a model or a route, not both or neither.",
+        ),
+        (
+            {"model": "flash", "weight": "0"},
+            {"model": "flash", "subroute": None, "weight": 0},
+            "route_target_weight_positive",
+            "The weight must be a positive whole number.",
+        ),
+    ],
+)
+def test_a_wrong_route_target_is_refused_on_its_row_in_words(
+    admin_client, page, target, draft, constraint, words
+):
+    from django.core.exceptions import ValidationError
+
+    from routing.models import Route, RouteTarget
+    from routing.routes import TargetDraft, route_targets_validate
+
+    flash = CatalogModel.objects.get(public_id="deepseek-v4-flash")
+    other = Route.objects.create(name="other")
+    RouteTarget.objects.create(route=other, model=flash)
+    named = {"flash": flash, "other": other}
+    target = {field: str(getattr(named.get(v), "pk", v)) for field, v in target.items()}
+    if page == "add":
+        url = reverse("admin:routing_route_add")
+        form = route_form("new", [target])
+    else:
+        route = Route.objects.create(name="new", strategy=Route.Strategy.SPLIT)
+        saved = RouteTarget.objects.create(route=route, model=flash, weight=3)
+        url = reverse("admin:routing_route_change", args=[route.pk])
+        form = route_form("new", [{"id": str(saved.pk), **target}], route=route)
+
+    response = admin_client.post(url, form)
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert words in content
+    assert constraint not in content and "Constraint" not in content
+    (row,) = response.context["inline_admin_formsets"][0].formset.forms
+    assert row.non_field_errors() == [words]
+    # The management API says the same of the same target, numbered.
+    draft = TargetDraft(**{field: named.get(v, v) for field, v in draft.items()})
+    with pytest.raises(ValidationError) as api_refusal:
+        route_targets_validate(Route(), [draft])
+    assert api_refusal.value.messages == [f"Target 1: {words[0].lower()}{words[1:]}"]
+    # Nothing saved: no new route, or the route's target as it was.
+    if page == "add":
+        assert list(Route.objects.values_list("name", flat=True)) == ["other"]
+    else:
+        assert list(
+            route.targets.values_list("model", "subroute", "weight", "timeout_seconds")
+        ) == [(flash.pk, None, 3, None)]
+    assert RouteTarget.objects.count() == (1 if page == "add" else 2)
+
+
+@pytest.mark.parametrize(
+    ("scope", "constraint", "words"),
+    [
+        (
+            "tenant",
+            "budget_one_per_tenant",
+            "This tenant already has a budget of the whole tenant: change that one.",
+        ),
+        ("key", "budget_one_per_key", "This key already has a budget: change that one."),
+    ],
+)
+def test_a_second_budget_for_the_same_scope_is_refused_in_words(
+    admin_client, acme, scope, constraint, words
+):
+    from tenants.budgets import budget_set
+    from tenants.models import Budget
+
+    key = api_key_issue(tenant=acme).key
+    budget_set(tenant=acme, limit_usd=Decimal("10"))
+    budget_set(tenant=acme, key=key, limit_usd=Decimal("20"))
+
+    response = admin_client.post(
+        reverse("admin:tenants_budget_add"),
+        {
+            "tenant": acme.pk,
+            "api_key": key.pk if scope == "key" else "",
+            "limit_usd": "5",
+            "hard": "on",
+            "alert_thresholds": "[50, 80, 100]",
+        },
+    )
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert response.context["adminform"].form.errors == {"__all__": [words]}
+    assert constraint not in content and "Constraint" not in content
+    assert set(Budget.objects.values_list("api_key", "limit_usd")) == {
+        (None, Decimal("10")),
+        (key.pk, Decimal("20")),
+    }
+
+
+@pytest.mark.parametrize(
+    ("prices", "constraint", "words"),
+    [
+        (
+            {"markup_percent": "5", "output_per_mtok": "1"},
+            "tenant_price_markup_or_prices",
+            "Set a markup or negotiated prices, not both.",
+        ),
+        (
+            {},
+            "tenant_price_negotiated_names_model_and_output",
+            "A negotiated price names a model and sets its output price; a markup may cover "
+            "every model.",
+        ),
+        (
+            {"input_per_mtok": "0.1", "output_per_mtok": "1"},
+            "tenant_price_negotiated_names_model_and_output",
+            "A negotiated price names a model and sets its output price; a markup may cover "
+            "every model.",
+        ),
+    ],
+)
+def test_a_tenant_price_neither_markup_nor_negotiated_is_refused_in_words(
+    admin_client, acme, prices, constraint, words
+):
+    from billing.models import TenantPrice
+    from routing.services import price_change_earliest
+
+    start = price_change_earliest() + timedelta(minutes=5)
+    response = admin_client.post(
+        reverse("admin:billing_tenantprice_add"),
+        {
+            "tenant": acme.pk,
+            "model": "",
+            **prices,
+            "effective_from_0": start.strftime("%Y-%m-%d"),
+            "effective_from_1": start.strftime("%H:%M:%S"),
+        },
+    )
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert response.context["adminform"].form.errors == {"__all__": [words]}
+    assert constraint not in content and "Constraint" not in content
+    assert not TenantPrice.objects.exists()
