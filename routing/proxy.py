@@ -5,14 +5,17 @@ The views call `chat_targets` (a model, or a route's plan), `chat_admit`, then
 exactly one usage event (a direct call has one attempt; a route may fall back to
 more), written before the client gets its last byte (plain: before the response; stream:
 before `data: [DONE]`). The budget hold and the concurrency lease of a call are released
-with its last attempt's event.
+with its last attempt's event; a stream's lease earlier, when its client hangs up.
 
 Client disconnect policy (streams): when the client goes away mid-stream, the gateway
 keeps reading the upstream, without relaying, for up to TOLLGATE_DISCONNECT_DRAIN_SECONDS
 so that the ledger gets the usage the provider reports and bills. If the provider has not
 finished by then, the gateway closes the upstream and records an estimate: the prompt
 estimated from its characters plus one token per chunk already relayed, marked
-`estimated`. Either way the event has status `client_cancelled`.
+`estimated`. Either way the event has status `client_cancelled`. The call's concurrency
+lease is given back before the drain (the client's request is over, so it no longer
+counts against the key's limit); its tokens and its budget hold (the provider bills what
+it goes on generating) still settle with the event.
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ class ChatCall:
     attempt: int = 0
     attempt_started: float = 0.0
     released: bool = False  # the budget hold and the lease are given back
+    lease_released: bool = False  # the lease alone, early: the client hung up mid-stream
     breaker: CircuitBreaker | None = None  # the current target's, if not plainly closed
 
     def use(self, target: Target) -> None:
@@ -469,6 +473,7 @@ def _meter(
         "request_id": call.request_id,
         "at": call.received_at,
         "tokens": buckets.prompt + buckets.completion,
+        "lease": not call.lease_released,
     }
     try:
         writes = rate_limit_release_statements(**release) if final else []
@@ -547,7 +552,29 @@ def _release(call: ChatCall) -> None:
         return
     call.released = True
     budget_release(request_id=call.request_id)
-    rate_limit_release(key=call.key, request_id=call.request_id, at=call.received_at, tokens=0)
+    rate_limit_release(
+        key=call.key,
+        request_id=call.request_id,
+        at=call.received_at,
+        tokens=0,
+        lease=not call.lease_released,
+    )
+
+
+def _lease_release(call: ChatCall) -> None:
+    """Give back the concurrency lease of a call whose client hung up, ahead of its event:
+    its request is over for the client, even while the gateway drains the provider. The
+    event still settles the budget hold and counts the tokens, without the lease. If this
+    fails, the lease goes back with the event, as it would have."""
+    if call.released or call.lease_released or call.key.concurrency_limit is None:
+        return
+    try:
+        rate_limit_release(key=call.key, request_id=call.request_id, at=call.received_at, tokens=0)
+    except DatabaseError:
+        logger.exception("Could not give back the lease of %s early", call.request_id)
+        return
+    call.lease_released = True
+    db_connection_release()  # the drain waits on the provider
 
 
 def _attempt_first(call: ChatCall) -> None:
@@ -945,6 +972,7 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
         yield _DONE
     except GeneratorExit:
         if not recorded:
+            _lease_release(call)
             _drain(state, events)
             meter(UsageEvent.Status.CLIENT_CANCELLED)
         raise

@@ -6,7 +6,9 @@
   a call finishes, with its real usage, so a burst of concurrent calls can end a minute
   somewhat over its token limit; the next calls are then refused until the window turns.
 - Concurrent requests are leases (`KeyLease`), taken under a lock on the key's row and
-  given back when the call ends; a lease of a process that died expires on its own.
+  given back when the call ends, or earlier when its client hangs up (the proxy then
+  drains the provider's stream for its usage); a lease of a process that died expires on
+  its own.
 """
 
 from __future__ import annotations
@@ -192,10 +194,13 @@ def key_lease_renew(*, request_id: str, now: datetime) -> None:
 
 
 def rate_limit_release_statements(
-    *, key: ApiKey, request_id: str, at: datetime, tokens: int
+    *, key: ApiKey, request_id: str, at: datetime, tokens: int, lease: bool = True
 ) -> list[Statement]:
     """What `rate_limit_release` writes, for a caller to run in its own transaction (the
-    proxy runs them with the call's usage event: config.db.run_together)."""
+    proxy runs them with the call's usage event: config.db.run_together). `lease=False`:
+    the lease was given back already (a `rate_limit_release` with no tokens, when the
+    client hung up); expiring it again would move its expiry later, making it count
+    again for a call that arrived in between."""
     writes = []
     if key.tpm_limit is not None and tokens > 0:
         writes.append(
@@ -203,16 +208,21 @@ def rate_limit_release_statements(
                 key_id=key.pk, window_start=_window_start(at), tokens=tokens
             )
         )
-    if key.concurrency_limit is not None:
+    if lease and key.concurrency_limit is not None:
         # Expired at once; the beat task deletes the row.
         writes.append(statements.lease_expire_statement(request_id=request_id, at=timezone.now()))
     return writes
 
 
-def rate_limit_release(*, key: ApiKey, request_id: str, at: datetime, tokens: int) -> None:
-    """A call has ended: count its tokens in its window and give its lease back, in one
-    transaction (the caller's, if any)."""
-    writes = rate_limit_release_statements(key=key, request_id=request_id, at=at, tokens=tokens)
+def rate_limit_release(
+    *, key: ApiKey, request_id: str, at: datetime, tokens: int, lease: bool = True
+) -> None:
+    """A call has ended: count its tokens in its window and give its lease back (unless
+    `lease=False`: see `rate_limit_release_statements`), in one transaction (the caller's,
+    if any). With no tokens it gives the lease back alone."""
+    writes = rate_limit_release_statements(
+        key=key, request_id=request_id, at=at, tokens=tokens, lease=lease
+    )
     if writes:
         with transaction.atomic(savepoint=False):
             run_together(writes)

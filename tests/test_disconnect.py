@@ -4,14 +4,19 @@ upstream connection is not leaked (see the policy in routing/proxy.py and the RE
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 
 import httpx2
+import openai
 import pytest
+from django.db.models import Sum
 from django.test import override_settings
 from django.utils import timezone
 
 from billing.models import UsageEvent
 from routing.proxy import ChatCall, chat_admit, chat_stream, chat_targets
+from tenants.budgets import budget_set, budget_status
+from tenants.models import ApiKey, KeyLease, RateWindow
 from tenants.selectors import api_key_for_digest
 from tenants.services import key_digest
 
@@ -126,3 +131,56 @@ def test_a_stream_response_closed_before_it_sent_anything_is_still_metered(world
     assert event.status == UsageEvent.Status.CLIENT_CANCELLED
     assert event.output_tokens == 5  # drained: the provider's own usage
     assert call.released
+
+
+@pytest.mark.parametrize("server", ["live_server", "gunicorn"])
+def test_a_hung_up_stream_no_longer_counts_against_the_concurrency_limit(world, server, request):
+    """A key limited to one call at a time: once its client has hung up on a stream, the
+    key calls again at once, while the gateway still drains the provider for the first
+    call's usage. That call's event, tokens and budget hold settle when the drain ends."""
+    url = request.getfixturevalue("gunicorn_gateway").url if server == "gunicorn" else world.url
+    ApiKey.objects.filter(tenant=world.tenant).update(concurrency_limit=1, tpm_limit=100_000)
+    budget = budget_set(tenant=world.tenant, limit_usd=Decimal("10"))
+    client = openai.OpenAI(base_url=url, api_key=world.secret, max_retries=0)
+
+    # 200 chunks, 40 ms apart: the provider goes on for about 8 s after the client leaves.
+    stream = client.chat.completions.create(
+        model="m-deepseek",
+        messages=MESSAGES,
+        stream=True,
+        extra_body={"mock": {"chunks": 200, "interval_ms": 40}},
+    )
+    first_id = stream.response.headers["x-request-id"]
+    for _ in zip(range(3), stream, strict=False):  # role + 2 content chunks
+        pass
+    stream.close()
+
+    # The gateway notices the hang-up on its next write to the client, one or two chunks
+    # later; from then on the key's one slot is free.
+    deadline = time.monotonic() + 4
+    while True:
+        try:
+            second = client.chat.completions.create(model="m-openai", messages=MESSAGES)
+            break
+        except openai.RateLimitError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert second.choices[0].message.content
+    # ...while the first call is still draining: no event yet, its budget hold still held.
+    assert not UsageEvent.objects.filter(request_id=first_id).exists()
+    assert budget_status(budget).reserved > 0
+
+    first = wait_for_event(first_id)
+    assert first.status == UsageEvent.Status.CLIENT_CANCELLED
+    assert first.usage_source == UsageEvent.Source.PROVIDER  # drained to the end
+    assert first.output_tokens == 200
+    assert UsageEvent.objects.filter(request_id=first_id).count() == 1
+    second_event = UsageEvent.objects.get(request_id=second._request_id)
+    # Each call's real tokens counted once in the key's windows, each cost settled once,
+    # nothing held, and no lease left live.
+    counted = RateWindow.objects.aggregate(tokens=Sum("tokens"))["tokens"]
+    assert counted == sum(e.prompt_tokens + e.completion_tokens for e in (first, second_event))
+    status = budget_status(budget)
+    assert (status.spent, status.reserved) == (first.cost + second_event.cost, 0)
+    assert not KeyLease.objects.filter(expires_at__gt=timezone.now()).exists()
