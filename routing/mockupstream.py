@@ -62,7 +62,7 @@ before anything else and is never echoed back. Unknown keys are a 400. All keys 
     keepalive     stream: send a `: keep-alive` comment before the first chunk.
 
 Content: "Mock reply: " followed by the words of the last user message (list content: its
-text parts joined by a space; whitespace is normalised to single spaces). The words are
+text parts joined by a space; ASCII whitespace is normalised to single spaces). The words are
 grouped into exactly `chunks` non-empty pieces; when there are fewer words than chunks,
 words from `PAD_WORDS` are appended in turn. A plain answer's content is the concatenation
 of the pieces a stream would send. `max_tokens` / `max_completion_tokens` smaller than
@@ -71,7 +71,7 @@ Reasoning pieces are "Thinking step 1. ", "Thinking step 2. ", ...
 
 Usage (`compute_usage`), before `mock.usage` overrides:
 
-    prompt_tokens     = max(1, sum over messages of (whitespace words in its text + 3))
+    prompt_tokens     = max(1, sum over messages of (ASCII-whitespace words in its text + 3))
     completion_tokens = content pieces sent + reasoning chunks
     cached_tokens     = 0
     reasoning_tokens  = reasoning chunks
@@ -99,6 +99,7 @@ import contextlib
 import itertools
 import json
 import math
+import re
 import signal
 import sys
 import time
@@ -226,6 +227,15 @@ def message_text(content: Any) -> str:
     return ""
 
 
+# Words are split at ASCII whitespace only: Unicode separators (U+2028, U+0085, ...) stay
+# inside a word, so a test can have the reply carry them.
+_ASCII_SPACE = re.compile(r"[ \t\n\r\f\v]+")
+
+
+def _words(text: str) -> list[str]:
+    return [word for word in _ASCII_SPACE.split(text) if word]
+
+
 def reply_pieces(messages: list[dict[str, Any]], chunks: int) -> list[str]:
     """The reply content split into exactly `chunks` non-empty pieces."""
     last_user = next(
@@ -234,7 +244,7 @@ def reply_pieces(messages: list[dict[str, Any]], chunks: int) -> list[str]:
     )
     words = ["Mock", "reply:"]
     if last_user is not None:
-        words += message_text(last_user.get("content")).split()
+        words += _words(message_text(last_user.get("content")))
     pad = itertools.cycle(PAD_WORDS)
     while len(words) < chunks:
         words.append(next(pad))
@@ -262,7 +272,7 @@ def compute_usage(
 ) -> Usage:
     """The usage of an answer; the formula is in the module docstring."""
     prompt = sum(
-        len(message_text(m.get("content")).split()) + 3 for m in messages if isinstance(m, dict)
+        len(_words(message_text(m.get("content")))) + 3 for m in messages if isinstance(m, dict)
     )
     values = {
         "prompt_tokens": max(1, prompt),

@@ -765,7 +765,14 @@ class _StreamState:
     usage: dict | None = None
     pieces: int = 0  # chunks that carried output
     ttft_ms: int | None = None
-    finished: bool = False  # a choice said why it stopped (finish_reason)
+    choices_seen: set = field(default_factory=set)  # choice indexes
+    choices_done: set = field(default_factory=set)  # those that said why they stopped
+
+    @property
+    def finished(self) -> bool:
+        """Every choice seen said why it stopped (finish_reason): with n > 1, one choice
+        finished and another cut short is not a whole answer."""
+        return bool(self.choices_done) and self.choices_seen <= self.choices_done
 
     def absorb(self, chunk: dict) -> dict | None:
         """Normalise one upstream chunk; return what the client gets, or None to drop it.
@@ -790,8 +797,14 @@ class _StreamState:
             inner = choice.pop("usage", None)
             if isinstance(inner, dict):
                 usage = inner
+            index = choice.get("index")
+            index = index if isinstance(index, int) else 0
+            self.choices_seen.add(index)
             if choice.get("finish_reason"):
-                self.finished = True
+                self.choices_done.add(index)
+            # OpenAI's chunk choice has both, null until set (GLM leaves them out).
+            choice.setdefault("finish_reason", None)
+            choice.setdefault("logprobs", None)
             delta = choice.get("delta")
             if isinstance(delta, dict) and any(delta.get(f) for f in _DELTA_OUTPUT_FIELDS):
                 self.pieces += 1
@@ -886,13 +899,15 @@ def _stream_attempt(call: ChatCall) -> tuple[UpstreamStream, Iterator[str]] | No
 
 
 def _first_event(events: Iterator[str], call: ChatCall) -> str | None:
-    """The first event with data. Keep-alive comments do not count: a routed attempt with
-    a timeout that only ever sends them times out all the same."""
-    deadline = None if call.timeout is None else call.attempt_started + call.timeout
+    """The first event with data. Keep-alive comments do not count: a provider that only
+    ever sends them times out all the same, at the attempt's timeout (a route target's,
+    else the provider's), which each comment would otherwise restart as a read."""
+    timeout = call.timeout if call.timeout is not None else call.model.provider.timeout_seconds
+    deadline = call.attempt_started + timeout
     for data in events:
         if data != ":":
             return data
-        if deadline is not None and time.monotonic() > deadline:
+        if time.monotonic() > deadline:
             raise httpx2.ReadTimeout("no event before the attempt's timeout")
     return None
 

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
@@ -332,7 +333,7 @@ class UpstreamStream:
         the provider's failure with its message, not as a chunk."""
         data: list[str] = []
         event = ""
-        for line in self._response.iter_lines():
+        for line in sse_lines(self._response.iter_bytes()):
             if not line:
                 if data:
                     joined = "\n".join(data)
@@ -354,6 +355,38 @@ class UpstreamStream:
 
     def close(self) -> None:
         self._response.close()
+
+
+# SSE lines end at CRLF, LF or CR, and nowhere else: not at the Unicode line separators
+# (U+2028, U+2029, U+0085, ...) that str.splitlines() and httpx's line decoder also
+# break at, which a provider's JSON may carry raw inside a string.
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def sse_lines(chunks: Iterator[bytes]) -> Iterator[str]:
+    """The lines of an SSE body arriving in `chunks`, decoded as UTF-8 (line by line: no
+    line end falls inside a UTF-8 sequence), without their line ends; a CRLF split
+    between two chunks ends one line."""
+    parts: list[bytes] = []  # the line so far
+    after_cr = False  # the last chunk ended with CR: an LF first in the next is its pair
+    for chunk in chunks:
+        if after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+            after_cr = False
+        if not chunk:
+            continue
+        after_cr = chunk.endswith(b"\r")
+        pieces = _LINE_END.split(chunk)
+        if len(pieces) == 1:
+            parts.append(chunk)
+            continue
+        parts.append(pieces[0])
+        yield b"".join(parts).decode("utf-8", "replace")
+        for piece in pieces[1:-1]:
+            yield piece.decode("utf-8", "replace")
+        parts = [pieces[-1]] if pieces[-1] else []
+    if parts:
+        yield b"".join(parts).decode("utf-8", "replace")
 
 
 def _error_event(data: str) -> str:

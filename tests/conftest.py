@@ -23,6 +23,7 @@ from tenants.services import api_key_issue, staff_token_issue, tenant_create
 
 from .upstream import (
     MockUpstream,
+    RawStreamProvider,
     celery_worker_start,
     gunicorn_gateway_start,
     mock_upstream_start,
@@ -197,6 +198,26 @@ def world(live_server, mock_upstream, transactional_db) -> World:
         tenant=tenant,
         secret=secret,
     )
+
+
+@pytest.fixture
+def raw_provider(world):
+    """raw_provider(parts, timeout=None): the model `m-raw`, which world's tenant may
+    call, served by a RawStreamProvider answering every stream with `parts`; returns the
+    provider (its `requests` are what it received)."""
+    providers: list[RawStreamProvider] = []
+
+    def make(parts: list[bytes | float], timeout: float | None = None) -> RawStreamProvider:
+        provider = RawStreamProvider(parts)
+        providers.append(provider)
+        fields = {} if timeout is None else {"timeout_seconds": timeout}
+        row = Provider.objects.create(name=f"raw-{len(providers)}", base_url=provider.url, **fields)
+        world.tenant.allowed_models.add(model_create("m-raw", provider=row))
+        return provider
+
+    yield make
+    for provider in providers:
+        provider.stop()
 
 
 @pytest.fixture

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx2
@@ -147,3 +150,53 @@ def celery_worker_start(database_url: str, **broker_env: str) -> CeleryWorker:
         env=env,
     )  # fmt: skip
     return CeleryWorker(process=process)
+
+
+class RawStreamProvider:
+    """A provider whose streams are scripted to the byte: each chat completion is answered
+    with `parts` (bytes, sent as they are in one chunk of HTTP chunked encoding each, or a
+    float: seconds to wait), as `text/event-stream`. For what the mock cannot send: tool
+    calls, several choices, exact line ends and TCP segments, pauses of keep-alives."""
+
+    def __init__(self, parts: list[bytes | float]):
+        self.requests: list[dict] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for part in parts:
+                        if isinstance(part, float):
+                            time.sleep(part)
+                        elif part:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                            self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    pass  # the gateway hung up
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def sse_event(payload: dict) -> bytes:
+    """One `data:` event of a chat completion chunk, its text as UTF-8 (not escaped)."""
+    chunk = {"id": "chatcmpl-raw", "object": "chat.completion.chunk", "created": 1, **payload}
+    return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
