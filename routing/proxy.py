@@ -297,14 +297,39 @@ def output_limit(body: dict, model: CatalogModel) -> int:
     return min(max(asked), model.max_output_tokens) if asked else model.max_output_tokens
 
 
+# Content parts a provider reads as text; any other part (an image, audio, a video, a
+# file) costs tokens that no byte count bounds.
+_TEXT_PARTS = frozenset({"text", "input_text", "refusal"})
+
+
+def prompt_token_bound(body: dict, model: CatalogModel) -> int:
+    """The most input tokens a call served by `model` may be billed.
+
+    A token is at least one byte of what the provider reads, and it reads the whole
+    request: the messages, but also tool and function definitions and response_format
+    schemas, which providers put into the prompt. So the request's UTF-8 size bounds
+    its text. A part that is not text (an image, audio, video, a file) may cost thousands
+    of tokens in a few bytes of URL: then only the model's context window bounds the
+    input. Never more than the context window, which a provider refuses to exceed.
+    """
+    window = model.context_window
+    for message in body["messages"]:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+            not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS for part in content
+        ):
+            return window
+    size = len(json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    return min(size, window)
+
+
 def target_cost_bound(body: dict, model: CatalogModel, units: UnitPrices) -> Decimal:
     """Worst-case cost of a call served by `model` at `units`, for budget reservations.
 
-    Input: the UTF-8 size of the messages, since a token is at least one byte, at the
-    dearer of the input and cached input prices. Output: `output_limit` times n, at the
-    output price.
+    Input: `prompt_token_bound`, at the dearer of the input and cached input prices.
+    Output: `output_limit` times n, at the output price.
     """
-    prompt_bound = len(json.dumps(body["messages"], ensure_ascii=False).encode())
+    prompt_bound = prompt_token_bound(body, model)
     output_bound = output_limit(body, model) * (body.get("n") or 1)
     input_unit = max(
         (p for p in (units.input, units.cached_input) if p is not None), default=Decimal(0)
