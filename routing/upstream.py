@@ -376,7 +376,7 @@ def sse_lines(chunks: Iterator[bytes]) -> Iterator[str]:
         if not chunk:
             continue
         after_cr = chunk.endswith(b"\r")
-        pieces = _LINE_END.split(chunk)
+        pieces = _LINE_END.split(chunk) if b"\r" in chunk else chunk.split(b"\n")
         if len(pieces) == 1:
             parts.append(chunk)
             continue
