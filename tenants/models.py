@@ -31,6 +31,13 @@ def validate_webhook_url(value: str) -> None:
         )
 
 
+def tenant_slug_normalize(value: str) -> str:
+    """A tenant slug as stored: lower case, so that a slug given in any case names its
+    tenant ("ACME" names acme). The model's `clean` (the admin, the services) and the
+    management API lower through here; the shell commands lower their argument alike."""
+    return value.lower()
+
+
 class Tenant(models.Model):
     class Status(models.TextChoices):
         ACTIVE = "active", "Active"
@@ -75,7 +82,7 @@ class Tenant(models.Model):
     def clean(self) -> None:
         # Slugs are lower case (admin, API and shell alike validate through here), so that
         # "ACME" is refused, or names the existing tenant, where "acme" exists.
-        self.slug = self.slug.lower()
+        self.slug = tenant_slug_normalize(self.slug)
         self.name = self.name.strip()
         if not self.name:
             raise ValidationError({"name": "A tenant needs a name, not only spaces."})

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import zipfile
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from billing.invoicing import invoice_build, invoice_finalize
 from billing.models import Invoice
@@ -114,6 +115,51 @@ def test_finalize_refuses_unpriced_usage_and_months_not_over(shop, superuser_tok
     assert client.get("/api/invoices/?status=late").status_code == 400
 
 
+def test_build_refuses_a_month_not_started_yet_and_previews_the_current_one(shop, superuser_token):
+    client = api(token=superuser_token)
+    now = datetime.now(UTC)
+    this_month = date(now.year, now.month, 1)
+    next_month = (this_month + timedelta(days=31)).replace(day=1)
+
+    for month in (f"{next_month:%Y-%m}", "9998-12"):
+        refused = client.post("/api/invoices/build/", {"tenant": "acme", "month": month})
+        assert refused.status_code == 400, month
+        assert refused.json() == {
+            "month": [f"{month} has not started yet in acme's time zone (UTC)."]
+        }
+    assert not Invoice.objects.exists()  # no empty draft left behind
+
+    preview = client.post(
+        "/api/invoices/build/", {"tenant": "acme", "month": f"{this_month:%Y-%m}"}
+    )
+    assert preview.status_code == 200, preview.content
+    assert preview.json()["status"] == "draft"
+
+
+def test_a_month_starts_for_the_build_in_the_tenants_time_zone(shop, superuser_token, monkeypatch):
+    tenant_create(slug="kiri", name="Kiri", model_ids=["m"], timezone_name="Pacific/Kiritimati")
+    tenant_create(slug="la", name="LA", model_ids=["m"], timezone_name="America/Los_Angeles")
+    client = api(token=superuser_token)
+
+    def build(slug: str, at: datetime):
+        monkeypatch.setattr(timezone, "now", lambda: at)
+        return client.post("/api/invoices/build/", {"tenant": slug, "month": "2026-12"})
+
+    # November 30th, 12:00 UTC: December 1st, 02:00 on Kiritimati (UTC+14).
+    before_utc = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    assert build("kiri", before_utc).status_code == 200
+    refused = build("acme", before_utc)
+    assert (refused.status_code, list(refused.json())) == (400, ["month"])
+    # December 1st, 05:00 UTC: still November 30th in Los Angeles.
+    after_utc = datetime(2026, 12, 1, 5, tzinfo=UTC)
+    assert build("acme", after_utc).status_code == 200
+    refused = build("la", after_utc)
+    assert refused.json() == {
+        "month": ["2026-12 has not started yet in la's time zone (America/Los_Angeles)."]
+    }
+    assert sorted(Invoice.objects.values_list("tenant__slug", flat=True)) == ["acme", "kiri"]
+
+
 def test_finalize_accepts_unpriced_usage_with_a_reason_superusers_only(shop, superuser_token):
     _, (key, _), model = shop
     ModelPrice.objects.filter(model=model).update(input_per_mtok=None, cached_input_per_mtok=None)
@@ -176,6 +222,23 @@ def test_downloads_in_every_format_add_up(october, superuser_token):
     names = zipfile.ZipFile(io.BytesIO(month.content)).namelist()
     assert sorted(names) == [f"{invoice.number}.json", "summary.csv"]
     assert client.get("/api/invoices/export/json/").status_code == 400
+
+
+def test_the_month_export_takes_the_tenant_slug_in_any_case(october, superuser_token):
+    invoice = invoice_finalize(invoice=invoice_build(tenant=october, month=OCT), now=AFTER_OCT)
+    other = tenant_create(slug="other", name="Other", model_ids=["m"])
+    other_key = api_key_issue(tenant=other, name="o").key
+    model = CatalogModel.objects.get(public_id="m")
+    record(other_key, model, datetime(2026, 10, 7, tzinfo=UTC), output=2_000_000)
+    invoice_finalize(invoice=invoice_build(tenant=other, month=OCT), now=AFTER_OCT)
+    client = api(token=superuser_token)
+
+    for slug in ("acme", "ACME", "Acme"):
+        month = client.get("/api/invoices/export/csv/", {"month": "2026-10", "tenant": slug})
+        names = zipfile.ZipFile(io.BytesIO(month.content)).namelist()
+        assert sorted(names) == [f"{invoice.number}.csv", "summary.csv"], slug
+    nobody = client.get("/api/invoices/export/csv/", {"month": "2026-10", "tenant": "NOBODY"})
+    assert zipfile.ZipFile(io.BytesIO(nobody.content)).namelist() == ["summary.csv"]
 
 
 def test_members_read_and_download_but_only_superusers_change(october, superuser_token):

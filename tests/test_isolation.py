@@ -11,9 +11,10 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from billing.invoicing import invoice_build
+from billing.metering import TokenBuckets
 from billing.models import Invoice, UsageEvent
 from billing.services import usage_record
-from routing.models import Provider
+from routing.models import CatalogModel, Provider
 from tenants.budgets import budget_set
 from tenants.models import ApiKey, Budget, Tenant
 from tenants.services import api_key_issue, tenant_create
@@ -90,6 +91,66 @@ def test_lists_show_only_the_members_own_tenant(two_tenants, member_of_a):
     invoices = client.get("/api/invoices/").json()["results"]
     assert [i["tenant"] for i in invoices] == ["alpha"]
     assert client.get("/api/invoices/?tenant=beta").json()["results"] == []
+
+
+def test_a_tenant_slug_names_its_tenant_in_any_case_everywhere_the_api_takes_one(
+    two_tenants, superuser_token
+):
+    # Slugs are stored lower case and the shell takes them in any case; so does the API:
+    # in a body, in the URL and in the filters.
+    client = api(token=superuser_token)
+    assert client.get("/api/tenants/ALPHA/").json()["slug"] == "alpha"
+    assert client.get("/api/tenants/Alpha/models/").json() == {"models": ["only-a", "shared-model"]}
+    assert client.get("/api/tenants/ALPHA/webhook-secret/").json()["secret"].startswith("whsec_")
+    renamed = client.patch("/api/tenants/ALPHA/", {"name": "Alpha Inc"}, format="json")
+    assert renamed.status_code == 200 and Tenant.objects.get(slug="alpha").name == "Alpha Inc"
+
+    issued = client.post("/api/keys/", {"tenant": "ALPHA", "name": "upper"}, format="json")
+    assert issued.status_code == 201, issued.content
+    assert ApiKey.objects.get(prefix=issued.json()["prefix"]).tenant == two_tenants["a"]
+    budget = client.post("/api/budgets/", {"tenant": "Alpha", "limit_usd": "5"}, format="json")
+    assert budget.status_code == 201, budget.content
+    assert Budget.objects.get(pk=budget.json()["id"]).tenant == two_tenants["a"]
+    invoice = Invoice.objects.get(tenant=two_tenants["a"])
+    built = client.post(
+        "/api/invoices/build/", {"tenant": "ALPHA", "month": f"{invoice.month:%Y-%m}"}
+    )
+    assert built.status_code == 200, built.content
+    assert built.json()["id"] == invoice.pk  # the same draft, rebuilt
+
+    for url in ("/api/usage/", "/api/keys/", "/api/invoices/"):
+        lower = client.get(url, {"tenant": "alpha"}).json()
+        assert lower["count"] > 0 and {r["tenant"] for r in lower["results"]} == {"alpha"}, url
+        assert client.get(url, {"tenant": "ALPHA"}).json() == lower, url
+
+    route = {"name": "r", "strategy": "fallback", "targets": [{"model": "shared-model"}]}
+    assert client.post("/api/routes/", route, format="json").status_code == 201
+    hello = {"messages": [{"role": "user", "content": "hi"}]}
+    explained = client.post("/api/routes/r/explain/?tenant=ALPHA", hello, format="json")
+    assert explained.json()["as"]["tenant"] == "alpha"
+
+
+def test_a_slug_in_another_case_opens_no_other_tenant(two_tenants, member_of_a):
+    # What a member of alpha gets for beta, it gets for BETA; and a slug no tenant has
+    # lists nothing, as a model no event has does.
+    client = api(member_of_a)
+    for slug in ("BETA", "Beta"):
+        for url in (
+            f"/api/tenants/{slug}/",
+            f"/api/tenants/{slug}/models/",
+            f"/api/tenants/{slug}/webhook-secret/",
+        ):
+            assert client.get(url).status_code == 404, url
+        refused = client.post("/api/keys/", {"tenant": slug, "name": "sneaky"}, format="json")
+        assert refused.json() == {"tenant": ["Object with slug=beta does not exist."]}
+        for url in ("/api/usage/", "/api/keys/", "/api/invoices/"):
+            listed = client.get(url, {"tenant": slug})
+            assert (listed.status_code, listed.json()["count"]) == (200, 0), url
+    assert not ApiKey.objects.filter(name="sneaky").exists()
+    for filters in ({"tenant": "NOBODY"}, {"tenant": "nobody"}, {"model": "no-such-model"}):
+        listed = client.get("/api/usage/", filters)
+        assert (listed.status_code, listed.json()["count"]) == (200, 0), filters
+    assert client.get("/api/usage/", {"tenant": "ALPHA"}).json()["count"] == 1
 
 
 def test_member_cannot_issue_a_key_for_another_tenant(two_tenants, member_of_a):
@@ -212,6 +273,43 @@ def test_usage_filters_validate_their_input(two_tenants, superuser_token):
     )
     total = sum(Decimal(u["cost"]) for u in client.get("/api/usage/").json()["results"])
     assert total == sum(e.cost for e in UsageEvent.objects.all())
+
+
+def test_usage_filters_by_request_id_every_attempt_of_one_call(two_tenants, member_of_a):
+    # A routed call that fell back: two rows under the request id its client got.
+    shared = CatalogModel.objects.get(public_id="shared-model")
+    key = two_tenants["key_a"]
+    failed = usage_facts(
+        key,
+        shared,
+        request_id="req_routed",
+        attempt=1,
+        settles=False,
+        status=UsageEvent.Status.UPSTREAM_ERROR,
+        buckets=TokenBuckets(),
+    )
+    usage_record(failed)
+    usage_record(usage_facts(key, shared, request_id="req_routed", attempt=2))
+    client = api(member_of_a)
+
+    rows = client.get("/api/usage/", {"request_id": "req_routed"}).json()["results"]
+    assert sorted((r["request_id"], r["attempt"], r["status"]) for r in rows) == [
+        ("req_routed", 1, "upstream_error"),
+        ("req_routed", 2, "ok"),
+    ]
+    assert client.get("/api/usage/", {"request_id": "req_alpha"}).json()["count"] == 1
+    # Exact, and within the tenants the user may see.
+    assert client.get("/api/usage/", {"request_id": "req_rout"}).json()["count"] == 0
+    assert client.get("/api/usage/", {"request_id": "req_beta"}).json()["count"] == 0
+
+
+def test_the_schema_documents_the_request_id_filter_of_the_usage_list(superuser_token):
+    schema = api(token=superuser_token).get("/api/schema/?format=json").json()
+    parameters = {p["name"]: p for p in schema["paths"]["/api/usage/"]["get"]["parameters"]}
+    assert {"tenant", "model", "status", "since", "until", "request_id"} <= set(parameters)
+    request_id = parameters["request_id"]
+    assert (request_id["in"], request_id["schema"]["type"]) == ("query", "string")
+    assert "x-request-id" in request_id["description"]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from datetime import date
+
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.reverse import reverse
@@ -7,6 +10,7 @@ from rest_framework.reverse import reverse
 from tenants.api.scoping import VisibleTenantField
 
 from ..exports import FORMATS, invoice_key_totals
+from ..invoicing import InvoiceError, month_bounds, month_parse
 from ..models import Invoice, InvoiceLine, UsageEvent
 
 
@@ -134,7 +138,30 @@ class InvoiceDetailSerializer(InvoiceSerializer):
 
 class InvoiceBuildSerializer(serializers.Serializer):
     tenant = VisibleTenantField()
-    month = serializers.RegexField(r"^\d{4}-\d{2}$", help_text="YYYY-MM")
+    month = serializers.RegexField(
+        r"^\d{4}-\d{2}$",
+        help_text="YYYY-MM: a month that has started in the tenant's time zone (the current "
+        "month's draft is a preview).",
+    )
+
+    def validate_month(self, value: str) -> date:
+        try:
+            return month_parse(value)
+        except InvoiceError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    def validate(self, data):
+        # A month not started yet has nothing to bill: its draft would be empty. As
+        # close_month refuses a month not over, with the same bounds in the tenant's zone.
+        tenant, month = data["tenant"], data["month"]
+        if timezone.now() < month_bounds(month, tenant.timezone)[0]:
+            raise serializers.ValidationError(
+                {
+                    "month": f"{month:%Y-%m} has not started yet in {tenant.slug}'s time "
+                    f"zone ({tenant.timezone})."
+                }
+            )
+        return data
 
 
 class InvoiceVoidSerializer(serializers.Serializer):

@@ -34,7 +34,13 @@ from .serializers import (
 )
 
 _FILTERS = [
-    OpenApiParameter("tenant", str, description="Tenant slug."),
+    OpenApiParameter("tenant", str, description="Tenant slug, in any case."),
+    OpenApiParameter(
+        "request_id",
+        str,
+        description="A call's request id (its `x-request-id`): the call's rows, one per "
+        "upstream attempt.",
+    ),
     OpenApiParameter("model", str, description="Served model's public id."),
     OpenApiParameter("status", str, enum=[s for s, _ in UsageEvent.Status.choices]),
     OpenApiParameter("since", str, description="ISO 8601 instant, inclusive."),
@@ -72,8 +78,9 @@ class UsageEventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Tenant
         if self.action != "list":
             return queryset
         params = self.request.query_params
-        if params.get("tenant"):
-            queryset = queryset.filter(tenant__slug=params["tenant"])
+        queryset = self.tenant_filter(queryset)
+        if params.get("request_id"):
+            queryset = queryset.filter(request_id=params["request_id"])
         if params.get("model"):
             queryset = queryset.filter(served_model__public_id=params["model"])
         if params.get("status"):
@@ -91,7 +98,7 @@ def _conflict(exc: Exception) -> Response:
 
 
 _INVOICE_FILTERS = [
-    OpenApiParameter("tenant", str, description="Tenant slug."),
+    OpenApiParameter("tenant", str, description="Tenant slug, in any case."),
     OpenApiParameter("month", str, description="YYYY-MM."),
     OpenApiParameter("status", str, enum=[s for s, _ in Invoice.Status.choices]),
 ]
@@ -121,8 +128,7 @@ class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
         if self.action != "list":
             return queryset
         params = self.request.query_params
-        if params.get("tenant"):
-            queryset = queryset.filter(tenant__slug=params["tenant"])
+        queryset = self.tenant_filter(queryset)
         if params.get("month"):
             try:
                 queryset = queryset.filter(month=month_parse(params["month"]))
@@ -142,15 +148,14 @@ class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
     @extend_schema(request=InvoiceBuildSerializer, responses=InvoiceDetailSerializer)
     @action(detail=False, methods=["post"])
     def build(self, request):
-        """Build or rebuild a tenant's draft for a month from the ledger (idempotent)."""
+        """Build or rebuild a tenant's draft for a month from the ledger (idempotent).
+        Refused for a month that has not started yet in the tenant's time zone."""
         data = InvoiceBuildSerializer(data=request.data, context=self.get_serializer_context())
         data.is_valid(raise_exception=True)
         try:
-            month = month_parse(data.validated_data["month"])
-        except InvoiceError as exc:
-            raise ValidationError({"month": str(exc)}) from None
-        try:
-            invoice = invoice_build(tenant=data.validated_data["tenant"], month=month)
+            invoice = invoice_build(
+                tenant=data.validated_data["tenant"], month=data.validated_data["month"]
+            )
         except InvoiceError as exc:
             return _conflict(exc)
         return self._detail(invoice)
@@ -225,7 +230,7 @@ class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
         parameters=[
             OpenApiParameter("fmt", str, OpenApiParameter.PATH, enum=list(BULK_FORMATS)),
             OpenApiParameter("month", str, required=True, description="YYYY-MM."),
-            OpenApiParameter("tenant", str, description="Tenant slug."),
+            OpenApiParameter("tenant", str, description="Tenant slug, in any case."),
         ],
     )
     @action(detail=False, methods=["get"], url_path=r"export/(?P<fmt>[a-z]+)")
@@ -237,8 +242,7 @@ class InvoiceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
             month = month_parse(request.query_params.get("month", ""))
         except InvoiceError as exc:
             raise ValidationError({"month": str(exc)}) from None
-        invoices = self.get_queryset().filter(month=month).exclude(status=Invoice.Status.DRAFT)
-        if request.query_params.get("tenant"):
-            invoices = invoices.filter(tenant__slug=request.query_params["tenant"])
+        invoices = self.tenant_filter(self.get_queryset())
+        invoices = invoices.filter(month=month).exclude(status=Invoice.Status.DRAFT)
         name = f"invoices-{month:%Y-%m}"
         return invoices_zip(invoices.order_by("number"), fmt, name=name).response()

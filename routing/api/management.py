@@ -15,7 +15,7 @@ from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.response import Response
 
 from tenants.budgets import budget_status
-from tenants.models import ApiKey, Budget
+from tenants.models import ApiKey, Budget, tenant_slug_normalize
 from tenants.selectors import model_for_key, tenant_allows, tenants_visible_to
 
 from ..errors import GatewayError
@@ -191,7 +191,9 @@ class RouteViewSet(viewsets.ModelViewSet):
         responses=ExplainSerializer,
         parameters=[
             OpenApiParameter("key", str, description="Explain as this API key (its prefix)."),
-            OpenApiParameter("tenant", str, description="Explain as this tenant (its slug)."),
+            OpenApiParameter(
+                "tenant", str, description="Explain as this tenant (its slug, in any case)."
+            ),
             OpenApiParameter("request_id", str, description="The split key (default: random)."),
         ],
     )
@@ -226,7 +228,7 @@ class RouteViewSet(viewsets.ModelViewSet):
             return key, key.tenant
         slug = request.query_params.get("tenant")
         if slug:
-            tenant = visible.filter(slug=slug).first()
+            tenant = visible.filter(slug=tenant_slug_normalize(slug)).first()
             if tenant is None:
                 raise NotFound("No such tenant.")
             return None, tenant

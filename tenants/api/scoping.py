@@ -5,12 +5,18 @@ from its model to the tenant; the base narrows every queryset to the tenants the
 see (`tenants.selectors.tenants_visible_to`), so no endpoint can forget it. Objects of
 other tenants are then simply not found (404), never forbidden (which would confirm
 they exist).
+
+A tenant is named by its slug in any case (slugs are stored lower case): in a body
+(`VisibleTenantField`), in a URL (`TenantViewSet`) and in the `?tenant=` filter
+(`tenant_filter`), all through `tenants.models.tenant_slug_normalize`, and always among
+the tenants the user may see.
 """
 
 from __future__ import annotations
 
 from rest_framework import permissions, relations, viewsets
 
+from ..models import tenant_slug_normalize
 from ..selectors import tenants_visible_to
 
 
@@ -25,9 +31,19 @@ class TenantScopedViewSet(viewsets.GenericViewSet):
             return queryset.filter(pk__in=visible.values("pk"))
         return queryset.filter(**{f"{self.tenant_field}__in": visible.values("pk")})
 
+    def tenant_filter(self, queryset):
+        """`queryset` narrowed to the tenant the `tenant` query parameter names, in any
+        case. Applied to a scoped queryset, so a tenant the user may not see gives nothing,
+        as a slug no tenant has does (and as any filter value nothing matches)."""
+        slug = self.request.query_params.get("tenant")
+        if not slug:
+            return queryset
+        field = f"{self.tenant_field}__slug" if self.tenant_field else "slug"
+        return queryset.filter(**{field: tenant_slug_normalize(slug)})
+
 
 class VisibleTenantField(relations.SlugRelatedField):
-    """A tenant named by slug, chosen among those the requesting user may see."""
+    """A tenant named by slug, in any case, chosen among those the requesting user may see."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("slug_field", "slug")
@@ -36,6 +52,11 @@ class VisibleTenantField(relations.SlugRelatedField):
     def get_queryset(self):
         request = self.context.get("request")
         return tenants_visible_to(request.user if request else None)
+
+    def to_internal_value(self, data):
+        return super().to_internal_value(
+            tenant_slug_normalize(data) if isinstance(data, str) else data
+        )
 
 
 class IsSuperuser(permissions.IsAuthenticated):

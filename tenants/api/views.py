@@ -12,7 +12,7 @@ from rest_framework.response import Response
 
 from ..alerts import webhook_signing_secret
 from ..budgets import budget_set
-from ..models import ApiKey, Budget, Tenant
+from ..models import ApiKey, Budget, Tenant, tenant_slug_normalize
 from ..services import (
     UnknownModelsError,
     api_key_issue,
@@ -51,6 +51,12 @@ class TenantViewSet(
     permission_classes = [SuperuserWritesMembersRead]
     lookup_field = "slug"
     tenant_field = ""
+
+    def get_object(self):
+        # The slug in the URL names the tenant in any case (/api/tenants/ACME/ is acme),
+        # looked up among the tenants the user may see, as any object is.
+        self.kwargs[self.lookup_field] = tenant_slug_normalize(self.kwargs[self.lookup_field])
+        return super().get_object()
 
     # Through the services, which validate with the model (a slug is lower case and
     # taken in any case), as the admin and the shell do.
@@ -158,9 +164,7 @@ class ApiKeyViewSet(
         return ApiKeySerializer
 
     def get_queryset(self):
-        queryset = super().get_queryset()
-        tenant = self.request.query_params.get("tenant")
-        return queryset.filter(tenant__slug=tenant) if tenant else queryset
+        return self.tenant_filter(super().get_queryset())
 
     @extend_schema(request=ApiKeySerializer, responses={201: IssuedApiKeySerializer})
     def create(self, request, *args, **kwargs):
