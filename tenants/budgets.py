@@ -51,10 +51,12 @@ class BudgetExceeded(Exception):
         scope = (
             f"API key {self.budget.api_key.prefix}…" if self.budget.api_key_id else "this tenant"
         )
+        # "Cannot cover", not "exhausted": a limit below one call's worst case refuses it
+        # with nothing spent.
         return (
-            f"The monthly budget of {scope} is exhausted: limit "
+            f"The monthly budget of {scope} cannot cover this request: limit "
             f"{usd_format(self.budget.limit_usd)}, {usd_format(self.remaining)} left until "
-            f"{self.period.ends_at:%Y-%m-%d %H:%M} UTC, and this request may cost up to "
+            f"{self.period.ends_at:%Y-%m-%d %H:%M} UTC, and the request may cost up to "
             f"{usd_format(pico_to_usd(self.needed_pico))}."
         )
 

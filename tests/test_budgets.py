@@ -11,6 +11,7 @@ import openai
 import pytest
 from django.core import mail
 from django.core.management import call_command
+from django.utils import timezone
 
 from billing.models import UsageEvent
 from tenants.budgets import budget_month, budget_rebuild, budget_set, budget_status
@@ -102,10 +103,31 @@ def test_over_budget_is_a_429_the_sdk_does_not_retry(metered):
     assert error.code == "insufficient_quota"
     assert error.body["type"] == "insufficient_quota"
     assert error.response.headers["x-should-retry"] == "false"
-    assert "The monthly budget of this tenant is exhausted" in error.message
-    assert "limit $0.00002, $0.00 left until" in error.message
-    assert "may cost up to $0.00001." in error.message
+    assert "The monthly budget of this tenant cannot cover this request: limit $0.00002, " in (
+        error.message
+    )
+    assert "$0.00 left until" in error.message
+    assert "UTC, and the request may cost up to $0.00001." in error.message
     assert UsageEvent.objects.count() == 2  # nothing reached the provider
+
+
+def test_a_budget_nothing_was_spent_from_says_it_cannot_cover_the_request(metered):
+    """Refused before spending anything: the budget is not "exhausted", and the message
+    says which budget, its limit, what is left until when, and the request's worst case."""
+    key = ApiKey.objects.get(tenant=metered.tenant)
+    budget_set(tenant=metered.tenant, key=key, limit_usd=CALL / 2)
+
+    with pytest.raises(openai.RateLimitError) as caught:
+        call(metered)
+
+    _, ends_at = budget_month(timezone.now(), "UTC")
+    assert caught.value.code == "insufficient_quota"
+    assert caught.value.body["message"] == (
+        f"The monthly budget of API key {key.prefix}… cannot cover this request: limit "
+        f"$0.000005, $0.000005 left until {ends_at:%Y-%m-%d %H:%M} UTC, and the request may "
+        "cost up to $0.00001."
+    )
+    assert UsageEvent.objects.count() == 0
 
 
 def test_a_worst_case_beyond_any_budget_is_a_429_not_a_database_overflow(metered):

@@ -295,7 +295,22 @@ def test_a_target_that_does_not_fit_the_budget_is_skipped(fleet):
     assert headers["x-attempts"] == "1"
     with pytest.raises(openai.RateLimitError) as caught:
         fleet.call("fleet-dear", max_tokens=1000)
-    assert "budget" in caught.value.body["message"]
+    message = caught.value.body["message"]
+    assert message.startswith(
+        "The monthly budget of this tenant cannot cover this request: limit $1.00, $0.99"
+    )
+    assert ", and the request may cost up to $5.0" in message
+    # A route none of whose targets the budget can cover names each, and what is left.
+    fleet.route("dear-only", Route.Strategy.FALLBACK, {"model": dear})
+    with pytest.raises(openai.RateLimitError) as caught:
+        fleet.call("dear-only", max_tokens=1000)
+    assert caught.value.code == "insufficient_quota"
+    message = caught.value.body["message"]
+    assert message.startswith(
+        "No target of the route 'dear-only' can serve this request (fleet-dear: may cost up to $5.0"
+    )
+    assert ", more than the $0.99" in message
+    assert message.endswith(" left in the monthly budget).")
 
 
 def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_probe(fleet):
