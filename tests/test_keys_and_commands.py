@@ -3,12 +3,13 @@ as documented and fail with a clear message."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.core.management import call_command
+from django.core.management import call_command, get_commands
 from django.core.management.base import CommandError
 from django.utils import timezone
 
@@ -282,3 +283,41 @@ def test_a_blank_value_names_the_option_it_came_from():
         run("tenant_create", "zz", "--name", "")
     with pytest.raises(CommandError, match=r"^--base-url: This field cannot be blank"):
         run("provider_set", "p", "--base-url", "")
+
+
+def test_the_projects_commands_print_no_system_check_warnings(settings, tmp_path):
+    """Scripts read what these commands print: the catalog's warnings (routing.W001 and
+    W002: a fresh catalog has unset input prices and an unpriced model) are for
+    `manage.py check`, `migrate` and `runserver`, not for every key issued."""
+    settings.BASE_DIR = tmp_path  # demo_setup writes its .run/ there
+    get_user_model().objects.create_user("root", is_staff=True)
+    key = api_key_issue(tenant=Tenant.objects.create(slug="acme", name="Acme")).key
+    scripted = [
+        ("tenant_create", "globex", "--name", "Globex"),
+        ("key_issue", "acme"),
+        ("budget_set", "acme", "10", "--key", key.prefix),
+        ("key_revoke", key.prefix),
+        ("provider_set", "p", "--base-url", "https://p.example/v1", "--api-key-env", "P_KEY"),
+        ("staff_token_issue", "root"),
+        ("budget_rebuild",),
+        ("close_month", "2026-10", "--dry-run"),
+        ("export_invoices", "2026-10", "--out", str(tmp_path)),  # refused: nothing issued
+        ("demo_setup",),
+    ]
+    ours = {
+        name for name, app in get_commands().items() if app in {"routing", "tenants", "billing"}
+    }
+    assert ours - {"mockupstream"} == {args[0] for args in scripted}  # each of them
+
+    for args in scripted:
+        out, err = io.StringIO(), io.StringIO()
+        refused = args[0] == "export_invoices"
+        with pytest.raises(CommandError) if refused else contextlib.nullcontext():
+            # skip_checks=False: the checks manage.py would run first (call_command skips them).
+            call_command(*args, skip_checks=False, stdout=out, stderr=err)
+        printed = out.getvalue() + err.getvalue()
+        assert "routing.W00" not in printed and "System check" not in printed, args
+
+    err = io.StringIO()
+    call_command("check", stderr=err)
+    assert "routing.W001" in err.getvalue() and "routing.W002" in err.getvalue()

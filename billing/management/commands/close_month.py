@@ -1,4 +1,4 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 from tqdm import tqdm
 
@@ -9,10 +9,11 @@ from billing.invoicing import (
     month_parse,
     unpriced_note,
 )
+from config.commands import ScriptedCommand
 from tenants.models import Tenant
 
 
-class Command(BaseCommand):
+class Command(ScriptedCommand):
     help = "Build and finalize every tenant's invoice for a month (e.g. 2026-10)."
 
     def add_arguments(self, parser):

@@ -1,14 +1,15 @@
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from billing.exports import BULK_FORMATS, invoices_zip
 from billing.invoicing import InvoiceError, month_parse
 from billing.models import Invoice
+from config.commands import ScriptedCommand
 from tenants.models import Tenant
 
 
-class Command(BaseCommand):
+class Command(ScriptedCommand):
     help = (
         "Write a month's issued invoices (finalized, paid and void) as one ZIP: one file "
         "per invoice in the format asked, and a summary.csv of their totals."

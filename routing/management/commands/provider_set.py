@@ -1,12 +1,13 @@
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from config.command_errors import validation_command_error
+from config.commands import ScriptedCommand
 from routing.models import MAX_TIMEOUT_SECONDS
 from routing.services import provider_set
 
 
-class Command(BaseCommand):
+class Command(ScriptedCommand):
     help = "Create or update an upstream provider. The API key stays in the environment."
 
     def add_arguments(self, parser):

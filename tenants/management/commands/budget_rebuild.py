@@ -1,9 +1,8 @@
-from django.core.management.base import BaseCommand
-
+from config.commands import ScriptedCommand
 from tenants.budgets import budget_rebuild, pico_to_usd, usd_format
 
 
-class Command(BaseCommand):
+class Command(ScriptedCommand):
     help = "Recompute every budget's spent amount from the usage ledger and report drift."
 
     def add_arguments(self, parser):

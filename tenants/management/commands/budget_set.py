@@ -1,9 +1,10 @@
 from decimal import Decimal, InvalidOperation
 
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from config.command_errors import validation_command_error
+from config.commands import ScriptedCommand
 from tenants.budgets import budget_set, budget_status, usd_format
 from tenants.models import MAX_BUDGET_USD, Tenant
 from tenants.services import api_key_named
@@ -24,7 +25,7 @@ def _usd(value: str) -> Decimal:
     return amount
 
 
-class Command(BaseCommand):
+class Command(ScriptedCommand):
     help = "Set the monthly budget (USD) of a tenant, or of one of its keys with --key."
 
     def add_arguments(self, parser):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
 
+from config.commands import ScriptedCommand
 from routing.models import CatalogModel, ModelPrice, Route, RouteTarget
 from routing.services import provider_set
 from tenants.models import ApiKey, Tenant
@@ -38,7 +38,7 @@ def _write_private(path: Path, value: str) -> None:
     path.chmod(0o600)
 
 
-class Command(BaseCommand):
+class Command(ScriptedCommand):
     help = "Prepare the local demo (admin, tenant, key, provider) and print how to use it."
 
     def add_arguments(self, parser):

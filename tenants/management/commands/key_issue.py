@@ -1,17 +1,18 @@
 from datetime import timedelta
 
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
 from config.command_errors import validation_command_error
+from config.commands import ScriptedCommand
 from tenants.models import Tenant
 from tenants.services import UnknownModelsError, api_key_issue
 
 OPTIONS = {"name": "--name", "expires_at": "--expires-in-days", "allowed_models": "--models"}
 
 
-class Command(BaseCommand):
+class Command(ScriptedCommand):
     help = "Issue an API key for a tenant; prints the secret alone on standard output, once."
 
     def add_arguments(self, parser):

@@ -1,9 +1,10 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from config.commands import ScriptedCommand
 from tenants.services import api_key_named, key_revoke
 
 
-class Command(BaseCommand):
+class Command(ScriptedCommand):
     help = "Revoke an API key by its display prefix (e.g. tg-AbCd1234) or its whole secret."
 
     def add_arguments(self, parser):

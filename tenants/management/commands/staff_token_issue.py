@@ -1,12 +1,13 @@
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from config.command_errors import validation_command_error
+from config.commands import ScriptedCommand
 from tenants.services import staff_token_issue
 
 
-class Command(BaseCommand):
+class Command(ScriptedCommand):
     help = "Issue a management API token for an active staff user; prints the secret alone, once."
 
     def add_arguments(self, parser):

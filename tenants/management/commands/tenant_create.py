@@ -1,7 +1,8 @@
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from config.command_errors import validation_command_error
+from config.commands import ScriptedCommand
 from tenants.models import Tenant
 from tenants.services import UnknownModelsError, tenant_create, tenant_update
 
@@ -20,7 +21,7 @@ OPTIONS = {
 }
 
 
-class Command(BaseCommand):
+class Command(ScriptedCommand):
     help = (
         "Create a tenant with its model allowlist. If the slug exists, update that tenant "
         "instead: only the options given change, and its allowlist only with --models."
