@@ -10,7 +10,8 @@ allocated to its keys by largest remainders, so the per-key subtotals add up to 
 total exactly.
 
 Coverage is set by the invoice's `cutoff` and its previous invoice. The month's usage
-recorded up to `cutoff` is on the invoice (the finalizing instant, for a finalized one).
+recorded up to `cutoff` is on the invoice: for a draft, the instant it was built; for a
+finalized one, COMMIT_MARGIN before the finalizing instant.
 Usage of the months the previous numbered invoice covered (before its end) recorded
 after its cutoff arrived late: it goes on this invoice as adjustment lines naming their
 month. Every event is thus on exactly one invoice, provided months close in order,
@@ -48,9 +49,10 @@ from .pricing import unit_prices
 
 CENT = Decimal("0.01")
 # A usage event's `recorded_at` is taken just before its transaction commits. An invoice
-# covers what was recorded up to this long before it was built, so that every event it
+# being finalized covers what was recorded up to this long before, so that every event it
 # could cover is committed when it reads the ledger; later ones are adjustments on the
-# next invoice. Never lost between the two.
+# next invoice. Never lost between the two. A draft is a preview, rebuilt when finalized:
+# it covers everything recorded up to the moment it is built.
 COMMIT_MARGIN = timedelta(minutes=5)
 
 
@@ -204,8 +206,15 @@ def _usage_lines(tenant: Tenant, invoice: Invoice, tz_name: str) -> tuple[list[_
 
 
 @transaction.atomic
-def invoice_build(*, tenant: Tenant, month: date, now: datetime | None = None) -> Invoice:
+def invoice_build(
+    *, tenant: Tenant, month: date, now: datetime | None = None, finalizing: bool = False
+) -> Invoice:
     """Build (or rebuild) the tenant's draft invoice for a month from the ledger.
+
+    The draft covers the usage recorded up to `now`. `finalizing`: it is built to be
+    finalized at `now` (or to show what finalizing would do, in a dry run), so it covers
+    what was recorded up to COMMIT_MARGIN before. A correction covers what the invoice it
+    replaces covered, either way.
 
     Idempotent; a numbered invoice is returned unchanged. Serialized per tenant.
     """
@@ -247,7 +256,7 @@ def invoice_build(*, tenant: Tenant, month: date, now: datetime | None = None) -
         previous = _previous(tenant, month)
         invoice.previous_cutoff = previous.cutoff if previous else None
         invoice.previous_ends_at = previous.ends_at if previous else None
-        invoice.cutoff = now - COMMIT_MARGIN
+        invoice.cutoff = now - COMMIT_MARGIN if finalizing else now
         invoice.timezone = tenant.timezone
         invoice.starts_at, invoice.ends_at = month_bounds(month, invoice.timezone)
         if previous is not None and _month_after(previous.month) == month:
@@ -337,16 +346,17 @@ def invoice_finalize(
     shows. Blank is refused; an invoice with no unpriced usage ignores it. Never given by
     the scheduled task.
 
-    `built`: the caller has just built the draft with the same `now` in the enclosing
-    transaction (holding the tenant's lock), so it is not rebuilt again."""
+    `built`: the caller has just built the draft with the same `now` and `finalizing=True`
+    in the enclosing transaction (holding the tenant's lock), so it is not rebuilt again
+    (a draft whose cutoff lacks the margin is rebuilt all the same)."""
     now = now or timezone.now()
     accept_unpriced = _acceptance(accept_unpriced)
     tenant = _tenant_locked(invoice.tenant_id)
     invoice = Invoice.objects.get(pk=invoice.pk)
     if invoice.status != Invoice.Status.DRAFT:
         return invoice
-    if not built:
-        invoice = invoice_build(tenant=tenant, month=invoice.month, now=now)
+    if not built or invoice.cutoff > now - COMMIT_MARGIN:
+        invoice = invoice_build(tenant=tenant, month=invoice.month, now=now, finalizing=True)
     _finalize_check(tenant, invoice, now, accept_unpriced=accept_unpriced)
     if invoice.unpriced_tokens:
         invoice.unpriced_accepted = accept_unpriced
@@ -534,7 +544,8 @@ def _close_one(
 ) -> MonthClosed:
     try:
         with transaction.atomic():
-            invoice = invoice_build(tenant=tenant, month=month, now=now)
+            # With the margin a dry run too: it shows what the real run would finalize.
+            invoice = invoice_build(tenant=tenant, month=month, now=now, finalizing=True)
             if invoice.status != Invoice.Status.DRAFT:
                 return MonthClosed(tenant, "already numbered", invoice)
             if not invoice.lines.exists():

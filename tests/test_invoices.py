@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from billing.invoicing import (
+    COMMIT_MARGIN,
     InvoiceError,
     invoice_build,
     invoice_correct,
@@ -45,6 +46,7 @@ from .conftest import (
     TEST_BROKER_ENV,
     TEST_BROKER_KEY_PREFIX,
     TEST_BROKER_URL,
+    api,
     broker_keys_clear,
     model_create,
     record,
@@ -612,6 +614,55 @@ def test_an_event_recorded_as_the_month_is_finalized_is_billed_once_on_the_next(
         (OCT, 2_000_000)
     ]
     assert october.total + november.total == Decimal("3.30")
+
+
+def test_a_draft_shows_everything_recorded_until_it_is_built(shop):
+    """A draft is a preview, rebuilt when finalized: a call recorded a minute before it
+    is on it. Finalizing (and a dry run, which shows what finalizing would) still leaves
+    the last COMMIT_MARGIN to the next invoice, for a write still committing."""
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 30, tzinfo=UTC), output=1_000_000)
+    record(
+        key,
+        model,
+        datetime(2026, 10, 31, 23, 59, tzinfo=UTC),
+        recorded_at=AFTER_OCT - timedelta(minutes=1),
+        output=2_000_000,
+    )
+
+    draft = invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT)
+    assert draft.cutoff == AFTER_OCT
+    assert [(line.quantity, line.amount) for line in draft.lines.all()] == [
+        (3_000_000, Decimal("3.30"))
+    ]
+    assert draft.total == Decimal("3.30")
+
+    (dry,) = month_close(month=OCT, dry_run=True, now=AFTER_OCT)
+    assert dry.outcome == "would finalize at 1.10 USD"
+    october = invoice_finalize(invoice=draft, now=AFTER_OCT)
+    assert october.cutoff == AFTER_OCT - COMMIT_MARGIN
+    assert [(line.quantity, line.amount) for line in october.lines.all()] == [
+        (1_000_000, Decimal("1.10"))
+    ]
+    # The next draft shows the rest at once, as the adjustment it will bill.
+    november = invoice_build(tenant=tenant, month=NOV, now=AFTER_OCT)
+    assert [(line.usage_month, line.quantity) for line in november.lines.all()] == [
+        (OCT, 2_000_000)
+    ]
+
+
+def test_a_draft_built_through_the_api_shows_a_call_of_a_minute_ago(shop, superuser_token):
+    _, (key, _), model = shop
+    a_minute_ago = timezone.now() - timedelta(minutes=1)
+    record(key, model, a_minute_ago, output=1_000_000)
+
+    built = api(token=superuser_token).post(
+        "/api/invoices/build/", {"tenant": "acme", "month": f"{a_minute_ago:%Y-%m}"}
+    )
+
+    assert built.status_code == 200, built.content
+    assert built.json()["total"] == "1.10"
+    assert [line["quantity"] for line in built.json()["lines"]] == [1_000_000]
 
 
 def test_months_close_in_order(shop):
