@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from routing.api.views import page_not_found, unknown_endpoint
 from routing.health import health_page
 from routing.metrics import metrics_view
+from routing.middleware import OPENAI_ERROR_PATHS
 
 urlpatterns = [
     # The base URL itself, which an OpenAI client never calls: a 404 in OpenAI's shape,
@@ -21,7 +22,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     # Anything else (a base URL without /v1, say): OpenAI's 404, with DEBUG on too, where
     # Django would show its HTML page. The admin and /api/ keep their own 404s.
-    re_path(r"^(?!admin(?:/|$)|api(?:/|$)|static/)", csrf_exempt(page_not_found)),
+    re_path(OPENAI_ERROR_PATHS, csrf_exempt(page_not_found)),
 ]
 
 # Django's error pages outside the views: OpenAI's shape except in the admin and /api/.

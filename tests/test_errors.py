@@ -711,3 +711,34 @@ def test_a_wrong_path_is_an_openai_404_with_debug_on_too(client):
     assert response.status_code == 404
     assert response.json()["error"]["message"].startswith("Invalid URL (POST /chat/completions)")
     assert admin.status_code == 301  # the admin's own redirect to /admin/ still works
+
+
+@pytest.mark.django_db
+def test_a_host_the_gateway_does_not_serve_is_an_openai_400_with_debug_on_too(client, caplog):
+    secret = "tg-" + "k" * 43
+    headers = {"HTTP_HOST": "gateway.example", "HTTP_AUTHORIZATION": f"Bearer {secret}"}
+    with override_settings(DEBUG=True):
+        chat = client.post("/v1/chat/completions", {}, content_type="application/json", **headers)
+        models = client.get("/v1/models", **headers)
+        no_v1 = client.get("/models", **headers)
+        admin = client.get("/admin/", **headers)
+        management = client.get("/api/tenants/", **headers)
+    for response in (chat, models, no_v1):
+        assert response.status_code == 400
+        assert response.json() == {
+            "error": {
+                "message": "The Host header names no host this gateway serves (ALLOWED_HOSTS).",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
+        assert response["x-request-id"].startswith("req_")
+        assert secret not in response.content.decode()
+        assert "gateway.example" not in response.content.decode()
+    # The admin and /api/ keep Django's debug page, as for a 404; the console still says
+    # what to allow, for every one.
+    for response in (admin, management):
+        assert response.status_code == 400 and response["Content-Type"].startswith("text/html")
+    logged = [r for r in caplog.records if r.name == "django.security.DisallowedHost"]
+    assert len(logged) == 5 and "add 'gateway.example' to ALLOWED_HOSTS" in logged[0].getMessage()

@@ -39,6 +39,9 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # First, so that every response, errors included, carries x-request-id.
     "routing.middleware.RequestIdMiddleware",
+    # Before anything reads the Host header: with DEBUG on, a Host not allowed is still
+    # OpenAI's 400 (with DEBUG off, handler400 answers it).
+    "routing.middleware.DebugHostMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
