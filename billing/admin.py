@@ -27,6 +27,7 @@ from .invoicing import (
     invoice_void,
     month_close,
     month_parse,
+    month_started_check,
     unpriced_models,
     unpriced_note,
 )
@@ -152,6 +153,7 @@ class TenantPriceAdmin(PriceVersionAdmin):
 
 def _draft(tenant: Tenant, month) -> MonthClosed:
     try:
+        month_started_check(tenant, month)
         invoice = invoice_build(tenant=tenant, month=month)
     except InvoiceError as exc:
         return MonthClosed(tenant, f"not built: {exc}")

@@ -77,6 +77,15 @@ def month_bounds(month: date, tz_name: str) -> tuple[datetime, datetime]:
     return budget_month(noon, tz_name)
 
 
+def month_started_check(tenant: Tenant, month: date, now: datetime | None = None) -> None:
+    """Refuse a month that has not started yet in the tenant's time zone: it has nothing
+    to bill, and a draft of it would be empty. (The current month's draft is a preview.)"""
+    if (now or timezone.now()) < month_bounds(month, tenant.timezone)[0]:
+        raise InvoiceError(
+            f"{month:%Y-%m} has not started yet in {tenant.slug}'s time zone ({tenant.timezone})."
+        )
+
+
 @dataclass
 class _Line:
     usage_month: date
@@ -347,15 +356,14 @@ def invoice_finalize(
     the scheduled task.
 
     `built`: the caller has just built the draft with the same `now` and `finalizing=True`
-    in the enclosing transaction (holding the tenant's lock), so it is not rebuilt again
-    (a draft whose cutoff lacks the margin is rebuilt all the same)."""
+    in the enclosing transaction (holding the tenant's lock), so it is not rebuilt again."""
     now = now or timezone.now()
     accept_unpriced = _acceptance(accept_unpriced)
     tenant = _tenant_locked(invoice.tenant_id)
     invoice = Invoice.objects.get(pk=invoice.pk)
     if invoice.status != Invoice.Status.DRAFT:
         return invoice
-    if not built or invoice.cutoff > now - COMMIT_MARGIN:
+    if not built:
         invoice = invoice_build(tenant=tenant, month=invoice.month, now=now, finalizing=True)
     _finalize_check(tenant, invoice, now, accept_unpriced=accept_unpriced)
     if invoice.unpriced_tokens:

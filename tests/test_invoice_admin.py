@@ -133,6 +133,14 @@ def test_building_and_closing_a_month_from_the_admin(admin_client, shop):
     assert Invoice.objects.get(tenant=tenant).number == invoice.number
 
 
+def test_the_admin_builds_no_draft_of_a_month_not_started(admin_client, shop):
+    tenant, _, _ = shop
+    url = reverse("admin:billing_invoice_close_month")
+    page = admin_client.post(url, {"month": "2099-01", "build": "1"}).content.decode()
+    assert "not built: 2099-01 has not started yet" in page
+    assert not Invoice.objects.filter(tenant=tenant).exists()
+
+
 def test_staff_without_superuser_rights_read_but_do_not_act(client, draft):
     staff = get_user_model().objects.create_user("finance", password="pw-fin-123", is_staff=True)
     staff.user_permissions.add(Permission.objects.get(codename="view_invoice"))

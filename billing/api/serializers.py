@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from datetime import date
 
-from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.reverse import reverse
@@ -10,7 +9,7 @@ from rest_framework.reverse import reverse
 from tenants.api.scoping import VisibleTenantField
 
 from ..exports import FORMATS, invoice_key_totals
-from ..invoicing import InvoiceError, month_bounds, month_parse
+from ..invoicing import InvoiceError, month_parse, month_started_check
 from ..models import Invoice, InvoiceLine, UsageEvent
 
 
@@ -151,16 +150,10 @@ class InvoiceBuildSerializer(serializers.Serializer):
             raise serializers.ValidationError(str(exc)) from None
 
     def validate(self, data):
-        # A month not started yet has nothing to bill: its draft would be empty. As
-        # close_month refuses a month not over, with the same bounds in the tenant's zone.
-        tenant, month = data["tenant"], data["month"]
-        if timezone.now() < month_bounds(month, tenant.timezone)[0]:
-            raise serializers.ValidationError(
-                {
-                    "month": f"{month:%Y-%m} has not started yet in {tenant.slug}'s time "
-                    f"zone ({tenant.timezone})."
-                }
-            )
+        try:
+            month_started_check(data["tenant"], data["month"])
+        except InvoiceError as exc:
+            raise serializers.ValidationError({"month": str(exc)}) from None
         return data
 
 
