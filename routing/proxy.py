@@ -302,34 +302,42 @@ def output_limit(body: dict, model: CatalogModel) -> int:
 _TEXT_PARTS = frozenset({"text", "input_text", "refusal"})
 
 
-def prompt_token_bound(body: dict, model: CatalogModel) -> int:
-    """The most input tokens a call served by `model` may be billed.
+def request_size(body: dict) -> int:
+    """The UTF-8 size of a request body, as compact JSON."""
+    return len(json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+
+def prompt_token_bound(body: dict, model: CatalogModel, size: int | None = None) -> int:
+    """The most input tokens a call served by `model` may be billed. `size`: the body's
+    `request_size`, when the caller has it.
 
     A token is at least one byte of what the provider reads, and it reads the whole
     request: the messages, but also tool and function definitions and response_format
     schemas, which providers put into the prompt. So the request's UTF-8 size bounds
     its text. A part that is not text (an image, audio, video, a file) may cost thousands
-    of tokens in a few bytes of URL: then only the model's context window bounds the
-    input. Never more than the context window, which a provider refuses to exceed.
+    of tokens in a few bytes of URL: then the model's context window (as the catalog
+    gives it) bounds the input, if it is larger.
     """
-    window = model.context_window
+    size = request_size(body) if size is None else size
     for message in body["messages"]:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list) and any(
             not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS for part in content
         ):
-            return window
-    size = len(json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass"))
-    return min(size, window)
+            return max(size, model.context_window)
+    return size
 
 
-def target_cost_bound(body: dict, model: CatalogModel, units: UnitPrices) -> Decimal:
+def target_cost_bound(
+    body: dict, model: CatalogModel, units: UnitPrices, size: int | None = None
+) -> Decimal:
     """Worst-case cost of a call served by `model` at `units`, for budget reservations.
 
     Input: `prompt_token_bound`, at the dearer of the input and cached input prices.
-    Output: `output_limit` times n, at the output price.
+    Output: `output_limit` times n, at the output price. `size`: the body's
+    `request_size`, when the caller has it.
     """
-    prompt_bound = prompt_token_bound(body, model)
+    prompt_bound = prompt_token_bound(body, model, size)
     output_bound = output_limit(body, model) * (body.get("n") or 1)
     input_unit = max(
         (p for p in (units.input, units.cached_input) if p is not None), default=Decimal(0)
@@ -345,10 +353,11 @@ def budget_skip_reason(bound: Decimal, remaining: Decimal) -> str:
     )
 
 
-def chat_cost_bound(call: ChatCall) -> Decimal:
-    """The worst-case cost of a call: of its dearest target still to try."""
+def chat_cost_bound(call: ChatCall, size: int) -> Decimal:
+    """The worst-case cost of a call (its body `size` bytes): of its dearest target still
+    to try."""
     targets = call.targets or [Target(call.model, call.units)]
-    return max(target_cost_bound(call.body, t.model, t.units) for t in targets)
+    return max(target_cost_bound(call.body, t.model, t.units, size) for t in targets)
 
 
 def chat_admit(call: ChatCall) -> None:
@@ -360,8 +369,9 @@ def chat_admit(call: ChatCall) -> None:
     """
     if not rate_limited(call.key) and not hard_budgets(call.key):
         return  # nothing to count or hold: no transaction, no cost bound
+    size = request_size(call.body)
     while True:
-        cost = chat_cost_bound(call)
+        cost = chat_cost_bound(call, size)
         if _admit_at_once(call, cost):
             return
         # Something said no (or the minute's rate window is still to open): step by step,
@@ -388,7 +398,7 @@ def chat_admit(call: ChatCall) -> None:
                 raise BudgetExhausted(exc.message) from None
             fits = []
             for target in call.targets:
-                bound = target_cost_bound(call.body, target.model, target.units)
+                bound = target_cost_bound(call.body, target.model, target.units, size)
                 if bound <= exc.remaining:
                     fits.append(target)
                 else:
@@ -566,7 +576,7 @@ def _next_target(call: ChatCall) -> Target | None:
     return None
 
 
-def _attempt_timeout(target: Target) -> float:
+def _attempt_timeout(target: Target | ChatCall) -> float:
     return target.timeout if target.timeout is not None else target.model.provider.timeout_seconds
 
 
@@ -823,7 +833,8 @@ class _StreamState:
             if isinstance(inner, dict):
                 usage = inner
             index = choice.get("index")
-            index = index if isinstance(index, int) else 0
+            if not isinstance(index, int | str | None):
+                index = repr(index)  # hashable, and still told apart from the others
             self.choices_seen.add(index)
             if choice.get("finish_reason"):
                 self.choices_done.add(index)
@@ -927,8 +938,7 @@ def _first_event(events: Iterator[str], call: ChatCall) -> str | None:
     """The first event with data. Keep-alive comments do not count: a provider that only
     ever sends them times out all the same, at the attempt's timeout (a route target's,
     else the provider's), which each comment would otherwise restart as a read."""
-    timeout = call.timeout if call.timeout is not None else call.model.provider.timeout_seconds
-    deadline = call.attempt_started + timeout
+    deadline = call.attempt_started + _attempt_timeout(call)
     for data in events:
         if data != ":":
             return data

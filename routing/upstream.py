@@ -327,19 +327,26 @@ class UpstreamStream:
         return self._response.read()
 
     def events(self) -> Iterator[str]:
-        """The data of each SSE event, in order; comment lines come through as ':'. An
-        event named `error` comes through as `{"error": ...}`, however its data is shaped
-        (`{"type": "error", "message": ...}`, plain text), so that the relay reads it as
-        the provider's failure with its message, not as a chunk."""
+        """The data of each SSE event, in order; comment lines, and events without data,
+        come through as ':'. An event named `error` comes through as `{"error": ...}`,
+        however its data is shaped (`{"type": "error", "message": ...}`, plain text), so
+        that the relay reads it as the provider's failure with its message, not as a
+        chunk."""
         data: list[str] = []
         event = ""
+        commented = False  # a comment came since the last blank line (and was yielded)
         for line in sse_lines(self._response.iter_bytes()):
             if not line:
                 if data:
                     joined = "\n".join(data)
                     yield _error_event(joined) if event == "error" else joined
                     data = []
+                elif not commented:
+                    # An event without data (`event: ping`, a bare blank line): a
+                    # keep-alive too, so that waiting for data can look at the clock.
+                    yield ":"
                 event = ""
+                commented = False
                 continue
             if line.startswith("data:"):
                 value = line[5:]
@@ -347,6 +354,7 @@ class UpstreamStream:
             elif line.startswith("event:"):
                 event = line[6:].strip()
             elif line.startswith(":"):
+                commented = True
                 yield ":"
             # id: and retry: carry nothing chat completions use.
         if data:

@@ -74,3 +74,20 @@ def test_an_image_part_holds_the_whole_context_window(world):
     text_only = [{"role": "user", "content": [image[0]]}]
     client.chat.completions.create(model="m-openai", messages=text_only, max_tokens=10)
     assert UsageEvent.objects.count() == 1
+
+
+def test_text_beyond_the_catalogs_context_window_is_held_in_full(world):
+    # The catalog's context window may understate the provider's (the seeded catalog says
+    # 128K for models that take 256K): a text's size bounds its tokens on its own, so the
+    # window never caps it. Here a 1,000-token window and 8 kB of text: about $0.0022.
+    model = world.models["openai"]
+    model.context_window = 1_000
+    model.save()
+    budget_set(tenant=world.tenant, limit_usd=Decimal("0.001"))
+    long_text = [{"role": "user", "content": "word " * 1_600}]
+
+    with pytest.raises(openai.RateLimitError) as caught:
+        world.client().chat.completions.create(model="m-openai", messages=long_text, max_tokens=10)
+
+    assert caught.value.code == "insufficient_quota"
+    assert UsageEvent.objects.count() == 0

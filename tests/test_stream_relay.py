@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from billing.models import UsageEvent
+from routing.upstream import sse_lines
 
 from .upstream import sse_event
 
@@ -71,10 +72,33 @@ def test_a_stream_in_any_line_ends_and_any_segments_is_relayed_whole(world, raw_
     assert (event.prompt_tokens, event.output_tokens) == (10, 3)
 
 
-def test_a_provider_sending_only_keep_alives_times_out_at_its_timeout(world, raw_provider):
-    # Keep-alive comments every 0.2 s for 3 s, then the answer: each comment is a read,
-    # so the HTTP client's read timeout alone would never fire.
-    raw_provider([b": keep-alive\n\n", 0.2] * 15 + [_answer("late")], timeout=1)
+@pytest.mark.parametrize(
+    ("chunks", "lines"),
+    [
+        ([b"a\r", b"\n", b"b\n"], ["a", "b"]),  # CRLF across two reads: one line end
+        ([b"a", b"\r\n", b"\n"], ["a", ""]),
+        ([b"a\r", b"\r\n"], ["a", ""]),  # CR, then CRLF: two line ends
+        ([b"a\r", b"", b"\nb"], ["a", "b"]),
+        ([b"a\r"], ["a"]),  # a body ending in CR
+        ([b"\xc3", b"\xa9\xe2\x80", b"\xa8\n"], ["\u00e9\u2028"]),  # UTF-8 across reads
+        ([b"x\xc2\x85y\n"], ["x\x85y"]),  # U+0085 ends no SSE line
+    ],
+)
+def test_sse_lines_end_where_the_sse_format_says_whatever_the_reads(chunks, lines):
+    assert list(sse_lines(iter(chunks))) == lines
+
+
+@pytest.mark.parametrize(
+    "keep_alive",
+    [b": keep-alive\n\n", b"event: ping\n\n", b"\n"],
+    ids=["comment", "event-without-data", "blank-line"],
+)
+def test_a_provider_sending_only_keep_alives_times_out_at_its_timeout(
+    world, raw_provider, keep_alive
+):
+    # Keep-alives every 0.2 s for 3 s, then the answer: each is a read, so the HTTP
+    # client's read timeout alone would never fire.
+    raw_provider([keep_alive, 0.2] * 15 + [_answer("late")], timeout=1)
 
     with (
         pytest.raises(openai.InternalServerError) as raised,
@@ -91,8 +115,8 @@ def test_a_provider_sending_only_keep_alives_times_out_at_its_timeout(world, raw
     assert event.output_tokens == 0
 
 
-def _two_choices(*, second_finishes: bool) -> list[bytes]:
-    second = {"index": 1, "delta": {"content": " more"}}
+def _two_choices(*, second_finishes: bool, second_index: object = 1) -> list[bytes]:
+    second = {"index": second_index, "delta": {"content": " more"}}
     if second_finishes:
         second["finish_reason"] = "stop"
     return [
@@ -100,7 +124,7 @@ def _two_choices(*, second_finishes: bool) -> list[bytes]:
             {
                 "choices": [
                     {"index": 0, "delta": {"content": "A"}},
-                    {"index": 1, "delta": {"content": "B"}},
+                    {"index": second_index, "delta": {"content": "B"}},
                 ]
             }
         ),
@@ -110,8 +134,11 @@ def _two_choices(*, second_finishes: bool) -> list[bytes]:
     ]
 
 
-def test_a_stream_of_two_choices_with_one_cut_short_is_not_taken_for_whole(world, raw_provider):
-    raw_provider(_two_choices(second_finishes=False))
+@pytest.mark.parametrize("second_index", [1, None, "1", [1]])
+def test_a_stream_of_two_choices_with_one_cut_short_is_not_taken_for_whole(
+    world, raw_provider, second_index
+):
+    raw_provider(_two_choices(second_finishes=False, second_index=second_index))
 
     with (
         pytest.raises(openai.APIError, match="before it finished"),
