@@ -104,10 +104,12 @@ class Provider(models.Model):
         return self.name
 
     def api_key(self) -> str | None:
-        """The key read from the environment; None when the variable is named but unset."""
+        """The key read from the environment, without the line end a mounted secret file
+        often leaves (which no header may carry); None when the variable is named but
+        unset or blank."""
         if not self.api_key_env:
             return "not-needed"
-        return os.environ.get(self.api_key_env) or None
+        return os.environ.get(self.api_key_env, "").strip() or None
 
 
 MODALITIES = ("text", "image", "audio", "video")

@@ -149,21 +149,17 @@ def upstream_failure(
         )
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        code = _error_code(exc.body)
-        message = _error_message(exc.body)
+        error = _error_object(exc.body)
+        code = _provider_words(error.get("code"), provider, 200)
         if status in _REJECTIONS:
             # The provider rejected the request itself (e.g. context too long): the
-            # client's to fix, so it gets the provider's status, words and param, less
-            # the gateway's own key should they quote it.
-            param = _error_object(exc.body).get("param")
+            # client's to fix, so it gets the provider's status, words and param.
             return UpstreamFailure(
                 _REJECTIONS[status](
-                    _without_secret(message, provider.api_key())
+                    _provider_words(error.get("message"), provider, 2000)
                     or "The upstream provider rejected the request.",
                     code=code,
-                    param=_without_secret(str(param)[:200], provider.api_key())
-                    if param is not None
-                    else None,
+                    param=_provider_words(error.get("param"), provider, 200),
                 ),
                 status,
             )
@@ -217,18 +213,18 @@ def upstream_error_failure(
     the gateway's own key should they quote it."""
     message = code = None
     if isinstance(error, Mapping):
-        message = _error_message(error)
-        code = error.get("code")
+        inner = _error_object(error)
+        message = _provider_words(inner.get("message"), provider, 2000)
+        code = _provider_words(error.get("code"), provider, 200)
     elif isinstance(error, str):
-        message = error[:2000]
-    message = _without_secret(message, provider.api_key())
+        message = _provider_words(error, provider, 2000)
     failed = (
         "The upstream provider failed mid-stream" if mid_stream else "The upstream provider failed"
     )
     return UpstreamFailure(
         UpstreamFailed(
             f"{failed}: {message}" if message else f"{failed}.",
-            code=str(code) if code else "upstream_error",
+            code=code or "upstream_error",
         ),
         None,
     )
@@ -255,10 +251,18 @@ def _retry_after(response: httpx2.Response) -> dict[str, str]:
     return hints
 
 
-def _without_secret(message: str | None, secret: str | None) -> str | None:
-    if message and secret:
-        return message.replace(secret, "[redacted]")
-    return message
+def _provider_words(value: object, provider: Provider, limit: int) -> str | None:
+    """A provider's message, code or param as the client and the ledger may get it: the
+    gateway's own key taken out (should the provider quote it), then cut to `limit`
+    characters (in that order: a key cut in two would no longer be found); None for
+    none."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    secret = provider.api_key()
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return text[:limit]
 
 
 def _error_object(body: object) -> Mapping:
@@ -267,16 +271,6 @@ def _error_object(body: object) -> Mapping:
         if isinstance(inner, Mapping):
             return inner
     return {}
-
-
-def _error_code(body: object) -> str | None:
-    code = _error_object(body).get("code")
-    return str(code) if code is not None else None
-
-
-def _error_message(body: object) -> str | None:
-    message = _error_object(body).get("message")
-    return str(message)[:2000] if message else None
 
 
 def _timeout(seconds: float) -> httpx2.Timeout:
@@ -405,7 +399,7 @@ def _error_event(data: str) -> str:
         parsed = None
     if isinstance(parsed, dict) and parsed.get("error"):
         return data
-    error = parsed if isinstance(parsed, dict) else {"message": data[:2000] or None}
+    error = parsed if isinstance(parsed, dict) else {"message": data or None}
     return json.dumps({"error": error})
 
 

@@ -21,6 +21,7 @@ from billing.models import UsageEvent
 from routing import proxy
 from routing.mockupstream import error_body
 from routing.models import CatalogModel
+from routing.upstream import upstream_error_failure
 from routing.validation import MAX_NESTING
 from tenants.models import ApiKey, Tenant
 from tenants.services import api_key_issue, key_revoke
@@ -461,6 +462,58 @@ def test_provider_without_its_key_in_the_environment_is_a_502(world, monkeypatch
         call_with_mock(world, {})
     assert caught.value.code == "upstream_not_configured"
     assert "TOLLGATE_TEST_PROVIDER_KEY" not in str(caught.value)
+
+
+PROVIDER_SECRET = "sk-7Qm2Zx9Lp4Wv8Rt6Yb3Nc5Hd1Jf0Kg7Ts2Ae9"
+
+
+def _leaks(text: str) -> bool:
+    """Whether any 8 characters of the provider's key appear in `text`."""
+    return any(PROVIDER_SECRET[i : i + 8] in text for i in range(len(PROVIDER_SECRET) - 7))
+
+
+@pytest.mark.parametrize(
+    ("mock", "stream"),
+    [
+        ({"status": 400}, False),
+        ({"status": 400}, True),
+        ({"status": 401}, False),
+        ({"status": 403}, True),
+    ],
+)
+def test_a_provider_error_quoting_the_gateways_key_gives_it_to_nobody(
+    world, monkeypatch, caplog, mock, stream
+):
+    # The key as a mounted secret file leaves it, with a line end: still sent, trimmed.
+    monkeypatch.setenv("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_SECRET + "\n")
+    provider = world.providers["openai"]
+    provider.api_key_env = "TOLLGATE_TEST_PROVIDER_KEY"
+    provider.save()
+    mock = {**mock, "error_code": PROVIDER_SECRET, "error_param": f"key {PROVIDER_SECRET}"}
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(openai.APIStatusError) as caught:
+        call_with_mock(world, mock, stream=stream)
+
+    error = caught.value
+    assert error.status_code == (400 if mock["status"] == 400 else 502)
+    assert not _leaks(json.dumps(error.body)), error.body
+    assert not _leaks(only_event().error_code)
+    assert not _leaks(caplog.text)
+
+
+def test_a_provider_message_quoting_the_key_at_its_length_limit_keeps_none_of_it(
+    world, monkeypatch
+):
+    monkeypatch.setenv("TOLLGATE_TEST_PROVIDER_KEY", PROVIDER_SECRET)
+    provider = world.providers["openai"]
+    provider.api_key_env = "TOLLGATE_TEST_PROVIDER_KEY"
+    # A message cut at 2,000 characters inside the key, as it was before the redaction.
+    for error in (
+        {"message": "x" * 1990 + " Bearer " + PROVIDER_SECRET, "code": PROVIDER_SECRET},
+        "x" * 1990 + " Bearer " + PROVIDER_SECRET,
+    ):
+        failure = upstream_error_failure(error, provider)
+        assert not _leaks(json.dumps(failure.error.body()))
 
 
 def test_error_mid_stream_reaches_the_sdk_as_an_api_error(world):

@@ -244,5 +244,8 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
+        # The SDK's transport as installed (httpx2 on httpcore2): its DEBUG lines quote
+        # failed headers, the provider's key among them.
+        "httpcore2": {"level": "WARNING"},
     },
 }
