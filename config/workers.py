@@ -1,4 +1,4 @@
-"""The gunicorn worker class the gateway runs on (platform/gunicorn.conf.py)."""
+"""The gunicorn worker and logger classes the gateway runs on (platform/gunicorn.conf.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,30 @@ import select
 import threading
 import time
 
-from gunicorn import util
-from gunicorn.http import wsgi
-from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine
+from gunicorn import glogging, util
+from gunicorn.http import errors, wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
-# What gunicorn refuses before the application sees the request, answered in OpenAI's
-# error shape instead of gunicorn's HTML page: (status, reason, code, message).
-_REFUSALS = (
+# What gunicorn refuses while reading a request (its gunicorn.http.errors), answered in
+# OpenAI's error shape instead of gunicorn's HTML page, which quotes the offending part
+# of the request (a header line, the request line, a chunk's size line: a key, if the
+# client put one there): (status, reason, code, message), the message fixed per kind.
+# The first match wins: a subclass before its base. gunicorn's statuses, 400 otherwise.
+_BAD_BODY = (
+    400,
+    "Bad Request",
+    "invalid_chunked_body",
+    "The request body's chunked encoding is malformed.",
+)
+_BAD_PROXY = (
+    400,
+    "Bad Request",
+    "invalid_proxy_protocol",
+    "The PROXY protocol header is malformed.",
+)
+_REFUSALS: tuple[tuple[type[Exception], tuple[int, str, str | None, str]], ...] = (
     (
-        LimitRequestLine,
+        errors.LimitRequestLine,
         (
             414,
             "URI Too Long",
@@ -27,7 +41,7 @@ _REFUSALS = (
         ),
     ),
     (
-        LimitRequestHeaders,
+        errors.LimitRequestHeaders,
         (
             431,
             "Request Header Fields Too Large",
@@ -35,7 +49,137 @@ _REFUSALS = (
             "The request's headers are larger, or more, than this gateway accepts.",
         ),
     ),
+    (
+        errors.InvalidRequestLine,
+        (
+            400,
+            "Bad Request",
+            "invalid_request_line",
+            "The request line is malformed: send 'METHOD /path HTTP/1.1'.",
+        ),
+    ),
+    (
+        errors.InvalidRequestMethod,
+        (400, "Bad Request", "invalid_method", "The request's HTTP method is not valid."),
+    ),
+    (
+        errors.InvalidHTTPVersion,
+        (
+            400,
+            "Bad Request",
+            "invalid_http_version",
+            "The request's HTTP version is not valid or not supported: send HTTP/1.1.",
+        ),
+    ),
+    (
+        errors.InvalidHeaderName,
+        (400, "Bad Request", "invalid_header", "A request header's name is not valid."),
+    ),
+    (
+        errors.InvalidHeader,
+        (
+            400,
+            "Bad Request",
+            "invalid_header",
+            "A request header is malformed: a line without a name, a line break or another "
+            "control character in a value, or a Content-Length or Transfer-Encoding that "
+            "is not valid.",
+        ),
+    ),
+    (
+        errors.ObsoleteFolding,
+        (
+            400,
+            "Bad Request",
+            "invalid_header",
+            "A request header continues on the next line (obsolete line folding).",
+        ),
+    ),
+    (
+        errors.UnsupportedTransferCoding,
+        (
+            501,
+            "Not Implemented",
+            "unsupported_transfer_coding",
+            "The request's Transfer-Encoding is not supported: send the body as it is, or chunked.",
+        ),
+    ),
+    (
+        errors.ExpectationFailed,
+        (
+            417,
+            "Expectation Failed",
+            "expectation_failed",
+            "The request's Expect header asks for something this gateway does not do.",
+        ),
+    ),
+    (
+        errors.InvalidSchemeHeaders,
+        (
+            400,
+            "Bad Request",
+            "invalid_scheme_headers",
+            "The request's headers name contradictory schemes (http and https).",
+        ),
+    ),
+    (errors.InvalidChunkSize, _BAD_BODY),
+    (errors.ChunkMissingTerminator, _BAD_BODY),
+    (errors.InvalidChunkExtension, _BAD_BODY),
+    (errors.InvalidProxyLine, _BAD_PROXY),
+    (errors.InvalidProxyHeader, _BAD_PROXY),
+    (
+        errors.ForbiddenProxyRequest,
+        (
+            403,
+            "Forbidden",
+            "proxy_request_forbidden",
+            "PROXY protocol requests are not accepted from this address.",
+        ),
+    ),
+    (
+        errors.InvalidH2CPreface,
+        (
+            400,
+            "Bad Request",
+            "invalid_http2_preface",
+            "The connection did not begin with HTTP/2's connection preface.",
+        ),
+    ),
+    # The request's path against SCRIPT_NAME: the server's setup is at fault.
+    (
+        errors.ConfigurationProblem,
+        (500, "Internal Server Error", None, "The gateway failed to process the request."),
+    ),
+    # Any other error of gunicorn's parser (a later gunicorn's, say).
+    (
+        errors.ParseException,
+        (400, "Bad Request", "invalid_request", "The request is not valid HTTP/1.1."),
+    ),
 )
+# Errors of the application's response, which gunicorn's errors module also holds (as
+# subclasses of InvalidHeader and InvalidHeaderName): answered as gunicorn answers them.
+_NOT_REFUSALS = (errors.InvalidResponseHeader, errors.InvalidResponseHeaderName)
+
+
+def refusal_for(exc: BaseException) -> tuple[int, str, str | None, str] | None:
+    """How the worker answers `exc`, raised while gunicorn read a request: (status,
+    reason, code, message); None for any other error."""
+    if isinstance(exc, _NOT_REFUSALS):
+        return None
+    return next((r for kind, r in _REFUSALS if isinstance(exc, kind)), None)
+
+
+class GatewayLogger(glogging.Logger):
+    """gunicorn's logger, its access log's `U` atom (the path) as the client sent it,
+    percent-encoded, where gunicorn's is PATH_INFO, decoded: a `%0A` in the path would
+    end the line there and start one of the client's making."""
+
+    def atoms(self, resp, req, environ, request_time):
+        atoms = super().atoms(resp, req, environ, request_time)
+        raw = environ.get("RAW_URI")
+        if raw:
+            atoms["U"] = raw.split("?", 1)[0].split("#", 1)[0]
+        return atoms
 
 
 class OneWriteResponse(wsgi.Response):
@@ -138,19 +282,47 @@ class GatewayThreadWorker(ThreadWorker):
             self._heartbeat_at = now
             super().notify()
 
+    def _keepalive_after(self, conn, keepalive):
+        # gthread (gunicorn 27) drains what the application left of a body before keeping
+        # the connection; a malformed chunk there comes after the answer was sent, and
+        # gunicorn would answer it again (handle_error): another answer on a connection
+        # the client may reuse, taken for its next request's. Logged, and closed.
+        try:
+            return super()._keepalive_after(conn, keepalive)
+        except errors.ParseException as exc:
+            if refusal_for(exc) is None:
+                raise
+            self._refusal_log(exc, conn.client, "after its answer; connection closed")
+            return False
+
+    def _refusal_log(self, exc: BaseException, addr, answer: str, *, error: bool = False) -> None:
+        """A WARNING (an ERROR for the server's own fault) naming the kind of error and
+        the client, never the error's text: gunicorn's quotes the request."""
+        client = addr[0] if isinstance(addr, tuple | list) and addr else (addr or "-")
+        (self.log.error if error else self.log.warning)(
+            "Refused a request from %s: %s (%s)", client, type(exc).__name__, answer
+        )
+
     def handle_error(self, req, client, addr, exc) -> None:
-        """A request line or headers over gunicorn's limits: a JSON error with an
-        x-request-id, like every other answer, and nothing of the request echoed (it
-        may carry a key). Anything else as gunicorn answers it."""
-        refusal = next((r for kind, r in _REFUSALS if isinstance(exc, kind)), None)
+        """An error gunicorn raised while reading the request (gunicorn.http.errors: a
+        request line, header or chunk it cannot parse, a request line or headers over its
+        limits, ...): a JSON error with a fixed message per kind (_REFUSALS), an
+        x-request-id like every other answer, and nothing of the request echoed in the
+        answer or the log (it may carry a key). Anything else as gunicorn answers it."""
+        refusal = refusal_for(exc)
         if refusal is None:
             super().handle_error(req, client, addr, exc)
             return
         from routing.middleware import request_id_new
 
         status, reason, code, message = refusal
-        self.log.warning("Refused a request from %s: %s", (addr or ("",))[0], reason)
-        error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        self._refusal_log(exc, addr, f"answered {status}", error=status == 500)
+        error = {
+            "message": message,
+            "type": "api_error" if status == 500 else "invalid_request_error",
+            "param": None,
+            "code": code,
+        }
         body = json.dumps({"error": error}).encode()
         head = (
             f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"

@@ -25,8 +25,11 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 30
 # GUNICORN_ACCESSLOG="" turns the access log off.
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-") or None
-# The request line only: never headers, so never a key.
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+# Method, path and protocol: no header and no query string, where a key travels
+# (`Authorization`, or `?api_key=` from some clients), so no key. The path as the client
+# sent it, percent-encoded (config.workers.GatewayLogger): a `%0A` forges no line.
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
+logger_class = "config.workers.GatewayLogger"
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 

@@ -7,7 +7,10 @@ that wait starving other connections of threads."""
 from __future__ import annotations
 
 import http.client
+import json
+import secrets
 import socket
+import string
 import time
 import urllib.error
 import urllib.parse
@@ -16,9 +19,10 @@ from pathlib import Path
 
 import httpx2
 from gunicorn.config import Config
-from gunicorn.http import wsgi
+from gunicorn.http import errors, wsgi
 
-from config.workers import OneWriteResponse
+from config.workers import OneWriteResponse, refusal_for
+from tenants.services import api_key_issue, tenant_create
 
 from . import conftest
 from .upstream import gunicorn_gateway_start
@@ -78,6 +82,214 @@ def test_a_url_or_headers_over_the_servers_limits_get_an_openai_error_not_html(
         assert set(error) == {"message", "type", "param", "code"}
         assert error["code"] == code
     assert "tg-not-a-key" not in too_big.text and "yyyy" not in too_big.text
+
+
+def _key_like() -> str:
+    return "tg-" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(43))
+
+
+def _leaks(text: str, *keys: str) -> list[str]:
+    """Every 8 characters in a row of a key's random part that `text` holds."""
+    return [
+        key[i : i + 8] for key in keys for i in range(3, len(key) - 7) if key[i : i + 8] in text
+    ]
+
+
+def _exchange(url: str, raw: bytes) -> bytes:
+    """`raw` sent on a connection of its own: all the server answers until it closes."""
+    host = urllib.parse.urlsplit(url)
+    with socket.create_connection((host.hostname, host.port), timeout=10) as sock:
+        sock.sendall(raw)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def _answer(received: bytes) -> tuple[int, dict[str, str], dict]:
+    """Status, headers (names in lower case) and JSON body of the one answer received;
+    nothing may follow it."""
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    fields = (line.split(":", 1) for line in lines)
+    headers = {name.strip().lower(): value.strip() for name, value in fields}
+    assert headers["content-type"] == "application/json", received
+    assert len(body) == int(headers["content-length"]), received  # one answer only
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def _gateway_with_logs(tmp_path: Path):
+    """The production server with its access log on and its logs at INFO, written to a
+    file: (gateway, log file)."""
+    log = tmp_path / "gunicorn.log"
+    gateway = gunicorn_gateway_start(
+        conftest.test_database_url(),
+        output=log,
+        GUNICORN_WORKERS="1",
+        GUNICORN_ACCESSLOG="-",
+        GUNICORN_LOGLEVEL="info",
+        LOG_LEVEL="INFO",
+    )
+    return gateway, log
+
+
+def test_a_request_the_server_cannot_parse_gets_an_openai_error_quoting_nothing_of_it(
+    django_db_setup, transactional_db, tmp_path
+):
+    # gunicorn's own page and log line quote what they could not parse: the rest of a
+    # key after a line break, a whole header line, the request line, a chunk's size line.
+    key = _key_like()  # what a client sent, in the wrong place
+    valid = api_key_issue(tenant=tenant_create(slug="acme", name="Acme"), name="k").secret
+    host = "Host: 127.0.0.1\r\n"
+    chunked = (
+        f"POST /v1/chat/completions HTTP/1.1\r\n{host}Authorization: Bearer {valid}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    get = f"GET /v1/models HTTP/1.1\r\n{host}"
+    # name: (request, status, code, kind of error logged; None: the application answered)
+    cases = {
+        "line break in a key": (
+            f"{get}Authorization: Bearer {key[:20]}\r\n{key[20:]}\r\n\r\n",
+            400,
+            "invalid_header",
+            "InvalidHeader",
+        ),
+        "header line without a name": (
+            f"{get}Bearer {key}\r\n\r\n",
+            400,
+            "invalid_header",
+            "InvalidHeader",
+        ),
+        "invalid header name": (
+            f"{get}Authorization Bearer {key}: x\r\n\r\n",
+            400,
+            "invalid_header",
+            "InvalidHeaderName",
+        ),
+        "header folded onto the next line": (
+            f"{get}Authorization: Bearer {key[:20]}\r\n {key[20:]}\r\n\r\n",
+            400,
+            "invalid_header",
+            "ObsoleteFolding",
+        ),
+        "invalid request line": (
+            f"GET /v1/models?api_key={key}\r\n{host}\r\n",
+            400,
+            "invalid_request_line",
+            "InvalidRequestLine",
+        ),
+        "invalid method": (
+            f"{key} /v1/models HTTP/1.1\r\n{host}\r\n",
+            400,
+            "invalid_method",
+            "InvalidRequestMethod",
+        ),
+        "invalid HTTP version": (
+            f"GET /v1/models HTTP/1.1 {key}\r\n{host}\r\n",
+            400,
+            "invalid_http_version",
+            "InvalidHTTPVersion",
+        ),
+        "unsupported transfer coding": (
+            f"POST /v1/chat/completions HTTP/1.1\r\n{host}Transfer-Encoding: {key}\r\n\r\n",
+            501,
+            "unsupported_transfer_coding",
+            "UnsupportedTransferCoding",
+        ),
+        "unmet expectation": (
+            f"{get}Expect: {key}\r\n\r\n",
+            417,
+            "expectation_failed",
+            "ExpectationFailed",
+        ),
+        # Read by the application: its 400, and no unhandled error logged with the chunk.
+        "invalid chunk size": (f"{chunked}{key}\r\n", 400, "invalid_chunked_body", None),
+        "chunk without its line end": (
+            f"{chunked}5\r\nhello{key}\r\n0\r\n\r\n",
+            400,
+            "invalid_chunked_body",
+            None,
+        ),
+        # Left unread by the application (no key: 401), then read by gunicorn to keep the
+        # connection: its answer stands alone (no second one), and the connection closes.
+        "invalid chunk size after the answer": (
+            chunked.replace(f"Authorization: Bearer {valid}\r\n", "") + f"{key}\r\n",
+            401,
+            "missing_api_key",
+            None,
+        ),
+    }
+    gateway, log = _gateway_with_logs(tmp_path)
+    try:
+        for name, (request, status, code, kind) in cases.items():
+            received = _exchange(gateway.url, request.encode())
+            answered, headers, body = _answer(received)
+            assert answered == status, name
+            assert set(body["error"]) == {"message", "type", "param", "code"}, name
+            assert body["error"]["code"] == code, name
+            assert headers["x-request-id"].startswith("req_"), name
+            assert not _leaks(received.decode("latin-1"), key, valid), name
+            if kind is not None:  # the worker's answer (the application's cannot say it)
+                assert headers["connection"] == "close", name
+    finally:
+        gateway.stop()
+
+    logged = log.read_text()
+    assert not _leaks(logged, key, valid), logged
+    for name, (_, status, _, kind) in cases.items():
+        if kind is not None:
+            line = f"[WARNING] Refused a request from 127.0.0.1: {kind} (answered {status})"
+            assert line in logged, name
+    assert "InvalidChunkSize (after its answer; connection closed)" in logged
+    assert "Unhandled error" not in logged and "Traceback" not in logged
+
+
+def test_the_access_log_holds_no_query_string_and_a_path_as_sent(django_db_setup, tmp_path):
+    key = _key_like()
+    gateway, log = _gateway_with_logs(tmp_path)
+    try:
+        for target in (f"/v1/models?api_key={key}", "/v1/models%0A127.0.0.1%20forged"):
+            request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            _answer(_exchange(gateway.url, request.encode()))
+    finally:
+        gateway.stop()
+
+    logged = log.read_text()
+    assert not _leaks(logged, key), logged
+    assert '127.0.0.1 "GET /v1/models HTTP/1.1" 401 ' in logged
+    # PATH_INFO, gunicorn's path, is decoded: its line break would start a line.
+    assert '127.0.0.1 "GET /v1/models%0A127.0.0.1%20forged HTTP/1.1" 404 ' in logged
+    assert "\n127.0.0.1 forged" not in logged
+
+
+def test_every_parse_error_of_gunicorns_has_a_fixed_answer_with_gunicorns_status():
+    statuses = {
+        errors.LimitRequestLine: 414,
+        errors.LimitRequestHeaders: 431,
+        errors.UnsupportedTransferCoding: 501,
+        errors.ExpectationFailed: 417,
+        errors.ForbiddenProxyRequest: 403,
+        errors.ConfigurationProblem: 500,
+    }
+    kinds = [
+        kind
+        for kind in vars(errors).values()
+        if isinstance(kind, type) and issubclass(kind, errors.ParseException)
+    ]
+    assert len(kinds) > 15
+    for kind in kinds:
+        refusal = refusal_for(kind.__new__(kind))
+        if kind in (errors.InvalidResponseHeader, errors.InvalidResponseHeaderName):
+            assert refusal is None  # the application's fault: gunicorn's 500
+            continue
+        assert refusal is not None, kind
+        assert refusal[0] == statuses.get(kind, 400), kind
+
+    class Later(errors.ParseException):  # a kind a later gunicorn may add
+        pass
+
+    assert refusal_for(Later())[0] == 400
+    assert refusal_for(ValueError("not a parse error")) is None
 
 
 def _connection(url: str) -> http.client.HTTPConnection:

@@ -85,8 +85,12 @@ class GunicornGateway:
         process_stop(self.process)
 
 
-def gunicorn_gateway_start(database_url: str, **env_overrides: str) -> GunicornGateway:
-    """The production server (platform/gunicorn.conf.py) on a free port, on a given database."""
+def gunicorn_gateway_start(
+    database_url: str, *, output: Path | None = None, **env_overrides: str
+) -> GunicornGateway:
+    """The production server (platform/gunicorn.conf.py) on a free port, on a given
+    database; its standard output and error (access and error log) into `output` if
+    given, else this process's."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -106,11 +110,18 @@ def gunicorn_gateway_start(database_url: str, **env_overrides: str) -> GunicornG
         DATABASE_POOL_MAX="8",
     )
     env.update(env_overrides)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "platform/gunicorn.conf.py", "config.wsgi"],
-        cwd=ROOT,
-        env=env,
-    )
+    log = None if output is None else output.open("ab")
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "platform/gunicorn.conf.py", "config.wsgi"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=None if log is None else subprocess.STDOUT,
+        )
+    finally:
+        if log is not None:
+            log.close()  # the child holds its own copy
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

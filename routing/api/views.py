@@ -8,6 +8,7 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
+from gunicorn.http.errors import ParseException
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.permissions import BasePermission
 from rest_framework.renderers import JSONRenderer
@@ -111,7 +112,8 @@ def request_body(request) -> bytes:
     """The request's body, also when the client sent it chunked (Transfer-Encoding:
     chunked, no Content-Length): Django reads such a body as empty, while gunicorn hands
     it over de-chunked and ended (`wsgi.input_terminated`). 413 over the upload limit,
-    415 for a compressed body (which would otherwise read as malformed JSON)."""
+    415 for a compressed body (which would otherwise read as malformed JSON), 400 for
+    chunks gunicorn cannot parse."""
     encoding = request.META.get("HTTP_CONTENT_ENCODING", "").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedEncoding(
@@ -127,7 +129,14 @@ def request_body(request) -> bytes:
     if not meta.get("wsgi.input_terminated"):
         return raw  # a server that does not de-chunk: nothing safe to read
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    raw = meta["wsgi.input"].read() if limit is None else meta["wsgi.input"].read(limit + 1)
+    try:
+        raw = meta["wsgi.input"].read() if limit is None else meta["wsgi.input"].read(limit + 1)
+    except ParseException:
+        # A chunk gunicorn cannot parse. Its error quotes the body (a key, a prompt): an
+        # unhandled error would log it; the worker closes the connection after this.
+        raise InvalidRequest(
+            "The request body's chunked encoding is malformed.", code="invalid_chunked_body"
+        ) from None
     if limit is not None and len(raw) > limit:
         raise _too_large()
     return raw
