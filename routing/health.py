@@ -27,6 +27,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.db.models import Case, Count, F, IntegerField, Q, Sum, Value, When
 from django.db.models.functions import Greatest
 from django.template.response import TemplateResponse
@@ -499,11 +500,18 @@ def _providers(entries: list[tuple[ModelHealth, list[_Sampled]]]) -> list[Provid
 
 SPARK_BAR = 12  # px per bucket
 SPARK_HEIGHT = 28
+# The page adds up every tenant's traffic and cost from the usage ledger: it is for who
+# may see the ledger in the admin (superusers have every permission). admin_view only
+# asks for staff status, which a tenant's member managing it through /api/ has too.
+HEALTH_PERMISSION = "billing.view_usageevent"
 
 
 def health_page(request):
     """Model and provider health as tables, with a small chart of each model's window:
-    requests per bucket (errors in red) and their p50 latency as a line."""
+    requests per bucket (errors in red) and their p50 latency as a line. 403 without
+    HEALTH_PERMISSION, as the admin answers a page its user may not view."""
+    if not request.user.has_perm(HEALTH_PERMISSION):
+        raise PermissionDenied
     snapshot = health_snapshot()
     rows = [
         {

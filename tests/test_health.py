@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.db import DatabaseError
 from django.urls import reverse
 from django.utils import timezone
@@ -351,6 +352,54 @@ def test_the_catalog_links_to_the_health_page(admin_client):
     page = admin_client.get(reverse("admin:routing_catalogmodel_changelist"))
 
     assert f'href="{HEALTH_PAGE}"' in page.content.decode()
+
+
+def staff_member(tenant, *permissions: str):
+    """A staff user who is a member of `tenant` (as one who manages it through /api/),
+    with these admin permissions ("app_label.codename") only."""
+    user = get_user_model().objects.create_user("member", password="pw-member-123", is_staff=True)
+    tenant.members.add(user)
+    for permission in permissions:
+        app_label, codename = permission.split(".")
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label=app_label, codename=codename)
+        )
+    return user
+
+
+def test_the_health_page_is_for_who_may_see_the_usage_ledger(client, shop):
+    # Every tenant's traffic and cost per model, added up from the ledger: staff status
+    # alone (a tenant's member has it to use /api/) shows none of it.
+    tenant, (key, _), model = shop
+    call(key, model, at=timezone.now(), latency=1234, input_uncached=1_000_000)
+    user = staff_member(tenant)
+    client.force_login(user)
+
+    refused = client.get(HEALTH_PAGE)
+
+    assert refused.status_code == 403
+    html = refused.content.decode()
+    assert 'id="model-health"' not in html and "1234" not in html and "0.2700" not in html
+
+    user.user_permissions.add(Permission.objects.get(codename="view_usageevent"))
+    shown = client.get(HEALTH_PAGE)
+    assert shown.status_code == 200
+    html = shown.content.decode()
+    assert 'id="model-health"' in html and "1234" in html and "0.2700" in html
+
+
+def test_the_catalog_links_to_the_health_page_only_for_who_may_open_it(client, shop):
+    tenant, _, _ = shop
+    user = staff_member(tenant, "routing.view_catalogmodel")
+    client.force_login(user)
+    catalog = reverse("admin:routing_catalogmodel_changelist")
+
+    page = client.get(catalog)
+    assert page.status_code == 200
+    assert HEALTH_PAGE not in page.content.decode()
+
+    user.user_permissions.add(Permission.objects.get(codename="view_usageevent"))
+    assert f'href="{HEALTH_PAGE}"' in client.get(catalog).content.decode()
 
 
 def test_counters_take_in_late_usage_of_hours_ago_and_never_go_down(client, shop):
