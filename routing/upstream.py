@@ -215,7 +215,7 @@ def upstream_error_failure(
     if isinstance(error, Mapping):
         inner = _error_object(error)
         message = _provider_words(inner.get("message"), provider, 2000)
-        code = _provider_words(error.get("code"), provider, 200)
+        code = _provider_words(inner.get("code"), provider, 200)
     elif isinstance(error, str):
         message = _provider_words(error, provider, 2000)
     failed = (

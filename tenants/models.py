@@ -34,7 +34,7 @@ def validate_webhook_url(value: str) -> None:
 def tenant_slug_normalize(value: str) -> str:
     """A tenant slug as stored: lower case, so that a slug given in any case names its
     tenant ("ACME" names acme). The model's `clean` (the admin, the services) and the
-    management API lower through here; the shell commands lower their argument alike."""
+    management API and the shell commands lower through here."""
     return value.lower()
 
 

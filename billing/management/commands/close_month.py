@@ -10,7 +10,7 @@ from billing.invoicing import (
     unpriced_note,
 )
 from config.commands import ScriptedCommand
-from tenants.models import Tenant
+from tenants.models import Tenant, tenant_slug_normalize
 
 
 class Command(ScriptedCommand):
@@ -43,7 +43,7 @@ class Command(ScriptedCommand):
                 raise CommandError("--accept-unpriced needs a reason, in words.")
         tenants = Tenant.objects.order_by("slug")
         if tenant:
-            tenants = tenants.filter(slug=tenant.lower())
+            tenants = tenants.filter(slug=tenant_slug_normalize(tenant))
             if not tenants.exists():
                 raise CommandError(f"No tenant with slug {tenant!r}.")
         tenants = list(tenants)

@@ -6,7 +6,7 @@ from billing.exports import BULK_FORMATS, invoices_zip
 from billing.invoicing import InvoiceError, month_parse
 from billing.models import Invoice
 from config.commands import ScriptedCommand
-from tenants.models import Tenant
+from tenants.models import Tenant, tenant_slug_normalize
 
 
 class Command(ScriptedCommand):
@@ -33,9 +33,9 @@ class Command(ScriptedCommand):
             .order_by("number")
         )
         if tenant:
-            if not Tenant.objects.filter(slug=tenant.lower()).exists():
+            if not Tenant.objects.filter(slug=tenant_slug_normalize(tenant)).exists():
                 raise CommandError(f"No tenant with slug {tenant!r}.")
-            invoices = invoices.filter(tenant__slug=tenant.lower())
+            invoices = invoices.filter(tenant__slug=tenant_slug_normalize(tenant))
         invoices = list(invoices)
         if not invoices:
             raise CommandError(f"No issued invoice for {month:%Y-%m}: run close_month first.")

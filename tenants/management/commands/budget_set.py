@@ -6,7 +6,7 @@ from django.core.management.base import CommandError
 from config.command_errors import validation_command_error
 from config.commands import ScriptedCommand
 from tenants.budgets import budget_set, budget_status, usd_format
-from tenants.models import MAX_BUDGET_USD, Tenant
+from tenants.models import MAX_BUDGET_USD, Tenant, tenant_slug_normalize
 from tenants.services import api_key_named
 
 
@@ -39,7 +39,7 @@ class Command(ScriptedCommand):
 
     def handle(self, *args, slug, usd, key, soft, alerts, **options):
         usd = _usd(usd)
-        tenant = Tenant.objects.filter(slug=slug.lower()).first()
+        tenant = Tenant.objects.filter(slug=tenant_slug_normalize(slug)).first()
         if tenant is None:
             raise CommandError(f"No tenant with slug {slug!r}.")
         api_key = None

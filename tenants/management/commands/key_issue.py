@@ -6,7 +6,7 @@ from django.utils import timezone
 
 from config.command_errors import validation_command_error
 from config.commands import ScriptedCommand
-from tenants.models import Tenant
+from tenants.models import Tenant, tenant_slug_normalize
 from tenants.services import UnknownModelsError, api_key_issue
 
 OPTIONS = {"name": "--name", "expires_at": "--expires-in-days", "allowed_models": "--models"}
@@ -24,7 +24,7 @@ class Command(ScriptedCommand):
         )
 
     def handle(self, *args, slug, name, expires_in_days, models, **options):
-        tenant = Tenant.objects.filter(slug=slug.lower()).first()
+        tenant = Tenant.objects.filter(slug=tenant_slug_normalize(slug)).first()
         if tenant is None:
             raise CommandError(f"No tenant with slug {slug!r}.")
         expires_at = None

@@ -3,7 +3,7 @@ from django.core.management.base import CommandError
 
 from config.command_errors import validation_command_error
 from config.commands import ScriptedCommand
-from tenants.models import Tenant
+from tenants.models import Tenant, tenant_slug_normalize
 from tenants.services import UnknownModelsError, tenant_create, tenant_update
 
 
@@ -43,7 +43,7 @@ class Command(ScriptedCommand):
 
     def handle(self, *args, slug, name, models, email, timezone, **options):
         model_ids = None if models is None else [m for m in models.split(",") if m.strip()]
-        existing = Tenant.objects.filter(slug=slug.lower()).first()  # slugs are lower case
+        existing = Tenant.objects.filter(slug=tenant_slug_normalize(slug)).first()
         try:
             if existing is not None:
                 self._update(existing, name, email, timezone, model_ids)
