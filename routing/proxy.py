@@ -52,7 +52,6 @@ from tenants.budgets import (
     budget_release,
     budget_reserve,
     hard_budgets,
-    usd_format,
 )
 from tenants.limits import (
     LEASE_TTL,
@@ -345,14 +344,6 @@ def target_cost_bound(
     return (prompt_bound * input_unit + output_bound * units.output).scaleb(-6)
 
 
-def budget_skip_reason(bound: Decimal, remaining: Decimal) -> str:
-    """Why a route skips a target its worst-case cost does not fit the budget for."""
-    return (
-        f"may cost up to {usd_format(bound)}, more than the {usd_format(remaining)} left "
-        "in the monthly budget"
-    )
-
-
 def chat_cost_bound(call: ChatCall, size: int) -> Decimal:
     """The worst-case cost of a call (its body `size` bytes): of its dearest target still
     to try."""
@@ -402,9 +393,7 @@ def chat_admit(call: ChatCall) -> None:
                 if bound <= exc.remaining:
                     fits.append(target)
                 else:
-                    call.skipped.append(
-                        (target.model.public_id, budget_skip_reason(bound, exc.remaining))
-                    )
+                    call.skipped.append((target.model.public_id, exc.skip_reason(bound)))
             if not fits:
                 raise no_target_error(call.route, call.skipped) from None
             if len(fits) == len(call.targets):  # it fitted a moment ago: spent since

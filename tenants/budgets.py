@@ -48,17 +48,36 @@ class BudgetExceeded(Exception):
 
     @property
     def message(self) -> str:
-        scope = (
-            f"API key {self.budget.api_key.prefix}…" if self.budget.api_key_id else "this tenant"
-        )
         # "Cannot cover", not "exhausted": a limit below one call's worst case refuses it
         # with nothing spent.
         return (
-            f"The monthly budget of {scope} cannot cover this request: limit "
-            f"{usd_format(self.budget.limit_usd)}, {usd_format(self.remaining)} left until "
-            f"{self.period.ends_at:%Y-%m-%d %H:%M} UTC, and the request may cost up to "
+            f"The monthly budget of {budget_scope(self.budget)} cannot cover this request: "
+            f"limit {usd_format(self.budget.limit_usd)}, {usd_format(self.remaining)} left "
+            f"until {self.period.ends_at:%Y-%m-%d %H:%M} UTC, and the request may cost up to "
             f"{usd_format(pico_to_usd(self.needed_pico))}."
         )
+
+    def skip_reason(self, bound: Decimal) -> str:
+        return budget_skip_reason(
+            bound, budget=self.budget, remaining=self.remaining, ends_at=self.period.ends_at
+        )
+
+
+def budget_scope(budget: Budget) -> str:
+    """Whose budget, as a refusal names it: "API key tg-ab12…" or "this tenant"."""
+    return f"API key {budget.api_key.prefix}…" if budget.api_key_id else "this tenant"
+
+
+def budget_skip_reason(
+    bound: Decimal, *, budget: Budget, remaining: Decimal, ends_at: datetime
+) -> str:
+    """Why a route skips a target whose worst-case cost (`bound`) the budget cannot cover:
+    the budget named with its limit, as a direct call's refusal names it."""
+    return (
+        f"may cost up to {usd_format(bound)}, more than the {usd_format(remaining)} left "
+        f"until {ends_at:%Y-%m-%d %H:%M} UTC in the monthly budget of {budget_scope(budget)} "
+        f"(limit {usd_format(budget.limit_usd)})"
+    )
 
 
 def places_at_least(amount: Decimal, places: int = 2) -> Decimal:

@@ -181,6 +181,11 @@ def test_explain_as_a_key_skips_what_the_key_may_not_use_and_what_the_budget_can
     broke = explain(client, {"messages": [{"role": "user", "content": "hi"}]}, tenant="acme")
     assert broke.json()["chosen"] is None
     assert "budget" in broke.json()["error"]
+    reasons = [s["reason"] for s in broke.json()["skipped"]]
+    assert reasons
+    assert all(
+        r.endswith("in the monthly budget of this tenant (limit $0.000001)") for r in reasons
+    )
 
 
 def test_explain_refuses_a_bad_body_and_hides_other_tenants(catalog, superuser_token):

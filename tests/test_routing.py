@@ -20,7 +20,7 @@ from billing.models import UsageEvent
 from routing import proxy
 from routing.models import CatalogModel, CircuitBreaker, Provider, Route, RouteTarget
 from tenants.budgets import budget_set
-from tenants.models import BudgetPeriod, BudgetReservation
+from tenants.models import ApiKey, BudgetPeriod, BudgetReservation
 from tenants.services import api_key_issue
 
 from .conftest import World, model_create
@@ -309,8 +309,17 @@ def test_a_target_that_does_not_fit_the_budget_is_skipped(fleet):
     assert message.startswith(
         "No target of the route 'dear-only' can serve this request (fleet-dear: may cost up to $5.0"
     )
+    # Which budget, and its limit, as a direct call's refusal says.
     assert ", more than the $0.99" in message
-    assert message.endswith(" left in the monthly budget).")
+    assert " UTC in the monthly budget of this tenant (limit $1.00))." in message
+    key = ApiKey.objects.get(tenant=fleet.world.tenant, name="default")
+    budget_set(tenant=fleet.world.tenant, key=key, limit_usd=Decimal("2.00"), hard=True)
+    budget_set(tenant=fleet.world.tenant, limit_usd=Decimal("100.00"), hard=True)
+    with pytest.raises(openai.RateLimitError) as caught:
+        fleet.call("dear-only", max_tokens=1000)
+    assert caught.value.body["message"].endswith(
+        f" in the monthly budget of API key {key.prefix}… (limit $2.00))."
+    )
 
 
 def test_the_breaker_opens_after_consecutive_failures_and_closes_after_a_probe(fleet):

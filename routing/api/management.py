@@ -14,13 +14,13 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.response import Response
 
-from tenants.budgets import budget_status
+from tenants.budgets import budget_skip_reason, budget_status
 from tenants.models import ApiKey, Budget, tenant_slug_normalize
 from tenants.selectors import model_for_key, tenant_allows, tenants_visible_to
 
 from ..errors import GatewayError
 from ..models import CatalogModel, Route, RouteTarget
-from ..proxy import budget_skip_reason, no_target_error, route_plan_for, target_cost_bound
+from ..proxy import no_target_error, route_plan_for, target_cost_bound
 from ..routes import (
     ROUTE_NAME,
     TargetDraft,
@@ -286,11 +286,17 @@ def route_explain(route: Route, body: dict, *, key, tenant, split_key: str) -> d
     )
     answer["steps"].extend(plan.steps)
     skipped = list(plan.skipped)
-    remaining = _budget_remaining(key, tenant)
+    tightest = _budget_tightest(key, tenant)
     for target, candidate in zip(targets, plan.candidates, strict=True):
         bound = target_cost_bound(body, target.model, target.units)
-        if remaining is not None and bound > remaining:
-            skipped.append((target.model.public_id, budget_skip_reason(bound, remaining)))
+        if tightest is not None and bound > tightest.remaining:
+            reason = budget_skip_reason(
+                bound,
+                budget=tightest.budget,
+                remaining=tightest.remaining,
+                ends_at=tightest.period_end,
+            )
+            skipped.append((target.model.public_id, reason))
             continue
         timeout = target.timeout or target.model.provider.timeout_seconds
         answer["attempts"].append(
@@ -310,12 +316,15 @@ def route_explain(route: Route, body: dict, *, key, tenant, split_key: str) -> d
     return answer
 
 
-def _budget_remaining(key, tenant):
-    """What the tightest hard budget over the call has left this month, or None."""
+def _budget_tightest(key, tenant):
+    """The status of the hard budget over the call with the least left this month, or
+    None."""
     if tenant is None:
         return None
     budgets = Budget.objects.filter(tenant=tenant, api_key__isnull=True, hard=True)
     if key is not None:
         budgets = budgets | Budget.objects.filter(api_key=key, hard=True)
-    left = [budget_status(b, tz_name=tenant.timezone).remaining for b in budgets]
-    return min(left) if left else None
+    statuses = [
+        budget_status(b, tz_name=tenant.timezone) for b in budgets.select_related("api_key")
+    ]
+    return min(statuses, key=lambda status: status.remaining, default=None)
