@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import select
+import ssl
 import threading
 import time
 
@@ -24,6 +25,7 @@ _BAD_BODY = (
     "invalid_chunked_body",
     "The request body's chunked encoding is malformed.",
 )
+_FAILED = (500, "Internal Server Error", None, "The gateway failed to process the request.")
 _BAD_PROXY = (
     400,
     "Bad Request",
@@ -146,10 +148,7 @@ _REFUSALS: tuple[tuple[type[Exception], tuple[int, str, str | None, str]], ...] 
         ),
     ),
     # The request's path against SCRIPT_NAME: the server's setup is at fault.
-    (
-        errors.ConfigurationProblem,
-        (500, "Internal Server Error", None, "The gateway failed to process the request."),
-    ),
+    (errors.ConfigurationProblem, _FAILED),
     # Any other error of gunicorn's parser (a later gunicorn's, say).
     (
         errors.ParseException,
@@ -157,7 +156,7 @@ _REFUSALS: tuple[tuple[type[Exception], tuple[int, str, str | None, str]], ...] 
     ),
 )
 # Errors of the application's response, which gunicorn's errors module also holds (as
-# subclasses of InvalidHeader and InvalidHeaderName): answered as gunicorn answers them.
+# subclasses of InvalidHeader and InvalidHeaderName): the server's fault, not the client's.
 _NOT_REFUSALS = (errors.InvalidResponseHeader, errors.InvalidResponseHeaderName)
 
 
@@ -173,6 +172,17 @@ class GatewayLogger(glogging.Logger):
     """gunicorn's logger, its access log's `U` atom (the path) as the client sent it,
     percent-encoded, where gunicorn's is PATH_INFO, decoded: a `%0A` in the path would
     end the line there and start one of the client's making."""
+
+    def debug(self, msg, *args, **kwargs):
+        # gunicorn's line for a client that hung up mid-request (NoMoreData) quotes what
+        # it had read of it: a key in a header, say. Its size instead.
+        args = tuple(
+            f"No more data after {len(a.buf or b'')} bytes of a request (not quoted)"
+            if isinstance(a, errors.NoMoreData)
+            else a
+            for a in args
+        )
+        super().debug(msg, *args, **kwargs)
 
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)
@@ -308,15 +318,27 @@ class GatewayThreadWorker(ThreadWorker):
         request line, header or chunk it cannot parse, a request line or headers over its
         limits, ...): a JSON error with a fixed message per kind (_REFUSALS), an
         x-request-id like every other answer, and nothing of the request echoed in the
-        answer or the log (it may carry a key). Anything else as gunicorn answers it."""
+        answer or the log (it may carry a key). Any other error before the answer began
+        (the server's own, or a response header the application may not send): a 500 in
+        the same shape, logged with its traceback, the method and the path, without the
+        query string gunicorn's line quotes (`?api_key=`)."""
         refusal = refusal_for(exc)
         if refusal is None:
-            super().handle_error(req, client, addr, exc)
-            return
+            if isinstance(exc, ssl.SSLError):  # a TLS handshake: gunicorn's 403
+                super().handle_error(req, client, addr, exc)
+                return
+            self.log.exception(
+                "Error handling request %s %s",
+                getattr(req, "method", None) or "-",
+                getattr(req, "path", None) or "(no path read)",
+            )
+            refusal = _FAILED
+        else:
+            status = refusal[0]
+            self._refusal_log(exc, addr, f"answered {status}", error=status == 500)
         from routing.middleware import request_id_new
 
         status, reason, code, message = refusal
-        self._refusal_log(exc, addr, f"answered {status}", error=status == 500)
         error = {
             "message": message,
             "type": "api_error" if status == 500 else "invalid_request_error",

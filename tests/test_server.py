@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import secrets
 import socket
 import string
@@ -21,7 +22,7 @@ import httpx2
 from gunicorn.config import Config
 from gunicorn.http import errors, wsgi
 
-from config.workers import OneWriteResponse, refusal_for
+from config.workers import GatewayThreadWorker, OneWriteResponse, refusal_for
 from tenants.services import api_key_issue, tenant_create
 
 from . import conftest
@@ -118,17 +119,17 @@ def _answer(received: bytes) -> tuple[int, dict[str, str], dict]:
     return int(status_line.split()[1]), headers, json.loads(body)
 
 
-def _gateway_with_logs(tmp_path: Path):
-    """The production server with its access log on and its logs at INFO, written to a
-    file: (gateway, log file)."""
+def _gateway_with_logs(tmp_path: Path, level: str = "info"):
+    """The production server with its access log on and its logs at `level`, written to
+    a file: (gateway, log file)."""
     log = tmp_path / "gunicorn.log"
     gateway = gunicorn_gateway_start(
         conftest.test_database_url(),
         output=log,
         GUNICORN_WORKERS="1",
         GUNICORN_ACCESSLOG="-",
-        GUNICORN_LOGLEVEL="info",
-        LOG_LEVEL="INFO",
+        GUNICORN_LOGLEVEL=level,
+        LOG_LEVEL=level.upper(),
     )
     return gateway, log
 
@@ -260,6 +261,68 @@ def test_the_access_log_holds_no_query_string_and_a_path_as_sent(django_db_setup
     # PATH_INFO, gunicorn's path, is decoded: its line break would start a line.
     assert '127.0.0.1 "GET /v1/models%0A127.0.0.1%20forged HTTP/1.1" 404 ' in logged
     assert "\n127.0.0.1 forged" not in logged
+
+
+def test_a_client_hanging_up_mid_request_is_not_quoted_even_at_debug_level(
+    django_db_setup, tmp_path
+):
+    key = _key_like()
+    gateway, log = _gateway_with_logs(tmp_path, level="debug")
+    try:
+        host = urllib.parse.urlsplit(gateway.url)
+        with socket.create_connection((host.hostname, host.port), timeout=10) as sock:
+            # Headers cut short, then the client's side closed: nothing to answer.
+            sock.sendall(f"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer {key}\r\n".encode())
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(65536) == b""
+        deadline = time.monotonic() + 10
+        while "premature client disconnection" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        gateway.stop()
+
+    logged = log.read_text()
+    assert not _leaks(logged, key), logged
+    assert re.search(r"No more data after \d+ bytes of a request \(not quoted\)", logged)
+
+
+class _LogRecorder:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def exception(self, msg, *args):
+        self.lines.append(msg % args)
+
+    error = warning = exception
+
+
+def test_an_error_of_the_servers_own_is_a_500_in_openais_shape_naming_no_query():
+    # What no client can cause (the application sending a header HTTP forbids, a fault
+    # of the server's): OpenAI's 500, and the log names the path, never the query.
+    key = _key_like()
+    worker = GatewayThreadWorker.__new__(GatewayThreadWorker)
+    worker.log = _LogRecorder()
+    request = _Request()
+    request.uri, request.path = f"/v1/models?api_key={key}", "/v1/models"
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        worker.handle_error(
+            request, ours, ("127.0.0.1", 5000), errors.InvalidResponseHeader("X-Bad\n")
+        )
+        ours.close()
+        received = theirs.recv(65536)
+
+    status, headers, body = _answer(received)
+    assert status == 500
+    assert body["error"] == {
+        "message": "The gateway failed to process the request.",
+        "type": "api_error",
+        "param": None,
+        "code": None,
+    }
+    assert headers["x-request-id"].startswith("req_")
+    assert worker.log.lines == ["Error handling request POST /v1/models"]
 
 
 def test_every_parse_error_of_gunicorns_has_a_fixed_answer_with_gunicorns_status():
