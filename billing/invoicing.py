@@ -124,6 +124,10 @@ def _month_after(month: date) -> date:
     return date(month.year + month.month // 12, month.month % 12 + 1, 1)
 
 
+def _month_before(month: date) -> date:
+    return date(month.year - (month.month == 1), (month.month - 2) % 12 + 1, 1)
+
+
 def _tenant_locked(pk: int) -> Tenant:
     """The tenant row locked for the caller's transaction: invoicing is serialized per
     tenant. FOR NO KEY UPDATE on PostgreSQL, so that the gateway's inserts referring to
@@ -196,8 +200,13 @@ def _usage_lines(tenant: Tenant, invoice: Invoice, tz_name: str) -> tuple[list[_
     unpriced = 0
     for g in groups:
         units = unit_prices(prices[g["price_id"]], tenant_prices.get(g["tenant_price_id"]))
-        usage_month = g["usage_month"] if g["earlier"] else invoice.month
-        usage_month = usage_month.date() if isinstance(usage_month, datetime) else usage_month
+        usage_month = invoice.month
+        if g["earlier"]:
+            # Late usage of an invoiced month: an adjustment naming that month. The
+            # tenant's time zone may have moved east since, and read it as this month.
+            usage_month = g["usage_month"]
+            usage_month = usage_month.date() if isinstance(usage_month, datetime) else usage_month
+            usage_month = min(usage_month, _month_before(invoice.month))
         unpriced += g["unpriced"] or 0
         for bucket, unit, tokens in (
             (InvoiceLine.Bucket.INPUT, units.input, g["uncached"]),
@@ -254,9 +263,11 @@ def invoice_build(
         invoice.timezone = replaced.timezone
         invoice.starts_at, invoice.ends_at = replaced.starts_at, replaced.ends_at
     else:
+        # A void invoice counts: its coverage carries on through its correction, and
+        # the invoices after it bill the usage it covered that arrived late.
         if (
             Invoice.objects.filter(tenant=tenant, month__gt=month)
-            .exclude(status__in=[Invoice.Status.DRAFT, Invoice.Status.VOID])
+            .exclude(status=Invoice.Status.DRAFT)
             .exists()
         ):
             raise InvoiceError(
@@ -552,6 +563,12 @@ def _close_one(
 ) -> MonthClosed:
     try:
         with transaction.atomic():
+            voided = _void_awaiting_correction(_tenant_locked(tenant.pk), month)
+            if voided is not None:
+                # Voided on purpose (a dispute, a wrong address): billed again by its
+                # correction (invoice_correct), which someone decides on, never by a
+                # re-run of the month's close.
+                return MonthClosed(tenant, "void, awaiting its correction", voided)
             # With the margin a dry run too: it shows what the real run would finalize.
             invoice = invoice_build(tenant=tenant, month=month, now=now, finalizing=True)
             if invoice.status != Invoice.Status.DRAFT:
@@ -580,10 +597,18 @@ def _close_one(
         return MonthClosed(tenant, f"{'would refuse' if dry_run else 'not finalized'}: {exc}")
 
 
-def _month_of(instant: datetime, tz_name: str) -> tuple[date, datetime]:
-    """The calendar month (its first day) of an instant in a time zone, and its end."""
-    start, end = budget_month(instant, tz_name)
-    return start.astimezone(ZoneInfo(tz_name)).date(), end
+def _void_awaiting_correction(tenant: Tenant, month: date) -> Invoice | None:
+    """The month's latest void invoice when nothing else (a correction, numbered or
+    draft) stands for the month."""
+    invoices = Invoice.objects.filter(tenant=tenant, month=month)
+    if invoices.exclude(status=Invoice.Status.VOID).exists():
+        return None
+    return invoices.order_by("-voided_at").first()
+
+
+def _month_of(instant: datetime, tz_name: str) -> date:
+    """The calendar month (its first day) of an instant in a time zone."""
+    return budget_month(instant, tz_name)[0].astimezone(ZoneInfo(tz_name)).date()
 
 
 def months_due(*, now: datetime | None = None) -> list[tuple[Tenant, date]]:
@@ -605,17 +630,21 @@ def months_due(*, now: datetime | None = None) -> list[tuple[Tenant, date]]:
         )
         new = events if last is None else events.filter(occurred_at__gte=last.ends_at)
         first_new = new.order_by("occurred_at").values_list("occurred_at", flat=True).first()
+        # The month after the last invoice's, however the tenant's time zone reads its
+        # end now: moved west, that end is still in the invoiced month.
+        after_last = _month_after(last.month) if last is not None else None
         candidates = []
         if first_new is not None:
-            candidates.append(_month_of(first_new, tenant.timezone))
+            month = _month_of(first_new, tenant.timezone)
+            candidates.append(max(month, after_last) if after_last else month)
         if (
             last is not None
             and events.filter(occurred_at__lt=last.ends_at, recorded_at__gt=last.cutoff).exists()
         ):
-            candidates.append(_month_of(last.ends_at, tenant.timezone))
+            candidates.append(after_last)
         if not candidates:
             continue
-        month, ends_at = min(candidates)
-        if now >= ends_at + grace:
+        month = min(candidates)
+        if now >= month_bounds(month, tenant.timezone)[1] + grace:
             due.append((tenant, month))
     return due

@@ -941,3 +941,121 @@ def test_months_out_of_range_are_refused_not_a_crash(shop):
     for value in ("9999-12", "0001-01", "2026-00", "2026-13", "-1-01", "2026"):
         with pytest.raises(InvoiceError, match="not a month"):
             month_parse(value)
+
+
+SEP, DEC = date(2026, 9, 1), date(2026, 12, 1)
+
+
+def _billed(*months) -> dict[date, int]:
+    """Tokens of each usage month over every invoice that stands (not void)."""
+    billed: dict[date, int] = {}
+    lines = InvoiceLine.objects.exclude(invoice__status=Invoice.Status.VOID)
+    for line in lines.filter(usage_month__in=months):
+        billed[line.usage_month] = billed.get(line.usage_month, 0) + line.quantity
+    return billed
+
+
+def test_a_late_call_of_a_month_without_invoice_is_billed_once_after_a_later_void(shop):
+    """October had no usage when it closed; a late October call then arrived. Voiding
+    November must not let October be invoiced now: December would bill the call again,
+    as usage November's coverage (carried by its correction) never saw."""
+    _, (key, _), model = shop
+    record(key, model, datetime(2026, 9, 5, tzinfo=UTC), output=1_000_000)
+    record(key, model, datetime(2026, 11, 5, tzinfo=UTC), output=2_000_000)
+    closed = datetime(2026, 12, 2, tzinfo=UTC)
+    outcomes = [month_close(month=m, now=closed)[0].outcome for m in (SEP, OCT, NOV)]
+    assert outcomes == ["finalized", "no usage", "finalized"]
+    record(
+        key,
+        model,
+        datetime(2026, 10, 15, tzinfo=UTC),
+        recorded_at=datetime(2026, 12, 3, tzinfo=UTC),
+        output=4_000_000,
+    )
+    november = invoice_void(invoice=Invoice.objects.get(month=NOV), reason="wrong PO number")
+    later = datetime(2027, 1, 5, tzinfo=UTC)
+
+    (october,) = month_close(month=OCT, now=later)
+    assert october.outcome.startswith("not finalized: A later month of acme is already invoiced")
+    invoice_finalize(invoice=invoice_correct(voided=november), now=later)
+    (december,) = month_close(month=DEC, now=later)
+
+    assert december.outcome == "finalized"
+    assert lines_of(december.invoice)[0][:3] == (OCT, InvoiceLine.Bucket.OUTPUT, 4_000_000)
+    assert _billed(SEP, OCT, NOV) == {SEP: 1_000_000, OCT: 4_000_000, NOV: 2_000_000}
+
+
+def test_months_keep_coming_due_after_the_time_zone_moves_west(shop, settings):
+    """September closed in UTC; New York then reads its end (1 October 00:00 UTC) as
+    September still. The next month due is October, never September again."""
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 9, 10, tzinfo=UTC), output=1_000_000)
+    (september,) = month_close(month=SEP, now=datetime(2026, 10, 3, tzinfo=UTC))
+    tenant.timezone = "America/New_York"
+    tenant.save()
+    record(key, model, datetime(2026, 10, 1, 1, tzinfo=UTC), output=1_000_000)
+    record(key, model, datetime(2026, 10, 15, tzinfo=UTC), output=1_000_000)
+    # A late September call too: also billed with October, as an adjustment.
+    record(
+        key,
+        model,
+        datetime(2026, 9, 20, tzinfo=UTC),
+        recorded_at=datetime(2026, 10, 5, tzinfo=UTC),
+        output=1_000_000,
+    )
+    settings.TOLLGATE_INVOICE_GRACE_SECONDS = 3600
+
+    assert months_due(now=datetime(2026, 11, 1, 3, tzinfo=UTC)) == []  # not over in New York
+    assert months_due(now=datetime(2026, 11, 1, 6, tzinfo=UTC)) == [(tenant, OCT)]
+    (october,) = month_close(month=OCT, now=datetime(2026, 11, 1, 6, tzinfo=UTC))
+
+    assert october.outcome == "finalized"
+    assert october.invoice.starts_at == september.invoice.ends_at
+    assert _billed(SEP, OCT) == {SEP: 2_000_000, OCT: 2_000_000}
+    assert months_due(now=datetime(2026, 12, 5, tzinfo=UTC)) == []
+
+
+def test_late_usage_stays_an_adjustment_after_the_time_zone_moves_east(shop):
+    """October closed in UTC; Tokyo reads 31 October 20:00 UTC as 1 November. A call at
+    that time that arrived late is still October's adjustment on November's invoice."""
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    october = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT), now=AFTER_OCT)
+    tenant.timezone = "Asia/Tokyo"
+    tenant.save()
+    record(
+        key,
+        model,
+        datetime(2026, 10, 31, 20, tzinfo=UTC),
+        recorded_at=AFTER_OCT + timedelta(hours=1),
+        output=2_000_000,
+    )
+    record(key, model, datetime(2026, 11, 10, tzinfo=UTC), output=4_000_000)
+
+    november = invoice_finalize(
+        invoice=invoice_build(tenant=tenant, month=NOV), now=datetime(2026, 12, 2, tzinfo=UTC)
+    )
+
+    lines = [(line.usage_month, line.quantity, line.is_adjustment) for line in november.lines.all()]
+    assert sorted(lines) == [(OCT, 2_000_000, True), (NOV, 4_000_000, False)]
+    assert Invoice.objects.get(pk=october.pk).total == Decimal("1.10")
+
+
+def test_closing_a_voided_month_again_waits_for_its_correction(shop, capsys):
+    tenant, (key, _), model = shop
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    call_command("close_month", "2026-10")
+    original = Invoice.objects.get(month=OCT)
+    invoice_void(invoice=original, reason="disputed")
+    capsys.readouterr()
+
+    call_command("close_month", "2026-10")
+
+    assert "acme: void, awaiting its correction INV-2026-000001" in capsys.readouterr().out
+    assert list(Invoice.objects.values_list("number", "status")) == [
+        ("INV-2026-000001", Invoice.Status.VOID)
+    ]
+    # Corrected on purpose, the correction is what a later close finds.
+    correction = invoice_correct(voided=original)
+    (closed,) = month_close(month=OCT, tenants=[tenant], now=datetime(2026, 11, 5, tzinfo=UTC))
+    assert (closed.outcome, closed.invoice.pk) == ("finalized", correction.pk)
