@@ -58,11 +58,13 @@ def _price_label(line: InvoiceLine) -> str:
     label = f"list price of {since:%Y-%m-%d}"
     if line.tenant_price_id is not None:
         tenant_price = line.tenant_price
-        kind = (
-            f"+{_text(tenant_price.markup_percent, 0)}% markup"
-            if tenant_price.markup_percent is not None
-            else "negotiated price"
-        )
+        markup = tenant_price.markup_percent
+        if markup is None:
+            kind = "negotiated price"
+        else:
+            # "20% markup", "10% discount": no leading sign, which a spreadsheet would
+            # read as the start of a formula.
+            kind = f"{_text(abs(markup), 0)}% {'discount' if markup < 0 else 'markup'}"
         label = f"{kind} of {tenant_price.effective_from:%Y-%m-%d} on the {label}"
     return label
 
@@ -167,9 +169,29 @@ CSV_COLUMNS = (
 )
 
 
+# What a spreadsheet program reads as the start of a formula in a cell it opens.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+class _SpreadsheetWriter:
+    """csv.writer whose text cells cannot run as formulas in a spreadsheet: a cell that
+    begins like one (a reason typed when accepting unpriced usage, a model's name) gets
+    a leading apostrophe, which spreadsheet programs show as text (OWASP's advice for
+    CSV injection). Numbers are written as they are."""
+
+    def __init__(self, out: io.StringIO):
+        self._writer = csv.writer(out, lineterminator="\r\n")
+
+    def writerow(self, row) -> None:
+        self._writer.writerow(
+            "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
+            for cell in row
+        )
+
+
 def _csv(document: dict) -> bytes:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
+    writer = _SpreadsheetWriter(out)
     writer.writerow(CSV_COLUMNS)
     for row in document["lines"]:
         writer.writerow(
@@ -236,7 +258,8 @@ def _pdf(document: dict, *, compress: bool = True) -> bytes:
         + (f", corrects {document['corrects']}" if document["corrects"] else "")
         + (f", void: {document['void_reason']}" if document["void_reason"] else ""),
     ):
-        pdf.cell(0, 6, _latin1(text), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        # Wrapped at the margin: a long name or void reason is not cut at the page edge.
+        pdf.multi_cell(0, 6, _latin1(text), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     if document["unpriced_note"]:
         pdf.ln(2)
         pdf.set_font("Helvetica", "B", 10)
@@ -322,7 +345,7 @@ def invoices_zip(invoices: Iterable[Invoice], fmt: str, *, name: str = "invoices
     """Invoices in one format, one file each, with a summary.csv of their totals."""
     buffer = io.BytesIO()
     summary = io.StringIO()
-    writer = csv.writer(summary, lineterminator="\r\n")
+    writer = _SpreadsheetWriter(summary)
     # A void invoice and its correction both appear: `corrects` says which replaces which,
     # and `counts` which totals add up to what is owed.
     writer.writerow(

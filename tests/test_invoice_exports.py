@@ -287,3 +287,66 @@ def test_export_invoices_for_an_unknown_tenant_says_so_like_close_month(issued, 
     for command, *options in (("export_invoices", "--out", str(tmp_path)), ("close_month",)):
         with pytest.raises(CommandError, match=r"^No tenant with slug 'nosuch'\.$"):
             call_command(command, "2026-10", "--tenant", "nosuch", *options)
+
+
+def test_tenant_prices_are_labelled_without_a_sign_a_spreadsheet_would_run(shop):
+    tenant, (key, _), model = shop
+    at = datetime(2026, 10, 1, tzinfo=UTC)
+    for percent, day in ((Decimal("20"), 2), (Decimal("-10"), 3)):
+        price = TenantPrice.objects.create(
+            tenant=tenant, model=model, markup_percent=percent, effective_from=at
+        )
+        record(key, model, at.replace(day=day), tenant_price=price, output=1_000_000)
+        TenantPrice.objects.filter(pk=price.pk).update(effective_to=at.replace(day=day + 1))
+    # A reason typed when accepting unpriced usage, beginning as a formula would.
+    model.prices.update(input_per_mtok=None)
+    record(key, model, at.replace(day=5), input_uncached=10)
+    invoice = invoice_finalize(
+        invoice=invoice_build(tenant=tenant, month=OCT, now=AFTER_OCT),
+        now=AFTER_OCT,
+        accept_unpriced='=HYPERLINK("http://x.test","agreed")',
+        accepted_by="root",
+    )
+
+    content = invoice_export(invoice, "csv").content.decode("utf-8-sig")
+    rows = list(csv.DictReader(io.StringIO(content)))
+    labels = {r["price"] for r in rows}
+    assert "20% markup of 2026-10-01 on the list price of 2026-01-01" in labels
+    assert "10% discount of 2026-10-01 on the list price of 2026-01-01" in labels
+    for row in rows:
+        for cell in row.values():
+            assert not cell.startswith(("=", "+", "-", "@")), row
+    (unpriced,) = [r for r in rows if r["note"]]
+    assert "accepted unbilled by root: =HYPERLINK(" in unpriced["note"]
+    summary = zipfile.ZipFile(io.BytesIO(invoices_zip([invoice], "csv").content))
+    (row,) = csv.DictReader(io.StringIO(summary.read("summary.csv").decode("utf-8-sig")))
+    assert row["unpriced_note"].startswith("10 tokens (m) are not billed")
+    assert "10% discount" in invoice_export(invoice, "html").content.decode()
+
+
+def test_a_long_name_and_void_reason_wrap_inside_the_pdf_page(shop):
+    from fpdf import FPDF
+
+    tenant, (key, _), model = shop
+    tenant.name = "Acme Holdings International Research and Development Division GmbH"
+    tenant.contact_email = "accounts-payable@acme-holdings-international.example.com"
+    tenant.save()
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    invoice = invoice_finalize(invoice=invoice_build(tenant=tenant, month=OCT), now=AFTER_OCT)
+    invoice.status, invoice.void_reason = (
+        Invoice.Status.VOID,
+        (
+            "Billed to the wrong legal entity; reissued to Acme Holdings International GmbH "
+            "per ticket FIN-1234"
+        ),
+    )
+
+    text = _pdf(invoice_document(invoice), compress=False).decode("latin-1")
+
+    shown = re.findall(r"\((.*?)\) Tj", text)
+    assert any("FIN-1234" in piece for piece in shown)
+    assert any("example.com" in piece for piece in shown)
+    measure = FPDF(format="A4")
+    measure.add_page()
+    measure.set_font("Helvetica", size=10)
+    assert all(measure.get_string_width(piece) <= measure.epw for piece in shown), shown
