@@ -49,6 +49,7 @@ from config.db import run_together
 from tenants.budgets import (
     BudgetExceeded,
     BudgetHold,
+    budget_holds_renew,
     budget_release,
     budget_reserve,
     hard_budgets,
@@ -966,11 +967,16 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
         ended = False  # the provider said the stream is over: [DONE]
         try:
             for data in events:
-                if call.key.concurrency_limit is not None and (
+                if (call.key.concurrency_limit is not None or call.budget_holds) and (
                     time.monotonic() - renewed > renew_every.total_seconds()
                 ):
-                    # A long stream keeps its concurrency lease alive.
-                    key_lease_renew(request_id=call.request_id, now=timezone.now())
+                    # A long stream keeps its concurrency lease alive, and its budget
+                    # holds: those of a call silent for an hour are released as a dead
+                    # process's (budget_holds_expire).
+                    if call.key.concurrency_limit is not None:
+                        key_lease_renew(request_id=call.request_id, now=timezone.now())
+                    if call.budget_holds:
+                        budget_holds_renew(request_id=call.request_id, now=timezone.now())
                     renewed = time.monotonic()
                 if data == ":":
                     yield _KEEPALIVE

@@ -290,6 +290,7 @@ class BudgetSettlement:
                 )
             )
         self._where = {"tz_name": tz_name, "in_flight": request_id}
+        self._request_id = request_id
         self._at = at
         self._holds = holds
         self._settles: list[tuple[Budget, int, Statement]] = []
@@ -299,7 +300,9 @@ class BudgetSettlement:
             if not held and not self.cost_pico:
                 continue
             statement = statements.period_settle_statement(
-                period_id=period_id, held_pico=held, cost_pico=self.cost_pico
+                period_id=period_id,
+                request_id=request_id if held else None,
+                cost_pico=self.cost_pico,
             )
             self._settles.append((budget, period_id, statement))
         self.statements = [statement for _, _, statement in self._settles]
@@ -313,7 +316,7 @@ class BudgetSettlement:
                 period_id = _period_id(budget, self._at, **self._where, forget=True)
                 spent = statements.period_settle(
                     period_id=period_id,
-                    held_pico=self._holds.get(period_id, 0),
+                    request_id=self._request_id if self._holds.get(period_id) else None,
                     cost_pico=self.cost_pico,
                 )
             if self.cost_pico:
@@ -468,8 +471,15 @@ def budget_rebuild(*, fix: bool = False) -> list[BudgetDrift]:
     return drifts
 
 
+def budget_holds_renew(*, request_id: str, now: datetime) -> None:
+    """A call still under way (a long stream) says so: its holds are not a dead
+    process's."""
+    BudgetReservation.objects.filter(request_id=request_id).update(created_at=now)
+
+
 def budget_holds_expire(*, older_than: timedelta) -> int:
-    """Release holds of calls that never settled (their process died). Returns how many."""
+    """Release holds of calls that never settled (their process died): none renewed
+    for `older_than`. Returns how many."""
     cutoff = timezone.now() - older_than
     released = 0
     for request_id in set(

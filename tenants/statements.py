@@ -181,24 +181,37 @@ def period_reserve(*, period_id: int, amount_pico: int, limit_pico: int) -> bool
 
 
 @cache
-def _period_settle_sql() -> str:
+def _period_settle_sql(releasing: bool) -> str:
     table, c = sql_names(BudgetPeriod)
+    held = "0"
+    if releasing:
+        # What the call's reservation row still holds, not what the call remembers: the
+        # hold may have been released since (budget_holds_expire, on a call that ran
+        # past its hour), and releasing it twice would break the period's check.
+        holds, h = sql_names(BudgetReservation)
+        held = (
+            f"COALESCE((SELECT {h['amount_pico']} FROM {holds} "  # noqa: S608
+            f"WHERE {h['period']} = %s AND {h['request_id']} = %s), 0)"
+        )
     return (
-        f"UPDATE {table} SET {c['reserved_pico']} = {c['reserved_pico']} - %s, "  # noqa: S608
+        f"UPDATE {table} SET {c['reserved_pico']} = {c['reserved_pico']} - {held}, "  # noqa: S608
         f"{c['spent_pico']} = {c['spent_pico']} + %s WHERE {c['id']} = %s "
         f"RETURNING {c['spent_pico']}"
     )
 
 
-def period_settle_statement(*, period_id: int, held_pico: int, cost_pico: int) -> Statement:
-    """Release a hold and add a cost. Its row: the period's spent afterwards (none: no such
-    period)."""
-    return Statement(_period_settle_sql(), [held_pico, cost_pico, period_id])
+def period_settle_statement(*, period_id: int, request_id: str | None, cost_pico: int) -> Statement:
+    """Add a cost, and release the hold `request_id` has on the period (None: release
+    nothing, its hold covers a next attempt). Its row: the period's spent afterwards
+    (none: no such period)."""
+    if request_id is None:
+        return Statement(_period_settle_sql(False), [cost_pico, period_id])
+    return Statement(_period_settle_sql(True), [period_id, request_id, cost_pico, period_id])
 
 
-def period_settle(*, period_id: int, held_pico: int, cost_pico: int) -> int | None:
+def period_settle(*, period_id: int, request_id: str | None, cost_pico: int) -> int | None:
     statement = period_settle_statement(
-        period_id=period_id, held_pico=held_pico, cost_pico=cost_pico
+        period_id=period_id, request_id=request_id, cost_pico=cost_pico
     )
     row = fetch_one(statement.sql, statement.params)
     return row[0] if row else None

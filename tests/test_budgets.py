@@ -406,6 +406,63 @@ def test_holds_and_leases_of_dead_processes_are_released(metered):
     assert key_leases_expire() == 0
 
 
+def _stream_started(world, **mock):
+    """A stream under way (its first chunk read) and its request id."""
+    raw = world.client().chat.completions.with_raw_response.create(
+        model="m-budget",
+        messages=MESSAGES,
+        max_tokens=10,
+        stream=True,
+        extra_body={"mock": {"chunks": 10, "interval_ms": 60, **mock}},
+    )
+    stream = raw.parse()
+    chunks = iter(stream)
+    next(chunks)
+    return raw.headers["x-request-id"], chunks
+
+
+def test_a_call_whose_hold_was_released_while_it_ran_is_still_metered(metered):
+    """The hour's expiry released a running call's hold as a dead process's: its
+    settlement then released it again, the period's reserved went below zero, and the
+    ledger row was rolled back (logged, never billed)."""
+    from datetime import timedelta
+
+    from tenants.budgets import budget_holds_expire
+
+    budget = budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
+    request_id, chunks = _stream_started(metered)
+    assert BudgetReservation.objects.filter(request_id=request_id).exists()
+
+    assert budget_holds_expire(older_than=timedelta(0)) == 1
+    list(chunks)
+
+    event = UsageEvent.objects.get(request_id=request_id)
+    assert (event.status, event.output_tokens) == (UsageEvent.Status.OK, 10)
+    status = budget_status(budget)
+    assert (status.spent, status.reserved) == (CALL, 0)
+    assert budget_rebuild() == []
+
+
+def test_a_long_stream_keeps_its_holds_from_expiring(metered, monkeypatch):
+    from datetime import timedelta
+
+    from routing import proxy
+    from tenants.budgets import budget_holds_expire
+
+    # Renewed every 10 ms instead of every 2.5 minutes.
+    monkeypatch.setattr(proxy, "LEASE_TTL", timedelta(milliseconds=40))
+    budget = budget_set(tenant=metered.tenant, limit_usd=Decimal("1"))
+    request_id, chunks = _stream_started(metered)
+    BudgetReservation.objects.update(created_at=timezone.now() - timedelta(hours=2))
+    next(chunks)
+    next(chunks)
+
+    assert budget_holds_expire(older_than=timedelta(hours=1)) == 0  # renewed: alive
+    assert BudgetReservation.objects.filter(request_id=request_id).exists()
+    list(chunks)
+    assert budget_status(budget).spent == CALL
+
+
 def test_a_budget_made_without_the_service_still_counts_the_month_so_far(metered):
     from tenants.models import Budget
 
