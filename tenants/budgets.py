@@ -362,14 +362,17 @@ def budget_alerts_fire(*, budget: Budget, period_id: int, before: int, after: in
     crossed = sorted({t for t in budget.alert_thresholds if before < limit * t // 100 <= after})
     if not crossed:  # nearly every call
         return
-    from .tasks import budget_alert_notify
+    from .tasks import budget_alert_queue
 
     for threshold in crossed:
         alert, created = BudgetAlert.objects.get_or_create(
             period_id=period_id, threshold=threshold, defaults={"spent_pico": after}
         )
         if created:
-            transaction.on_commit(lambda pk=alert.pk: budget_alert_notify.delay(pk))
+            # Robust: the call's usage is committed by then, and a broker that cannot
+            # be reached must not turn its answer into an error (the SDK would retry it,
+            # billed twice). The alert stays unqueued, and beat queues it later.
+            transaction.on_commit(lambda pk=alert.pk: budget_alert_queue(pk), robust=True)
 
 
 @dataclass(frozen=True)

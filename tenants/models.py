@@ -357,6 +357,9 @@ class BudgetAlert(models.Model):
     spent_pico = models.BigIntegerField(help_text="Spent when the threshold was crossed.")
     created_at = models.DateTimeField(auto_now_add=True)
     emailed_at = models.DateTimeField(null=True, blank=True)
+    # When its email and webhook tasks reached the broker; empty while the broker was
+    # down, and queued again then (tenants.tasks.budget_alerts_queue_due_task).
+    queued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -2,20 +2,57 @@
 
 from __future__ import annotations
 
+import smtplib
 from datetime import timedelta
 
 from celery import shared_task
+from django.utils import timezone
 
 from .alerts import WebhookFailed, budget_alert_email, budget_alert_webhook
 from .budgets import budget_holds_expire
 from .limits import key_leases_expire
+from .models import BudgetAlert
+
+
+def budget_alert_queue(alert_id: int) -> None:
+    """Queue an alert's webhook and email, each its own task with retries (a mail server
+    down does not hold up the webhook), and mark the alert queued once its webhook is:
+    tasks run in-process (the embedded default) raise what failed in them, and an email
+    that cannot be sent must not have beat send the webhook again. The email is sent
+    once whatever queues it (`emailed_at`)."""
+    budget_alert_webhook_task.delay(alert_id)
+    BudgetAlert.objects.filter(pk=alert_id).update(queued_at=timezone.now())
+    budget_alert_email_task.delay(alert_id)
 
 
 @shared_task
 def budget_alert_notify(alert_id: int) -> None:
-    """Email an alert now; deliver its webhook in its own task, with retries."""
+    """What earlier versions queued for an alert: its email and webhook, queued now."""
+    budget_alert_queue(alert_id)
+
+
+@shared_task(
+    autoretry_for=(OSError, smtplib.SMTPException),
+    retry_backoff=5,
+    retry_backoff_max=600,
+    retry_jitter=False,
+    max_retries=8,
+)
+def budget_alert_email_task(alert_id: int) -> None:
     budget_alert_email(alert_id=alert_id)
-    budget_alert_webhook_task.delay(alert_id)
+
+
+@shared_task
+def budget_alerts_queue_due_task() -> int:
+    """Queue the alerts whose tasks never reached the broker (it was down when their
+    threshold was crossed); beat, every minute. Returns how many."""
+    settled = timezone.now() - timedelta(minutes=1)  # leave the on-commit queueing be
+    due = BudgetAlert.objects.filter(queued_at__isnull=True, created_at__lt=settled)
+    queued = 0
+    for alert_id in due.values_list("pk", flat=True):
+        budget_alert_queue(alert_id)
+        queued += 1
+    return queued
 
 
 @shared_task(

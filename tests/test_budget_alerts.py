@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
+from datetime import timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,7 +21,9 @@ from tenants.alerts import webhook_signing_secret
 from tenants.budgets import budget_set
 from tenants.models import BudgetAlert, WebhookDelivery
 
+from . import conftest
 from .conftest import model_create
+from .upstream import gunicorn_gateway_start
 
 
 class Receiver:
@@ -108,3 +112,79 @@ def test_a_failing_webhook_receiver_gets_the_alert_after_a_retry(
     ).hexdigest()
     assert hmac.compare_digest(signature, expected)
     assert len(receiver.received) == 2  # and nothing after the success
+
+
+def _alerting(world, receiver_url: str) -> None:
+    model = model_create(
+        "m-alert", provider=world.providers["openai"], input_=None, cached=None, output=Decimal("1")
+    )
+    world.tenant.allowed_models.add(model)
+    world.tenant.alert_webhook_url = receiver_url
+    world.tenant.contact_email = "finance@acme.test"
+    world.tenant.save()
+    budget_set(tenant=world.tenant, limit_usd=Decimal("0.00002"), alert_thresholds=[50])
+
+
+def _half_the_budget(client: openai.OpenAI) -> None:
+    client.chat.completions.create(  # $0.00001
+        model="m-alert",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=10,
+        extra_body={"mock": {"chunks": 20}},
+    )
+
+
+def test_a_broker_down_costs_neither_the_answer_nor_the_alert(world):
+    """The call's usage is committed when its alert is queued: a broker that cannot be
+    reached then turned the answer into a 500, which the SDK retries (billed twice),
+    and the alert was never sent."""
+    from django.core import mail
+    from django.utils import timezone
+
+    from billing.models import UsageEvent
+    from tenants.tasks import budget_alerts_queue_due_task
+
+    receiver = Receiver(failures=0)
+    _alerting(world, receiver.url)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    gateway = gunicorn_gateway_start(
+        conftest.test_database_url(), CELERY_BROKER_URL=f"redis://127.0.0.1:{dead}/0"
+    )
+    try:
+        _half_the_budget(openai.OpenAI(base_url=gateway.url, api_key=world.secret))
+    finally:
+        gateway.stop()
+
+    assert UsageEvent.objects.count() == 1
+    alert = BudgetAlert.objects.get()
+    assert alert.queued_at is None and not receiver.received and not mail.outbox
+    # The broker back, beat queues what never reached it (the tests run tasks in-process).
+    assert budget_alerts_queue_due_task() == 0  # a minute's grace for the on-commit queueing
+    BudgetAlert.objects.update(created_at=timezone.now() - timedelta(minutes=2))
+    assert budget_alerts_queue_due_task() == 1
+    assert budget_alerts_queue_due_task() == 0
+    receiver.stop()
+    assert [json.loads(body)["data"]["threshold_percent"] for _, body, _ in receiver.received] == [
+        50
+    ]
+    assert [m.to for m in mail.outbox] == [["finance@acme.test"]]
+
+
+def test_a_mail_server_down_does_not_hold_up_the_webhook(world, monkeypatch):
+    from tenants import alerts
+
+    def refused(**_):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(alerts, "send_mail", refused)
+    receiver = Receiver(failures=0)
+    _alerting(world, receiver.url)
+
+    _half_the_budget(world.client())
+
+    receiver.stop()
+    assert len(receiver.received) == 1
+    alert = BudgetAlert.objects.get()
+    assert alert.queued_at is not None and alert.emailed_at is None

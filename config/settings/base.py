@@ -177,6 +177,11 @@ SPECTACULAR_SETTINGS = {
 
 # --- Celery ---------------------------------------------------------------------------
 
+# Budget alerts' email. EMAIL_URL: smtp://user:password@host:587 with STARTTLS as
+# smtp+tls://, implicit TLS as smtp+ssl://, or consolemail:// to print them instead.
+vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="tollgate@localhost")
+
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="")
 # Deployments (or test runs) sharing one Redis keep their queues apart: every key the
 # broker writes (queues, unacknowledged tasks, bindings) starts with this prefix.
@@ -198,6 +203,11 @@ CELERY_BEAT_SCHEDULE = {
     # Holds and leases of processes that died mid-call: released, never left behind.
     "budget-holds-expire": {"task": "tenants.tasks.budget_holds_expire_task", "schedule": 60.0},
     "key-leases-expire": {"task": "tenants.tasks.key_leases_expire_task", "schedule": 60.0},
+    # Budget alerts crossed while the broker was down: queued once it is back.
+    "budget-alerts-queue-due": {
+        "task": "tenants.tasks.budget_alerts_queue_due_task",
+        "schedule": 60.0,
+    },
 }
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 

@@ -4,6 +4,8 @@ from .base import *  # noqa: F403
 from .base import env
 
 DEBUG = env.bool("DJANGO_DEBUG", default=True)
+# A laptop has no mail server: budget alerts' emails are printed, unless EMAIL_URL says.
+vars().update(env.email_url("EMAIL_URL", default="consolemail://"))
 
 # Serve static files straight from the apps, without collectstatic.
 WHITENOISE_USE_FINDERS = True
