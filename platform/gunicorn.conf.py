@@ -31,6 +31,9 @@ accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-") or None
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
 logger_class = "config.workers.GatewayLogger"
 errorlog = "-"
+# gunicorn 27's control socket (gunicornc) is not used: it would be created in $HOME,
+# which the image's user cannot write (an ERROR at every start).
+control_socket_disable = True
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 
 

@@ -11,8 +11,11 @@ import uuid
 
 from django.conf import settings
 from django.core.exceptions import DisallowedHost
+from django.db import DatabaseError, connection
 from django.http import JsonResponse
 from django.utils import timezone
+
+logger = logging.getLogger(__name__)
 
 NUL_MESSAGE = "The URL contains a NUL character (%00), which no name or value here has."
 
@@ -58,6 +61,32 @@ def _nul_error(path: str) -> dict:
             }
         }
     return {"detail": NUL_MESSAGE}
+
+
+class ProbeMiddleware:
+    """`/healthz` (the process answers) and `/readyz` (it reaches its database) for load
+    balancers and orchestrators: no key, and any Host header (a probe calls a container
+    by its address, which ALLOWED_HOSTS does not list). Answered before the rest of the
+    stack; `/readyz` says 503 when the database cannot be reached, naming nothing of it."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        path = request.path_info
+        if path == "/healthz":
+            return JsonResponse({"status": "ok"})
+        if path == "/readyz":
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+            except DatabaseError:
+                logger.warning("Readiness probe: the database cannot be reached", exc_info=True)
+                return JsonResponse(
+                    {"status": "unavailable", "database": "unreachable"}, status=503
+                )
+            return JsonResponse({"status": "ready", "database": "ok"})
+        return self.get_response(request)
 
 
 class DebugHostMiddleware:

@@ -52,14 +52,37 @@ def test_production_refuses_to_start_without_a_real_secret_key():
     assert "DJANGO_SECRET_KEY" in result.stderr
 
 
+SECRETS = {
+    "DJANGO_SECRET_KEY": "Jx8b2Qm7vT0cLr4WnZp9s1KfHd6YgAe3uBt5oNiXq",
+    "TOLLGATE_KEY_PEPPER": "p2Lq9Zx4Vn7Bc1Mk8Rt5Wy3Hs6Gd0Fa2Je9Ku4Ob7",
+    "DJANGO_ALLOWED_HOSTS": "gateway.example.com",
+}
+
+
 def test_production_refuses_a_missing_pepper():
-    result = django_setup("config.settings.production", DJANGO_SECRET_KEY="s" * 50)
+    result = django_setup(
+        "config.settings.production", DJANGO_SECRET_KEY=SECRETS["DJANGO_SECRET_KEY"]
+    )
     assert result.returncode != 0
     assert "TOLLGATE_KEY_PEPPER" in result.stderr
 
 
 def test_production_starts_with_its_secrets():
-    result = django_setup(
-        "config.settings.production", DJANGO_SECRET_KEY="s" * 50, TOLLGATE_KEY_PEPPER="p" * 50
-    )
+    result = django_setup("config.settings.production", **SECRETS)
     assert result.returncode == 0, result.stderr
+
+
+def test_production_refuses_the_examples_placeholders_and_no_allowed_hosts():
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / "platform" / "env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for name in ("DJANGO_SECRET_KEY", "TOLLGATE_KEY_PEPPER"):
+        for placeholder in (example[name], "s" * 50, "change-me-" * 5):
+            result = django_setup("config.settings.production", **{**SECRETS, name: placeholder})
+            assert result.returncode != 0, (name, placeholder)
+            assert f"Set {name} to a random value" in result.stderr
+    result = django_setup("config.settings.production", **{**SECRETS, "DJANGO_ALLOWED_HOSTS": ""})
+    assert result.returncode != 0
+    assert "Set DJANGO_ALLOWED_HOSTS for production" in result.stderr

@@ -39,6 +39,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # First, so that every response, errors included, carries x-request-id.
     "routing.middleware.RequestIdMiddleware",
+    # /healthz and /readyz: before the Host check, which a probe by address would fail.
+    "routing.middleware.ProbeMiddleware",
     # Before anything reads the Host header: with DEBUG on, a Host not allowed is still
     # OpenAI's 400 (with DEBUG off, handler400 answers it).
     "routing.middleware.DebugHostMiddleware",
