@@ -14,6 +14,12 @@ from gunicorn import glogging, util
 from gunicorn.http import errors, wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
+from config import lifecycle
+
+# What a stream cut at a stop keeps of gunicorn's graceful timeout to write its ledger
+# row, send its error event and let its thread end.
+STOP_MARGIN_SECONDS = 5
+
 # What gunicorn refuses while reading a request (its gunicorn.http.errors), answered in
 # OpenAI's error shape instead of gunicorn's HTML page, which quotes the offending part
 # of the request (a header line, the request line, a chunk's size line: a key, if the
@@ -285,6 +291,15 @@ class GatewayThreadWorker(ThreadWorker):
         finally:
             with self._lingering_lock:
                 self._lingering -= 1
+
+    def handle_exit(self, sig, frame) -> None:
+        # SIGTERM (a deploy, a restart): gunicorn stops taking requests and gives those
+        # under way graceful_timeout to finish, then the process exits, cutting what is
+        # left. Streams end themselves before that, each with an error event its client
+        # can act on and its ledger row written (routing.proxy: gateway_restarting).
+        grace = self.cfg.graceful_timeout
+        lifecycle.stop_requested(within=max(grace - STOP_MARGIN_SECONDS, grace / 2))
+        super().handle_exit(sig, frame)
 
     def notify(self) -> None:
         now = time.monotonic()

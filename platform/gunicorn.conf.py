@@ -22,7 +22,9 @@ keepalive = 75  # seconds; clients pool connections like the upstream client doe
 # gthread workers heartbeat from their main loop (config.workers: once a second), so long
 # streams do not trip this.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
-graceful_timeout = 30
+# On SIGTERM, requests under way get this long; streams end themselves 5 s before it,
+# with an error event and their ledger row (config.workers.GatewayThreadWorker).
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 # GUNICORN_ACCESSLOG="" turns the access log off.
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-") or None
 # Method, path and protocol: no header and no query string, where a key travels

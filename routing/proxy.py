@@ -46,6 +46,7 @@ from billing.models import UsageEvent
 from billing.pricing import UnitPrices, unit_prices, unit_prices_for_call
 from billing.services import UsageFacts, usage_write
 from config.db import run_together
+from config.lifecycle import stop_due
 from tenants.budgets import (
     BudgetExceeded,
     BudgetHold,
@@ -937,6 +938,18 @@ def _first_event(events: Iterator[str], call: ChatCall) -> str | None:
     return None
 
 
+# A stream cut because its gateway process is stopping (config.lifecycle): metered with
+# what it relayed, and the client told to send the request again (another process will
+# answer it).
+_STOPPING = UpstreamFailure(
+    UpstreamFailed(
+        "The gateway is restarting: this stream ended before the answer did. Retry the request.",
+        code="gateway_restarting",
+    ),
+    None,
+)
+
+
 def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> Iterator[bytes]:
     state = _StreamState(call=call)
     recorded = False
@@ -978,6 +991,9 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
                     if call.budget_holds:
                         budget_holds_renew(request_id=call.request_id, now=timezone.now())
                     renewed = time.monotonic()
+                if stop_due():
+                    failure = _STOPPING
+                    break
                 if data == ":":
                     yield _KEEPALIVE
                     continue
@@ -1059,7 +1075,7 @@ def _drain(state: _StreamState, events: Iterator[str]) -> None:
         for data in events:
             if data == ":":
                 continue
-            if data.strip() == "[DONE]" or time.monotonic() > deadline:
+            if data.strip() == "[DONE]" or time.monotonic() > deadline or stop_due():
                 break
             chunk = _json_object(data)
             if chunk is None or chunk.get("error"):

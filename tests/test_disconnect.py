@@ -184,3 +184,69 @@ def test_a_hung_up_stream_no_longer_counts_against_the_concurrency_limit(world, 
     status = budget_status(budget)
     assert (status.spent, status.reserved) == (first.cost + second_event.cost, 0)
     assert not KeyLease.objects.filter(expires_at__gt=timezone.now()).exists()
+
+
+def test_a_stream_under_way_when_the_server_stops_ends_with_an_error_and_its_ledger_row(
+    world, tmp_path
+):
+    """A deploy's SIGTERM gives requests under way gunicorn's graceful timeout, then the
+    process exits: a longer stream was cut mid-body (the SDK saw a network fault), with
+    no ledger row for what the provider bills and its budget hold left behind."""
+    import json
+    import signal
+
+    from tenants.models import BudgetReservation
+
+    from . import conftest
+    from .upstream import gunicorn_gateway_start
+
+    budget = budget_set(tenant=world.tenant, limit_usd=Decimal("5"))
+    gateway = gunicorn_gateway_start(
+        conftest.test_database_url(),
+        output=tmp_path / "gunicorn.log",
+        GUNICORN_WORKERS="1",
+        GUNICORN_GRACEFUL_TIMEOUT="6",  # streams end 3 s after the signal
+    )
+    try:
+        with (
+            httpx2.Client(timeout=30) as http,
+            http.stream(
+                "POST",
+                f"{gateway.url}/chat/completions",
+                headers={"Authorization": f"Bearer {world.secret}"},
+                json={
+                    "model": "m-deepseek",
+                    "messages": MESSAGES,
+                    "stream": True,
+                    "mock": {"chunks": 100, "interval_ms": 200},  # 20 s
+                },
+            ) as response,
+        ):
+            request_id = response.headers["x-request-id"]
+            lines = response.iter_lines()
+            payloads: list[str] = []
+            for line in lines:
+                if line.startswith("data: "):
+                    payloads.append(line[6:])
+                    if len(payloads) == 3:
+                        gateway.process.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+        assert gateway.process.wait(timeout=15) == 0
+    finally:
+        gateway.stop()
+
+    assert "[DONE]" not in payloads
+    error = json.loads(payloads[-1])["error"]
+    assert error["code"] == "gateway_restarting"
+    assert error["message"].startswith("The gateway is restarting")
+    relayed = len(payloads) - 1
+    assert 5 < relayed < 100
+    event = UsageEvent.objects.get(request_id=request_id)
+    assert (event.status, event.error_code) == (
+        UsageEvent.Status.UPSTREAM_ERROR,
+        "gateway_restarting",
+    )
+    assert event.output_tokens >= relayed - 1  # the mock's chunks are a token each
+    assert not BudgetReservation.objects.filter(request_id=request_id).exists()
+    assert budget_status(budget).reserved == 0
+    assert time.monotonic() - stopped < 10
