@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 from celery import shared_task
@@ -9,6 +10,8 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from .invoicing import month_close, months_due
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task
@@ -22,7 +25,12 @@ def invoices_close_due(now: str | None = None) -> list[str]:
     closed = []
     for tenant, month in months_due(now=at):
         for result in month_close(month=month, tenants=[tenant], now=at):
-            closed.append(f"{result.tenant.slug} {month:%Y-%m}: {result.outcome}")
+            outcome = f"{result.tenant.slug} {month:%Y-%m}: {result.outcome}"
+            closed.append(outcome)
+            if result.outcome.startswith("not finalized"):
+                # Every ten minutes until someone acts (a price, or accepting the usage
+                # unbilled): a warning, where alerting looks, not the task's INFO result.
+                logger.warning("Month not closed: %s", outcome)
     return closed
 
 

@@ -519,7 +519,7 @@ def test_an_invoice_without_unpriced_usage_ignores_an_acceptance(shop):
     assert (invoice.unpriced_accepted, invoice.unpriced_accepted_by) == ("", "")
 
 
-def test_the_beat_task_never_accepts_unpriced_usage(shop):
+def test_the_beat_task_never_accepts_unpriced_usage(shop, caplog):
     from billing.tasks import invoices_close_due
 
     draft = unpriced_october(shop)
@@ -528,6 +528,10 @@ def test_the_beat_task_never_accepts_unpriced_usage(shop):
 
     assert outcome.startswith("acme 2026-10: not finalized: 100 tokens of acme's 2026-10")
     assert "--accept-unpriced" in outcome  # it says how a superuser may, never does it
+    # A warning, where an operator's alerting looks (the task's result is INFO).
+    (warned,) = [r for r in caplog.records if r.name == "billing.tasks"]
+    assert warned.levelname == "WARNING"
+    assert warned.getMessage() == f"Month not closed: {outcome}"
     stored = Invoice.objects.get(pk=draft.pk)
     assert (stored.status, stored.number, stored.unpriced_accepted) == ("draft", None, "")
 
