@@ -7,7 +7,9 @@ import re
 from decimal import Decimal
 from urllib.parse import SplitResult, urlsplit
 
+from django import forms
 from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
 from django.db import models
 from django.db.models import Q
 
@@ -34,6 +36,52 @@ def validate_timeout(value: float) -> None:
         raise ValidationError(
             f"A timeout is more than 0 and at most {MAX_TIMEOUT_SECONDS:g} seconds."
         )
+
+
+# One DNS label: a compose service or a Kubernetes service in the same namespace.
+_SINGLE_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE)
+
+
+class ServiceURLValidator(URLValidator):
+    """Django's URLValidator, also taking a host that is one label (`http://vllm:8000/v1`,
+    a compose or Kubernetes service name), which it refuses for want of a dot."""
+
+    def __call__(self, value):
+        try:
+            super().__call__(value)
+        except ValidationError:
+            dotted = _single_label_dotted(value)
+            if dotted is None:
+                raise
+            super().__call__(dotted)
+
+
+def _single_label_dotted(value: str) -> str | None:
+    """`value` with its one-label host given a domain, to be checked as any URL; None for
+    any other URL."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return None
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    host, colon, port = hostport.partition(":")
+    if not _SINGLE_LABEL.fullmatch(host) or host.isdigit():
+        return None
+    return parts._replace(netloc=f"{userinfo}{at}{host}.internal{colon}{port}").geturl()
+
+
+class ServiceURLFormField(forms.URLField):
+    default_validators = [ServiceURLValidator()]
+
+
+class ServiceURLField(models.URLField):
+    """A URLField whose host may be a single label (ServiceURLValidator), in the admin's
+    forms too."""
+
+    default_validators = [ServiceURLValidator()]
+
+    def formfield(self, **kwargs):
+        return super().formfield(**{"form_class": ServiceURLFormField, **kwargs})
 
 
 def http_url_parts(value: str, what: str) -> SplitResult | None:
@@ -70,7 +118,7 @@ class Provider(models.Model):
     """An OpenAI-compatible upstream. Its secret lives in the environment, never here."""
 
     name = models.SlugField(max_length=64, unique=True)
-    base_url = models.URLField(
+    base_url = ServiceURLField(
         max_length=500,
         validators=[validate_provider_url],
         help_text="OpenAI-compatible base URL (http or https, no credentials), ending in /v1.",

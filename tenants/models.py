@@ -12,7 +12,7 @@ from django.db.models import Q
 from django.db.models.functions import Lower
 from django.utils import timezone
 
-from routing.models import http_url_parts
+from routing.models import ServiceURLField, http_url_parts
 
 
 def validate_timezone(value: str) -> None:
@@ -47,7 +47,7 @@ class Tenant(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
     contact_email = models.EmailField(blank=True, help_text="Budget alerts are emailed here.")
-    alert_webhook_url = models.URLField(
+    alert_webhook_url = ServiceURLField(
         max_length=500,
         blank=True,
         validators=[validate_webhook_url],

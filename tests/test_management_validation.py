@@ -372,3 +372,34 @@ def test_a_blank_name_or_an_odd_webhook_url_is_refused(superuser_token, field, v
         with pytest.raises(CommandError, match=re.escape(message)):
             run("tenant_create", "zz", "--name", value)
         assert not Tenant.objects.filter(slug="zz").exists()
+
+
+def test_a_service_name_without_a_dot_is_a_url_for_providers_and_webhooks(
+    admin_client, superuser_token
+):
+    """A compose or Kubernetes service (`http://vllm:8000/v1`) was refused as "Enter a
+    valid URL.", from the shell, the admin and the API alike."""
+    run("provider_set", "vllm", "--base-url", "http://vllm:8000/v1", "--api-key-env", "")
+    page = admin_client.post(
+        reverse("admin:routing_provider_add"),
+        {**PROVIDER, "name": "sglang", "base_url": "http://sglang-router/v1"},
+    )
+    assert page.status_code == 302
+    saved = dict(Provider.objects.values_list("name", "base_url"))
+    assert (saved["vllm"], saved["sglang"]) == ("http://vllm:8000/v1", "http://sglang-router/v1")
+    client = api(token=superuser_token)
+    created = client.post(
+        "/api/tenants/",
+        {"slug": "zz", "name": "Z", "alert_webhook_url": "http://alerts:9000/tollgate"},
+        format="json",
+    )
+    assert created.status_code == 201, created.content
+    assert Tenant.objects.get(slug="zz").alert_webhook_url == "http://alerts:9000/tollgate"
+    # What is still no URL: a space, a label that ends in a hyphen, digits alone.
+    for url in ("http://my host/v1", "http://vllm-/v1", "http://8000/v1"):
+        with pytest.raises(CommandError, match="valid URL"):
+            run("provider_set", "bad", "--base-url", url)
+        refused = client.post(
+            "/api/tenants/", {"slug": "zy", "name": "Y", "alert_webhook_url": url}, format="json"
+        )
+        assert refused.status_code == 400, url

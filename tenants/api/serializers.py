@@ -4,10 +4,17 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.utils import timezone
 from rest_framework import serializers
 
-from routing.models import CatalogModel
+from routing.models import CatalogModel, ServiceURLValidator
 
 from ..budgets import budget_status, usd_str
-from ..models import ApiKey, Budget, Tenant, validate_future, validate_timezone
+from ..models import (
+    ApiKey,
+    Budget,
+    Tenant,
+    validate_future,
+    validate_timezone,
+    validate_webhook_url,
+)
 from ..services import api_key_models_check
 from .scoping import VisibleTenantField
 
@@ -27,6 +34,14 @@ class TenantSerializer(serializers.ModelSerializer):
         help_text="Catalog ids this tenant may call. Empty: nothing.",
     )
     timezone = serializers.CharField(default="UTC", validators=[validate_timezone])
+    # DRF's URLField would add its own URL check, which refuses a one-label host.
+    alert_webhook_url = serializers.CharField(
+        max_length=500,
+        required=False,
+        allow_blank=True,
+        validators=[ServiceURLValidator(), validate_webhook_url],
+        help_text=Tenant._meta.get_field("alert_webhook_url").help_text,
+    )
 
     class Meta:
         model = Tenant
