@@ -380,9 +380,12 @@ def invoice_finalize(
     if invoice.unpriced_tokens:
         invoice.unpriced_accepted = accept_unpriced
         invoice.unpriced_accepted_by = accepted_by[:150]
-    invoice.number = _number_take(now.year)
+    # Issued when it is numbered: a catch-up acting as of a past instant (its cutoff and
+    # checks) dates the invoice now, so that numbers and issue dates run in one order.
+    issued = max(now, timezone.now())
+    invoice.number = _number_take(issued.year)
     invoice.status = Invoice.Status.FINALIZED
-    invoice.finalized_at = now
+    invoice.finalized_at = issued
     invoice.save()
     return invoice
 

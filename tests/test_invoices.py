@@ -876,8 +876,11 @@ def test_the_beat_task_on_a_real_worker_closes_the_month_once(shop, settings):
         broker_keys_clear()
 
     invoice = Invoice.objects.get()
-    assert (invoice.tenant, invoice.month, invoice.number) == (tenant, OCT, "INV-2026-000001")
-    assert invoice.finalized_at == datetime(2026, 11, 1, 1, 30, tzinfo=UTC)
+    # Acting as of 1 November (the cutoff), issued when it ran: never dated before that.
+    assert invoice.cutoff == datetime(2026, 11, 1, 1, 30, tzinfo=UTC) - COMMIT_MARGIN
+    assert timezone.now() - invoice.finalized_at < timedelta(minutes=5)
+    year = invoice.finalized_at.year
+    assert (invoice.tenant, invoice.month, invoice.number) == (tenant, OCT, f"INV-{year}-000001")
     assert invoice.total == Decimal("1.10")
 
 
@@ -1063,3 +1066,23 @@ def test_closing_a_voided_month_again_waits_for_its_correction(shop, capsys):
     correction = invoice_correct(voided=original)
     (closed,) = month_close(month=OCT, tenants=[tenant], now=datetime(2026, 11, 5, tzinfo=UTC))
     assert (closed.outcome, closed.invoice.pk) == ("finalized", correction.pk)
+
+
+def test_a_catch_up_as_of_a_past_instant_issues_its_invoices_now_in_number_order(shop):
+    """Replayed as of 1 November a week later, an invoice was dated 1 November, before
+    invoices numbered ahead of it: numbers and issue dates out of order."""
+    from billing.tasks import invoices_close_due
+
+    tenant, (key, _), model = shop
+    beta = tenant_create(slug="beta", name="Beta", model_ids=[model.public_id])
+    beta_key = api_key_issue(tenant=beta, name="k").key
+    record(key, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    record(beta_key, model, datetime(2026, 10, 6, tzinfo=UTC), output=1_000_000)
+    first = invoice_finalize(invoice=invoice_build(tenant=beta, month=OCT))
+
+    invoices_close_due(now="2026-11-01T02:00Z")
+
+    second = Invoice.objects.get(tenant=tenant)
+    assert second.cutoff == datetime(2026, 11, 1, 2, tzinfo=UTC) - COMMIT_MARGIN
+    assert second.finalized_at >= first.finalized_at
+    assert second.number > first.number
