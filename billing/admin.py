@@ -157,6 +157,9 @@ def _draft(tenant: Tenant, month) -> MonthClosed:
         invoice = invoice_build(tenant=tenant, month=month)
     except InvoiceError as exc:
         return MonthClosed(tenant, f"not built: {exc}")
+    if invoice.status == Invoice.Status.DRAFT and not invoice.lines.exists():
+        invoice.delete()  # as month_close does: no draft for a tenant with nothing to bill
+        return MonthClosed(tenant, "no usage")
     outcome = "draft built" if invoice.status == Invoice.Status.DRAFT else "already numbered"
     return MonthClosed(tenant, outcome, invoice)
 
@@ -367,6 +370,8 @@ class InvoiceAdmin(admin.ModelAdmin):
                 done += 1
             except InvoiceError as exc:
                 refused.append(f"{invoice}: {exc}")
+            else:
+                self.log_change(request, Invoice.objects.get(pk=invoice.pk), f"{verb}.")
         if done:
             self.message_user(request, f"{verb} {done} invoice(s).")
         for message in refused:
@@ -438,7 +443,12 @@ class InvoiceAdmin(admin.ModelAdmin):
         description="Correct selected void invoices (a new draft each)", permissions=["lifecycle"]
     )
     def correct(self, request, queryset):
-        self._each(request, queryset, "Corrected", lambda i: invoice_correct(voided=i))
+        def step(invoice):
+            if hasattr(invoice, "corrected_by"):
+                raise InvoiceError(f"it is corrected already, by {invoice.corrected_by}.")
+            invoice_correct(voided=invoice)
+
+        self._each(request, queryset, "Corrected", step)
 
     def _zip(self, queryset, fmt: str):
         invoices = queryset.select_related("tenant", "corrects").order_by("month", "number")

@@ -407,6 +407,12 @@ def _finalize_check(
     `invoice_finalize` refuses, and what a dry run predicts."""
     if now < invoice.ends_at:
         raise InvoiceError(f"{tenant.slug}'s {invoice.month:%Y-%m} has not ended yet.")
+    if not invoice.lines.exists():
+        # A number of the gap-free sequence for nothing: month_close never numbers one.
+        raise InvoiceError(
+            f"{tenant.slug} has no usage to bill in {invoice.month:%Y-%m}: nothing to number "
+            "(delete the draft)."
+        )
     uninvoiced = UsageEvent.objects.filter(
         BILLABLE, tenant=tenant, occurred_at__lt=invoice.starts_at
     )
@@ -432,7 +438,8 @@ def _finalize_check(
             "them. This month, and every later one (months close in order), is finalized "
             "only if a superuser accepts them unbilled, saying why: "
             f'close_month {invoice.month:%Y-%m} --tenant {tenant.slug} --accept-unpriced "REASON", '
-            'or {"accept_unpriced": "REASON"} to the API\'s finalize. '
+            'or {"accept_unpriced": "REASON"} to the API\'s finalize, or the admin\'s '
+            '"Finalize selected drafts, accepting their unpriced usage unbilled" on the draft. '
             "Price these models now so that new usage is billed."
         )
 

@@ -403,7 +403,13 @@ class CircuitBreakerAdmin(admin.ModelAdmin):
     def state(self, breaker: CircuitBreaker) -> str:
         return breaker.state(timezone.now())
 
-    @admin.action(description="Close the selected breakers (the next call goes through)")
+    @admin.action(
+        description="Close the selected breakers (the next call goes through)",
+        permissions=["change"],
+    )
     def close_breakers(self, request, queryset) -> None:
+        breakers = list(queryset)
         closed = queryset.update(consecutive_failures=0, open_until=None, probe_until=None)
+        for breaker in breakers:
+            self.log_change(request, breaker, "Closed by hand.")
         self.message_user(request, f"Closed {closed} breaker(s).")

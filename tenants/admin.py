@@ -8,6 +8,8 @@ from datetime import timedelta
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
+from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied
 from django.db import models
 from django.db.models import Count, Q
 from django.template.response import TemplateResponse
@@ -154,16 +156,20 @@ class TenantAdmin(admin.ModelAdmin):
     def model_count(self, tenant: Tenant) -> int:
         return tenant.allowed_count
 
-    @admin.action(description="Suspend selected tenants (blocks all their keys)")
+    @admin.action(
+        description="Suspend selected tenants (blocks all their keys)", permissions=["change"]
+    )
     def suspend(self, request, queryset):
         for tenant in queryset:
             tenant_suspend(tenant=tenant)
+            self.log_change(request, tenant, "Suspended.")
         self.message_user(request, f"Suspended {queryset.count()} tenant(s).", messages.WARNING)
 
-    @admin.action(description="Resume selected tenants")
+    @admin.action(description="Resume selected tenants", permissions=["change"])
     def resume(self, request, queryset):
         for tenant in queryset:
             tenant_resume(tenant=tenant)
+            self.log_change(request, tenant, "Resumed.")
         self.message_user(request, f"Resumed {queryset.count()} tenant(s).")
 
 
@@ -204,7 +210,7 @@ class KeyAdminBase(admin.ModelAdmin):
             super().save_model(request, obj, form, change)
             return
         issued = self.issue(request, obj, form)
-        obj.pk = issued.key.pk
+        obj.pk, obj.prefix = issued.key.pk, issued.key.prefix  # the history names the key
         request._issued_secret = issued.secret
 
     def save_related(self, request, form, formsets, change):
@@ -232,11 +238,12 @@ class KeyAdminBase(admin.ModelAdmin):
         response["Cache-Control"] = "no-store"  # the secret must not linger in a cache
         return response
 
-    @admin.action(description="Revoke selected keys")
+    @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke(self, request, queryset):
         count = 0
         for key in queryset.filter(revoked_at__isnull=True):
             key_revoke(key=key)
+            self.log_change(request, key, "Revoked.")
             count += 1
         self.message_user(request, f"Revoked {count} key(s).", messages.WARNING)
 
@@ -287,7 +294,9 @@ class ApiKeyAdmin(KeyAdminBase):
             return "Issue the key first, then set a budget."
         return budget_bar(Budget.objects.filter(api_key=key).first())
 
-    @admin.action(description="Rotate selected keys (new secrets shown once)")
+    @admin.action(
+        description="Rotate selected keys (new secrets shown once)", permissions=["add", "change"]
+    )
     def rotate(self, request, queryset):
         try:
             grace = timedelta(hours=float(request.POST.get("grace_hours") or 24))
@@ -299,7 +308,10 @@ class ApiKeyAdmin(KeyAdminBase):
             if not key.is_usable():
                 skipped += 1
                 continue
-            rotated.append((key, api_key_rotate(key=key, grace=grace)))
+            issued = api_key_rotate(key=key, grace=grace)
+            rotated.append((key, issued))
+            self.log_change(request, key, f"Rotated: replaced by {issued.key.prefix}….")
+            self.log_addition(request, issued.key, f"Issued to replace {key.prefix}….")
         if skipped:
             self.message_user(request, f"Skipped {skipped} revoked or expired key(s).")
         if not rotated:
@@ -340,7 +352,17 @@ class StaffTokenAdmin(KeyAdminBase):
     fields = ("user", "name", "expires_at", "prefix", "created_at", "revoked_at", "last_used_at")
     owner_fields = ("user",)
 
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        # A token acts with its user's powers: a staff user issues tokens for themselves,
+        # only a superuser for others.
+        if db_field.name == "user" and not request.user.is_superuser:
+            kwargs["queryset"] = get_user_model().objects.filter(pk=request.user.pk)
+            kwargs["initial"] = request.user.pk
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
     def issue(self, request, obj, form):
+        if obj.user_id != request.user.pk and not request.user.is_superuser:
+            raise PermissionDenied("Only a superuser issues a staff token for another user.")
         return staff_token_issue(user=obj.user, name=obj.name, expires_at=obj.expires_at)
 
 

@@ -521,3 +521,81 @@ def test_a_tenant_price_neither_markup_nor_negotiated_is_refused_in_words(
     assert response.context["adminform"].form.errors == {"__all__": [words]}
     assert constraint not in content and "Constraint" not in content
     assert not TenantPrice.objects.exists()
+
+
+def _staff(username: str, *codenames: str):
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+    from django.test import Client
+
+    user = get_user_model().objects.create_user(username, password="pw-12345-staff", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    client = Client()
+    client.force_login(user)
+    return user, client
+
+
+def test_a_view_only_staff_user_cannot_run_the_actions_that_change_things(acme):
+    from routing.models import CircuitBreaker
+
+    _, viewer = _staff(
+        "viewer", "view_tenant", "view_apikey", "view_stafftoken", "view_circuitbreaker"
+    )
+    key = api_key_issue(tenant=acme).key
+    model = CatalogModel.objects.get(public_id="deepseek-v4-flash")
+    breaker = CircuitBreaker.objects.create(
+        model=model, consecutive_failures=5, open_until=timezone.now() + timedelta(minutes=5)
+    )
+    for url, action, pk in (
+        (reverse("admin:tenants_apikey_changelist"), "revoke", key.pk),
+        (reverse("admin:tenants_apikey_changelist"), "rotate", key.pk),
+        (reverse("admin:tenants_tenant_changelist"), "suspend", acme.pk),
+        (reverse("admin:routing_circuitbreaker_changelist"), "close_breakers", breaker.pk),
+    ):
+        page = viewer.get(url)
+        assert page.status_code == 200
+        assert f'value="{action}"' not in page.content.decode(), action
+        viewer.post(url, {"action": action, "_selected_action": [pk], "grace_hours": "0"})
+
+    key = ApiKey.objects.get(pk=key.pk)
+    assert key.revoked_at is None and key.expires_at is None
+    assert ApiKey.objects.count() == 1  # no rotated key issued
+    assert Tenant.objects.get(pk=acme.pk).status == Tenant.Status.ACTIVE
+    assert CircuitBreaker.objects.get(pk=breaker.pk).open_until is not None
+
+
+def test_a_staff_user_issues_staff_tokens_for_themselves_only(admin_user):
+    operator, client = _staff("tokenop", "add_stafftoken", "view_stafftoken")
+
+    form = client.get(reverse("admin:tenants_stafftoken_add")).context["adminform"].form
+    assert list(form.fields["user"].queryset) == [operator]
+    page = client.post(
+        reverse("admin:tenants_stafftoken_add"), {"user": admin_user.pk, "name": "mine"}
+    )
+    assert page.status_code == 200 and "user" in page.context["adminform"].form.errors
+    assert not StaffToken.objects.exists()
+    issued = client.post(
+        reverse("admin:tenants_stafftoken_add"), {"user": operator.pk, "name": "mine"}
+    )
+    assert issued.context["secret"].startswith("tgs-")
+    assert StaffToken.objects.get().user == operator
+
+
+def test_issuing_revoking_and_suspending_leave_history_naming_the_key(admin_client, acme):
+    from django.contrib.admin.models import LogEntry
+
+    admin_client.post(reverse("admin:tenants_apikey_add"), {"tenant": acme.pk, "name": "ci"})
+    key = ApiKey.objects.get(name="ci")
+    admin_client.post(
+        reverse("admin:tenants_apikey_changelist"),
+        {"action": "revoke", "_selected_action": [key.pk]},
+    )
+    admin_client.post(
+        reverse("admin:tenants_tenant_changelist"),
+        {"action": "suspend", "_selected_action": [acme.pk]},
+    )
+
+    history = [(e.object_repr, e.get_change_message()) for e in LogEntry.objects.order_by("pk")]
+    assert history[0][0] == str(key) and key.prefix in history[0][0]
+    assert (str(key), "Revoked.") in history
+    assert (str(acme), "Suspended.") in history

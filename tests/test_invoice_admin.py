@@ -61,6 +61,18 @@ def test_the_lifecycle_as_admin_actions(admin_client, draft):
     act(admin_client, "correct", voided)
     correction = Invoice.objects.get(corrects=voided)
     assert correction.status == "draft" and correction.total == voided.total == Decimal("1.64")
+    again = act(admin_client, "correct", voided).content.decode()
+    assert "Corrected" not in again and f"it is corrected already, by {correction}" in again
+    # Each step is in the invoice's history, with who did it.
+    from django.contrib.admin.models import LogEntry
+
+    steps = LogEntry.objects.filter(object_id=str(draft.pk)).order_by("pk")
+    assert [e.get_change_message() for e in steps] == [
+        "Finalized.",
+        "Marked paid.",
+        "Voided.",
+        "Corrected.",
+    ]
 
 
 def test_a_finalized_invoice_is_read_only_in_the_admin(admin_client, draft):
@@ -131,6 +143,24 @@ def test_building_and_closing_a_month_from_the_admin(admin_client, shop):
     again = admin_client.post(url, {"month": "2026-10", "finalize": "1"}).content.decode()
     assert "already numbered" in again
     assert Invoice.objects.get(tenant=tenant).number == invoice.number
+
+
+def test_no_draft_is_built_or_numbered_for_a_tenant_without_usage(admin_client, shop):
+    from tenants.services import tenant_create
+
+    _, (a, _), model = shop
+    record(a, model, datetime(2026, 10, 5, tzinfo=UTC), output=1_000_000)
+    idle = tenant_create(slug="idle", name="Idle")
+    url = reverse("admin:billing_invoice_close_month")
+
+    built = admin_client.post(url, {"month": "2026-10", "build": "1"}).content.decode()
+
+    assert "no usage" in built
+    assert list(Invoice.objects.values_list("tenant__slug", flat=True)) == ["acme"]
+    empty = invoice_build(tenant=idle, month=OCT)  # through the API's build, say
+    page = act(admin_client, "finalize", empty).content.decode()
+    assert "idle has no usage to bill in 2026-10: nothing to number" in page
+    assert Invoice.objects.get(pk=empty.pk).number is None
 
 
 def test_the_admin_builds_no_draft_of_a_month_not_started(admin_client, shop):

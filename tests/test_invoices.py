@@ -457,7 +457,8 @@ def test_unpriced_usage_names_each_model_once_and_says_what_can_still_be_done(sh
         "now bills them. This month, and every later one (months close in order), is "
         "finalized only if a superuser accepts them unbilled, saying why: close_month 2026-10 "
         '--tenant acme --accept-unpriced "REASON", or {"accept_unpriced": "REASON"} to the '
-        "API's finalize. Price these models now so that new usage is billed."
+        "API's finalize, or the admin's \"Finalize selected drafts, accepting their unpriced "
+        'usage unbilled" on the draft. Price these models now so that new usage is billed.'
     )
 
 
