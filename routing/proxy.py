@@ -950,6 +950,19 @@ _STOPPING = UpstreamFailure(
 )
 
 
+def _renew(call: ChatCall) -> None:
+    """Keep a long stream's lease and holds alive. Advisory: a database that cannot be
+    reached now is logged, and the stream goes on (a lease or hold not renewed for long
+    is released as a dead process's, which its settlement then allows for)."""
+    try:
+        if call.key.concurrency_limit is not None:
+            key_lease_renew(request_id=call.request_id, now=timezone.now())
+        if call.budget_holds:
+            budget_holds_renew(request_id=call.request_id, now=timezone.now())
+    except DatabaseError:
+        logger.warning("Could not renew the lease and holds of %s", call.request_id, exc_info=True)
+
+
 def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> Iterator[bytes]:
     state = _StreamState(call=call)
     recorded = False
@@ -986,10 +999,7 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
                     # A long stream keeps its concurrency lease alive, and its budget
                     # holds: those of a call silent for an hour are released as a dead
                     # process's (budget_holds_expire).
-                    if call.key.concurrency_limit is not None:
-                        key_lease_renew(request_id=call.request_id, now=timezone.now())
-                    if call.budget_holds:
-                        budget_holds_renew(request_id=call.request_id, now=timezone.now())
+                    _renew(call)
                     renewed = time.monotonic()
                 if stop_due():
                     failure = _STOPPING

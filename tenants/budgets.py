@@ -307,6 +307,7 @@ class BudgetSettlement:
             self._settles.append((budget, period_id, statement))
         self.statements = [statement for _, _, statement in self._settles]
         if holds:
+            self.statements.insert(0, statements.reservations_lock_statement(request_id=request_id))
             self.statements.append(statements.reservations_delete_statement(request_id=request_id))
 
     def finish(self) -> None:
@@ -346,14 +347,17 @@ def budget_settle(
         settlement.finish()
 
 
-def budget_release(*, request_id: str) -> None:
-    """Release the holds of a call that never reached the ledger."""
+def budget_release(*, request_id: str, older_than: datetime | None = None) -> bool:
+    """Release the holds of a call that never reached the ledger (with `older_than`: only
+    if none was renewed since). Releases what its own DELETE took, so a settlement of
+    the same call at the same moment is never released twice. Whether it released any."""
     with transaction.atomic():
-        for hold in BudgetReservation.objects.filter(request_id=request_id):
-            BudgetPeriod.objects.filter(pk=hold.period_id).update(
-                reserved_pico=F("reserved_pico") - hold.amount_pico
+        taken = statements.reservations_take(request_id=request_id, older_than=older_than)
+        for period_id, amount_pico in sorted(taken):
+            BudgetPeriod.objects.filter(pk=period_id).update(
+                reserved_pico=F("reserved_pico") - amount_pico
             )
-        BudgetReservation.objects.filter(request_id=request_id).delete()
+    return bool(taken)
 
 
 def budget_alerts_fire(*, budget: Budget, period_id: int, before: int, after: int) -> None:
@@ -477,7 +481,7 @@ def budget_rebuild(*, fix: bool = False) -> list[BudgetDrift]:
 def budget_holds_renew(*, request_id: str, now: datetime) -> None:
     """A call still under way (a long stream) says so: its holds are not a dead
     process's."""
-    BudgetReservation.objects.filter(request_id=request_id).update(created_at=now)
+    statements.reservations_renew(request_id=request_id, at=now)
 
 
 def budget_holds_expire(*, older_than: timedelta) -> int:
@@ -488,8 +492,8 @@ def budget_holds_expire(*, older_than: timedelta) -> int:
     for request_id in set(
         BudgetReservation.objects.filter(created_at__lt=cutoff).values_list("request_id", flat=True)
     ):
-        budget_release(request_id=request_id)
-        released += 1
+        # Renewed since it was listed (a stream still running): left alone.
+        released += budget_release(request_id=request_id, older_than=cutoff)
     return released
 
 

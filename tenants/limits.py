@@ -190,7 +190,7 @@ def _lease_take(key: ApiKey, request_id: str, at: datetime, state: RateState | N
 
 
 def key_lease_renew(*, request_id: str, now: datetime) -> None:
-    KeyLease.objects.filter(request_id=request_id).update(expires_at=now + LEASE_TTL)
+    statements.lease_renew(request_id=request_id, expires_at=now + LEASE_TTL)
 
 
 def rate_limit_release_statements(

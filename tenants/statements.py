@@ -15,7 +15,7 @@ from functools import cache
 
 from django.db import connection
 
-from config.db import Statement, fetch_one, row_count, sql_names
+from config.db import Statement, fetch_all, fetch_one, row_count, sql_names
 
 from .models import ApiKey, BudgetPeriod, BudgetReservation, KeyLease, RateWindow
 
@@ -156,6 +156,12 @@ def lease_expire_statement(*, request_id: str, at: datetime) -> Statement:
     return Statement(_lease_expire_sql(), [_at(at), request_id])
 
 
+def lease_renew(*, request_id: str, expires_at: datetime) -> None:
+    """A long call's lease moved on; on a pooled connection taken for it alone (a stream
+    holds none while it relays)."""
+    row_count(_lease_expire_sql(), [_at(expires_at), request_id])
+
+
 # --- budget periods and reservations -----------------------------------------------------
 
 
@@ -242,6 +248,55 @@ def reservations_insert(*, request_id: str, holds: dict[int, int], at: datetime)
     if holds:
         statement = reservations_insert_statement(request_id=request_id, holds=holds, at=at)
         row_count(statement.sql, statement.params)
+
+
+@cache
+def _reservations_lock_sql(vendor: str) -> str:
+    table, c = sql_names(BudgetReservation)
+    lock = " FOR UPDATE" if vendor == "postgresql" else ""  # SQLite: one writer at a time
+    return (
+        f"SELECT {c['period']} FROM {table} WHERE {c['request_id']} = %s "  # noqa: S608
+        f"ORDER BY {c['period']}{lock}"
+    )
+
+
+def reservations_lock_statement(*, request_id: str) -> Statement:
+    """A call's reservation rows locked, before its settlement reads what they hold: a
+    release of the same holds running at the same moment (budget_holds_expire) either
+    waits for the settlement, or the settlement waits for it and then finds them gone.
+    (An UPDATE's subquery reads the snapshot its statement began with, not the rows as
+    they are once its lock wait is over.)"""
+    return Statement(_reservations_lock_sql(connection.vendor), [request_id])
+
+
+@cache
+def _reservations_take_sql(older: bool) -> str:
+    table, c = sql_names(BudgetReservation)
+    where = f"{c['request_id']} = %s" + (f" AND {c['created_at']} < %s" if older else "")
+    return (
+        f"DELETE FROM {table} WHERE {where} "  # noqa: S608
+        f"RETURNING {c['period']}, {c['amount_pico']}"
+    )
+
+
+def reservations_take(*, request_id: str, older_than: datetime | None = None) -> list[tuple]:
+    """Delete a call's reservations (those not renewed since `older_than`, if given) and
+    return what each held, (period id, amount): only what this statement deleted is
+    released, whatever ran at the same moment."""
+    if older_than is None:
+        return fetch_all(_reservations_take_sql(False), [request_id])
+    return fetch_all(_reservations_take_sql(True), [request_id, _at(older_than)])
+
+
+@cache
+def _reservations_renew_sql() -> str:
+    table, c = sql_names(BudgetReservation)
+    return f"UPDATE {table} SET {c['created_at']} = %s WHERE {c['request_id']} = %s"  # noqa: S608
+
+
+def reservations_renew(*, request_id: str, at: datetime) -> None:
+    """A long call's holds marked alive; on a pooled connection taken for it alone."""
+    row_count(_reservations_renew_sql(), [_at(at), request_id])
 
 
 @cache

@@ -561,3 +561,103 @@ def test_a_budget_edited_in_the_admin_keeps_its_tenant_and_key(metered, admin_cl
     assert response.status_code == 302, response.content.decode()[:2000]
     # The limit changed in place; the tenant is not a field of a stored budget.
     assert list(Budget.objects.values_list("tenant__slug", "limit_usd")) == [("acme", Decimal("7"))]
+
+
+def test_a_settlement_and_an_expiry_of_the_same_hold_at_once_release_it_once(transactional_db):
+    """The hour's expiry takes a call's holds while the call settles: the settlement
+    waited for it, then released what its own memory said was held, a second time (a
+    negative reserved, the ledger row rolled back; or, beside another call's hold, that
+    hold's money counted as free)."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    from django.db import connection, transaction
+
+    from tenants.budgets import budget_release, budget_reserve, budget_settle
+    from tenants.selectors import api_key_for_digest
+    from tenants.services import key_digest
+
+    tenant = tenant_create(slug="acme", name="Acme")
+    secret = api_key_issue(tenant=tenant, name="k").secret
+    budget = budget_set(tenant=tenant, limit_usd=Decimal("1"))
+    key = api_key_for_digest(key_digest(secret))  # as a call reads it: under the budget
+    now = timezone.now()
+    holds = budget_reserve(
+        key=key, tz_name="UTC", request_id="req_both", at=now, amount=Decimal("0.4")
+    )
+    assert holds
+    budget_reserve(key=key, tz_name="UTC", request_id="req_other", at=now, amount=Decimal("0.3"))
+    taken = threading.Event()
+
+    def expire():
+        try:
+            with transaction.atomic():
+                assert budget_release(request_id="req_both", older_than=now + timedelta(1))
+                taken.set()
+                time.sleep(0.5)  # committed while the settlement waits on these rows
+        finally:
+            taken.set()
+            connection.close()
+
+    expiry = threading.Thread(target=expire)
+    expiry.start()
+    assert taken.wait(10)
+    with transaction.atomic():
+        budget_settle(
+            budgets=(budget,),
+            tz_name="UTC",
+            request_id="req_both",
+            at=now,
+            cost=Decimal("0.1"),
+            holds=holds,
+        )
+    expiry.join(10)
+
+    status = budget_status(budget)
+    assert status.spent == Decimal("0.1")
+    assert status.reserved == Decimal("0.3")  # req_other's hold, still counted
+    assert set(BudgetReservation.objects.values_list("request_id", flat=True)) == {"req_other"}
+
+
+def test_renewing_a_streams_holds_keeps_no_database_connection_and_never_ends_it(
+    transactional_db, monkeypatch, caplog
+):
+    """The renewal went through the ORM: the stream's thread then kept a pooled
+    connection until the stream ended (twenty long streams drained a process's pool),
+    and a database error there ended a healthy stream as "The relay failed"."""
+    from types import SimpleNamespace
+
+    from django.db import OperationalError, connection
+
+    from routing import proxy
+    from tenants import statements
+    from tenants.budgets import budget_reserve
+    from tenants.selectors import api_key_for_digest
+    from tenants.services import key_digest
+
+    tenant = tenant_create(slug="acme", name="Acme")
+    secret = api_key_issue(tenant=tenant, name="k", concurrency_limit=2).secret
+    budget_set(tenant=tenant, limit_usd=Decimal("1"))
+    key = api_key_for_digest(key_digest(secret))
+    holds = budget_reserve(
+        key=key, tz_name="UTC", request_id="req_long", at=timezone.now(), amount=Decimal("0.1")
+    )
+    BudgetReservation.objects.update(created_at=datetime(2026, 12, 1, tzinfo=UTC))
+    call = SimpleNamespace(key=key, request_id="req_long", budget_holds=holds)
+    proxy.db_connection_release()
+
+    proxy._renew(call)
+
+    assert BudgetReservation.objects.get().created_at > datetime(2026, 12, 2, tzinfo=UTC)
+    proxy.db_connection_release()
+    proxy._renew(call)
+    if getattr(connection, "pool", None) is not None:  # PostgreSQL's pool: given back
+        assert connection.connection is None
+
+    def down(**_):
+        raise OperationalError("the database is restarting")
+
+    monkeypatch.setattr(statements, "reservations_renew", down)
+    proxy._renew(call)  # logged, not raised: the stream goes on
+    assert "Could not renew the lease and holds of req_long" in caplog.text
