@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import smtplib
 from datetime import timedelta
 
+import kombu.exceptions
 from celery import shared_task
 from django.utils import timezone
 
@@ -13,22 +15,38 @@ from .budgets import budget_holds_expire
 from .limits import key_leases_expire
 from .models import BudgetAlert
 
+logger = logging.getLogger(__name__)
 
-def budget_alert_queue(alert_id: int) -> None:
+
+def budget_alert_queue(alert_id: int) -> bool:
     """Queue an alert's webhook and email, each its own task with retries (a mail server
-    down does not hold up the webhook), and mark the alert queued once its webhook is:
-    tasks run in-process (the embedded default) raise what failed in them, and an email
-    that cannot be sent must not have beat send the webhook again. The email is sent
-    once whatever queues it (`emailed_at`)."""
-    budget_alert_webhook_task.delay(alert_id)
-    BudgetAlert.objects.filter(pk=alert_id).update(queued_at=timezone.now())
-    budget_alert_email_task.delay(alert_id)
+    down does not hold up the webhook, nor a receiver down the email). The alert is
+    claimed first (`queued_at`), so that two queuers (the on-commit hook and beat, or two
+    beat runs) send it once; a broker that cannot be reached gives the claim back for
+    beat to try again. Whether this call queued it."""
+    if not BudgetAlert.objects.filter(pk=alert_id, queued_at__isnull=True).update(
+        queued_at=timezone.now()
+    ):
+        return False
+    for task in (budget_alert_webhook_task, budget_alert_email_task):
+        try:
+            task.delay(alert_id)
+        except kombu.exceptions.OperationalError:
+            BudgetAlert.objects.filter(pk=alert_id).update(queued_at=None)
+            raise
+        except Exception:
+            # Tasks run in-process (the embedded default, no broker) raise what failed
+            # in them: logged, and the other one still goes.
+            logger.exception("Budget alert %s: %s failed", alert_id, task.name)
+    return True
 
 
 @shared_task
 def budget_alert_notify(alert_id: int) -> None:
-    """What earlier versions queued for an alert: its email and webhook, queued now."""
-    budget_alert_queue(alert_id)
+    """What earlier versions queued for an alert (still in a queue at an upgrade): its
+    webhook and email, queued now. Not claimed: such an alert is marked queued already."""
+    budget_alert_webhook_task.delay(alert_id)
+    budget_alert_email_task.delay(alert_id)
 
 
 @shared_task(
@@ -46,13 +64,16 @@ def budget_alert_email_task(alert_id: int) -> None:
 def budget_alerts_queue_due_task() -> int:
     """Queue the alerts whose tasks never reached the broker (it was down when their
     threshold was crossed); beat, every minute. Returns how many."""
-    settled = timezone.now() - timedelta(minutes=1)  # leave the on-commit queueing be
-    due = BudgetAlert.objects.filter(queued_at__isnull=True, created_at__lt=settled)
-    queued = 0
-    for alert_id in due.values_list("pk", flat=True):
-        budget_alert_queue(alert_id)
-        queued += 1
-    return queued
+    now = timezone.now()
+    due = BudgetAlert.objects.filter(
+        queued_at__isnull=True,
+        created_at__lt=now - timedelta(minutes=1),  # leave the on-commit queueing be
+        created_at__gte=now - timedelta(days=2),  # news, not history
+        # Sent by a process of the version before this column (a rolling deploy).
+        emailed_at__isnull=True,
+        deliveries__isnull=True,
+    )
+    return sum(budget_alert_queue(pk) for pk in due.values_list("pk", flat=True).distinct())
 
 
 @shared_task(

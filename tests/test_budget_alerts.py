@@ -188,3 +188,70 @@ def test_a_mail_server_down_does_not_hold_up_the_webhook(world, monkeypatch):
     assert len(receiver.received) == 1
     alert = BudgetAlert.objects.get()
     assert alert.queued_at is not None and alert.emailed_at is None
+
+
+def test_a_webhook_receiver_down_does_not_hold_up_the_email_in_process(world):
+    """With tasks run in-process (no broker), the webhook task's failure was raised out
+    of the queueing, and the email after it never went."""
+    from django.core import mail
+
+    with socket.socket() as probe:  # a receiver that is not there
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    _alerting(world, f"http://127.0.0.1:{dead}/hooks")
+
+    _half_the_budget(world.client())
+
+    assert [m.to for m in mail.outbox] == [["finance@acme.test"]]
+    alert = BudgetAlert.objects.get()
+    assert alert.queued_at is not None and alert.emailed_at is not None
+    assert not WebhookDelivery.objects.filter(succeeded=True).exists()
+
+
+def test_beat_queues_an_unsent_alert_once_and_leaves_old_or_sent_ones(world):
+    from django.utils import timezone
+
+    from tenants.tasks import budget_alert_queue, budget_alerts_queue_due_task
+
+    receiver = Receiver(failures=0)
+    _alerting(world, receiver.url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    gateway = gunicorn_gateway_start(
+        conftest.test_database_url(), CELERY_BROKER_URL=f"redis://127.0.0.1:{dead}/0"
+    )
+    try:
+        _half_the_budget(openai.OpenAI(base_url=gateway.url, api_key=world.secret))
+    finally:
+        gateway.stop()
+    alert = BudgetAlert.objects.get()
+    BudgetAlert.objects.update(created_at=timezone.now() - timedelta(minutes=2))
+
+    assert budget_alert_queue(alert.pk) is True  # beat's run, say
+    assert budget_alert_queue(alert.pk) is False  # and another at the same time
+    assert budget_alerts_queue_due_task() == 0
+    receiver.stop()
+    assert len(receiver.received) == 1
+    # Older than two days and never queued (left from a laptop without a broker): news
+    # no more, not sent.
+    WebhookDelivery.objects.all().delete()
+    BudgetAlert.objects.update(
+        queued_at=None, emailed_at=None, created_at=timezone.now() - timedelta(days=3)
+    )
+    assert budget_alerts_queue_due_task() == 0
+    # One sent already by a process of the version before queued_at: not sent again.
+    BudgetAlert.objects.update(created_at=timezone.now() - timedelta(minutes=2))
+    WebhookDelivery.objects.create(
+        tenant=world.tenant,
+        alert=alert,
+        url=receiver.url,
+        event="budget.threshold_crossed",
+        payload={},
+        attempt=1,
+        status_code=200,
+        succeeded=True,
+    )
+    assert budget_alerts_queue_due_task() == 0
+    WebhookDelivery.objects.all().delete()
+    assert budget_alerts_queue_due_task() == 1

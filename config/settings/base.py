@@ -183,6 +183,8 @@ SPECTACULAR_SETTINGS = {
 # smtp+tls://, implicit TLS as smtp+ssl://, or consolemail:// to print them instead.
 vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="tollgate@localhost")
+# A mail server that takes the connection and then stalls must not hold a worker.
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
 
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="")
 # Deployments (or test runs) sharing one Redis keep their queues apart: every key the
