@@ -122,6 +122,15 @@ class UpstreamFailed(GatewayError):
     code = "upstream_error"
 
 
+class GatewayRestarting(GatewayError):
+    """The gateway process is stopping (a deploy): send the request again, another process
+    answers it. The SDK retries a 503 by itself."""
+
+    status = 503
+    type = "api_error"
+    code = "gateway_restarting"
+
+
 class NoTargetAvailable(GatewayError):
     """Every target of a route is skipped for now (breakers open): retry later."""
 

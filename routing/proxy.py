@@ -73,6 +73,7 @@ from . import breaker
 from .errors import (
     BudgetExhausted,
     GatewayError,
+    GatewayRestarting,
     ModelNotAllowed,
     ModelNotFound,
     ModelNotPriced,
@@ -616,7 +617,11 @@ def _attempt_first(call: ChatCall) -> None:
 def _attempt_failed(call: ChatCall, failure: UpstreamFailure, *, streamed: bool) -> None:
     """Record a failed attempt. Returns when the call goes on with its next target (now
     the current one); raises the error for the client when it does not."""
-    retry = call.route is not None and failure.provider_at_fault
+    if stop_due():
+        # The process is stopping (a stream's first event interrupted at the deadline):
+        # no next target, no breaker, and a 503 the SDK retries on another process.
+        failure = _stopping(streaming=False)
+    retry = call.route is not None and failure.provider_at_fault and not stop_due()
     if call.route is not None:
         if retry:  # the provider's side failed: its breaker counts it
             _breaker(breaker.breaker_failure, call.model.pk, error=failure.error.message)
@@ -938,16 +943,18 @@ def _first_event(events: Iterator[str], call: ChatCall) -> str | None:
     return None
 
 
-# A stream cut because its gateway process is stopping (config.lifecycle): metered with
-# what it relayed, and the client told to send the request again (another process will
-# answer it).
-_STOPPING = UpstreamFailure(
-    UpstreamFailed(
-        "The gateway is restarting: this stream ended before the answer did. Retry the request.",
-        code="gateway_restarting",
-    ),
-    None,
-)
+def _stopping(*, streaming: bool) -> UpstreamFailure:
+    """A call ended because its gateway process is stopping (config.lifecycle): metered
+    with what it relayed, and the client told to send the request again (another process
+    answers it; the SDK retries a 503 by itself)."""
+    what = "this stream ended before the answer did" if streaming else "the call was stopped"
+    return UpstreamFailure(
+        GatewayRestarting(
+            f"The gateway is restarting: {what}. Retry the request.",
+            headers={"Retry-After": "1"},
+        ),
+        None,
+    )
 
 
 def _renew(call: ChatCall) -> None:
@@ -1001,8 +1008,8 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
                     # process's (budget_holds_expire).
                     _renew(call)
                     renewed = time.monotonic()
-                if stop_due():
-                    failure = _STOPPING
+                if stop_due() and not state.finished:  # a finished answer gets its [DONE]
+                    failure = _stopping(streaming=True)
                     break
                 if data == ":":
                     yield _KEEPALIVE
@@ -1024,6 +1031,8 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
                     yield _sse(out)
         except UPSTREAM_ERRORS as exc:
             failure = upstream_failure(exc, call.model.provider, call.timeout)
+        if stop_due() and not ended and not state.finished:
+            failure = _stopping(streaming=True)  # its read interrupted at the deadline
         if failure is None and not ended and not state.finished:
             # The body ended cleanly, but neither [DONE] nor a finish_reason came: an
             # answer cut short, which the client must not take for a whole one.

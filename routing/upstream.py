@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import re
+import socket
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
@@ -23,6 +24,8 @@ import httpx2
 import openai
 from django.conf import settings
 from django.db.models import Q
+
+from config import lifecycle
 
 from .errors import (
     GatewayError,
@@ -128,9 +131,13 @@ def provider_at_fault(upstream_status: int | None) -> bool:
     return upstream_status is None or upstream_status == 429 or not 400 <= upstream_status < 500
 
 
+# Failures of the gateway's own, recorded with no upstream status like a provider that did
+# not answer: a process stopping (gateway_restarting), the relay's own fault.
+GATEWAY_FAULT_CODES = ("gateway_restarting", "gateway_error")
+
 # provider_at_fault as a filter on usage events' upstream_status.
 PROVIDER_AT_FAULT = (
-    Q(upstream_status__isnull=True)
+    (Q(upstream_status__isnull=True) & ~Q(error_code__in=GATEWAY_FAULT_CODES))
     | Q(upstream_status=429)
     | Q(upstream_status__lt=400)
     | Q(upstream_status__gte=500)
@@ -312,6 +319,16 @@ class UpstreamStream:
 
     def __init__(self, response):
         self._response = response
+        lifecycle.interrupt_on_stop(self)
+
+    def interrupt(self) -> None:
+        """End a read waiting on the provider, from another thread: the stream's socket
+        is shut down, and the read returns at once (as the provider hanging up)."""
+        stream = self._response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     @property
     def content_type(self) -> str:
@@ -356,6 +373,7 @@ class UpstreamStream:
             yield _error_event(joined) if event == "error" else joined
 
     def close(self) -> None:
+        lifecycle.forget(self)
         self._response.close()
 
 

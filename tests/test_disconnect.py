@@ -250,3 +250,65 @@ def test_a_stream_under_way_when_the_server_stops_ends_with_an_error_and_its_led
     assert not BudgetReservation.objects.filter(request_id=request_id).exists()
     assert budget_status(budget).reserved == 0
     assert time.monotonic() - stopped < 10
+
+
+def test_a_stream_waiting_on_a_silent_provider_when_the_server_stops_ends_in_time(world, tmp_path):
+    """The stop was only seen when the provider sent something: a stream whose provider
+    was silent (thinking), or had not answered yet, was still cut at the deadline."""
+    import json
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import conftest
+    from .upstream import gunicorn_gateway_start
+
+    gateway = gunicorn_gateway_start(
+        conftest.test_database_url(),
+        output=tmp_path / "gunicorn.log",
+        GUNICORN_WORKERS="1",
+        GUNICORN_GRACEFUL_TIMEOUT="6",  # calls end 3 s after the signal
+    )
+    opened = threading.Event()
+
+    def stream(mock: dict) -> tuple[int, str, list[str]]:
+        with (
+            httpx2.Client(timeout=30) as http,
+            http.stream(
+                "POST",
+                f"{gateway.url}/chat/completions",
+                headers={"Authorization": f"Bearer {world.secret}"},
+                json={"model": "m-deepseek", "messages": MESSAGES, "stream": True, "mock": mock},
+            ) as response,
+        ):
+            if response.status_code != 200:
+                return response.status_code, response.headers["x-request-id"], [response.read()]
+            opened.set()
+            data = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+            return 200, response.headers["x-request-id"], data
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            # The role chunk at once, then 20 s of silence; and no answer for 20 s.
+            silent = pool.submit(stream, {"chunks": 2, "interval_ms": 20_000})
+            unanswered = pool.submit(stream, {"latency_ms": 20_000})
+            assert opened.wait(10)
+            time.sleep(0.5)  # the second call is waiting on its provider too
+            gateway.process.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            (status, silent_id, data), (refused, unanswered_id, body) = (
+                silent.result(20),
+                unanswered.result(20),
+            )
+            ended = time.monotonic() - stopped
+        assert gateway.process.wait(timeout=15) == 0
+    finally:
+        gateway.stop()
+
+    assert ended < 6  # before gunicorn's deadline, not at it
+    assert status == 200 and json.loads(data[-1])["error"]["code"] == "gateway_restarting"
+    assert refused == 503
+    assert json.loads(body[0])["error"]["code"] == "gateway_restarting"
+    for request_id in (silent_id, unanswered_id):
+        event = UsageEvent.objects.get(request_id=request_id)
+        assert event.error_code == "gateway_restarting"

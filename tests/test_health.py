@@ -100,6 +100,30 @@ def test_a_provider_failure_lowers_availability_a_client_error_only_the_error_ra
     assert row.availability == pytest.approx(0.6)
 
 
+def test_a_call_the_gateway_itself_ended_is_not_held_against_the_provider(shop):
+    """A stream ended because its gateway process stopped (a deploy), or by the relay's
+    own fault, has no upstream status, as a provider that never answered has."""
+    from dataclasses import replace
+
+    _, (key, _), model = shop
+    call(key, model, at=NOW)
+    for code in ("gateway_restarting", "gateway_error"):
+        facts = usage_facts(
+            key,
+            model,
+            request_id=f"req_{uuid.uuid4().hex}",
+            occurred_at=NOW,
+            status=FAILED,
+            upstream_status=None,
+        )
+        usage_record(replace(facts, error_code=code))
+
+    row = row_of(model_health(now=NOW))
+
+    assert (row.requests, row.errors, row.provider_errors) == (3, 2, 0)
+    assert row.availability == pytest.approx(1.0)
+
+
 def test_output_speed_counts_generation_after_the_first_token(shop):
     _, (key, _), model = shop
     call(key, model, at=NOW, latency=3000, ttft=1000, output=300, reasoning=100)  # 400 in 2 s
