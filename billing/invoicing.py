@@ -198,6 +198,7 @@ def _usage_lines(tenant: Tenant, invoice: Invoice, tz_name: str) -> tuple[list[_
     )
     lines: dict[tuple, _Line] = {}
     unpriced = 0
+    latest_invoiced = None  # the month of the invoice before this one, once needed
     for g in groups:
         units = unit_prices(prices[g["price_id"]], tenant_prices.get(g["tenant_price_id"]))
         usage_month = invoice.month
@@ -206,7 +207,10 @@ def _usage_lines(tenant: Tenant, invoice: Invoice, tz_name: str) -> tuple[list[_
             # tenant's time zone may have moved east since, and read it as this month.
             usage_month = g["usage_month"]
             usage_month = usage_month.date() if isinstance(usage_month, datetime) else usage_month
-            usage_month = min(usage_month, _month_before(invoice.month))
+            if latest_invoiced is None:
+                previous = _previous(tenant, invoice.month)
+                latest_invoiced = previous.month if previous else _month_before(invoice.month)
+            usage_month = min(usage_month, latest_invoiced)
         unpriced += g["unpriced"] or 0
         for bucket, unit, tokens in (
             (InvoiceLine.Bucket.INPUT, units.input, g["uncached"]),

@@ -50,7 +50,8 @@ class ServiceURLValidator(URLValidator):
         try:
             super().__call__(value)
         except ValidationError:
-            dotted = _single_label_dotted(value)
+            # urlsplit drops tabs and line breaks, which the value stored would keep.
+            dotted = None if self.unsafe_chars.intersection(value) else _single_label_dotted(value)
             if dotted is None:
                 raise
             super().__call__(dotted)

@@ -1087,3 +1087,34 @@ def test_a_catch_up_as_of_a_past_instant_issues_its_invoices_now_in_number_order
     assert second.cutoff == datetime(2026, 11, 1, 2, tzinfo=UTC) - COMMIT_MARGIN
     assert second.finalized_at >= first.finalized_at
     assert second.number > first.number
+
+
+def test_late_usage_names_the_invoiced_month_after_a_move_east_and_a_month_skipped(shop):
+    """August closed in New York; the tenant moved to Tokyo, had no September usage, and
+    closed October by hand. A late call of 31 August 23:00 UTC (1 September in Tokyo) is
+    August's adjustment, not September's, a month with no invoice."""
+    tenant, (key, _), model = shop
+    tenant.timezone = "America/New_York"
+    tenant.save()
+    august = date(2026, 8, 1)
+    record(key, model, datetime(2026, 8, 10, tzinfo=UTC), output=1_000_000)
+    invoice_finalize(
+        invoice=invoice_build(tenant=tenant, month=august), now=datetime(2026, 9, 2, tzinfo=UTC)
+    )
+    tenant.timezone = "Asia/Tokyo"
+    tenant.save()
+    record(
+        key,
+        model,
+        datetime(2026, 8, 31, 23, tzinfo=UTC),
+        recorded_at=datetime(2026, 9, 5, tzinfo=UTC),
+        output=2_000_000,
+    )
+    record(key, model, datetime(2026, 10, 10, tzinfo=UTC), output=4_000_000)
+
+    october = invoice_finalize(
+        invoice=invoice_build(tenant=tenant, month=OCT), now=datetime(2026, 11, 3, tzinfo=UTC)
+    )
+
+    lines = sorted((line.usage_month, line.quantity) for line in october.lines.all())
+    assert lines == [(august, 2_000_000), (OCT, 4_000_000)]

@@ -396,7 +396,13 @@ def test_a_service_name_without_a_dot_is_a_url_for_providers_and_webhooks(
     assert created.status_code == 201, created.content
     assert Tenant.objects.get(slug="zz").alert_webhook_url == "http://alerts:9000/tollgate"
     # What is still no URL: a space, a label that ends in a hyphen, digits alone.
-    for url in ("http://my host/v1", "http://vllm-/v1", "http://8000/v1"):
+    for url in (
+        "http://my host/v1",
+        "http://vllm-/v1",
+        "http://8000/v1",
+        "http://local\thost:8000/v1",
+        "http://vllm\n:8000/v1",
+    ):
         with pytest.raises(CommandError, match="valid URL"):
             run("provider_set", "bad", "--base-url", url)
         refused = client.post(
