@@ -7,6 +7,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Lower
@@ -147,14 +148,28 @@ class ApiKey(KeyBase):
     """A tenant's key for the OpenAI-compatible endpoints under /v1/."""
 
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="api_keys")
+    # At least 1: a limit of 0 read as "unlimited" for requests and tokens, and as "no
+    # call at all" for concurrency. To stop a key, revoke it.
     rpm_limit = models.PositiveIntegerField(
-        "requests per minute", null=True, blank=True, help_text="Empty: unlimited."
+        "requests per minute",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="At least 1. Empty: unlimited.",
     )
     tpm_limit = models.PositiveIntegerField(
-        "tokens per minute", null=True, blank=True, help_text="Empty: unlimited."
+        "tokens per minute",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="At least 1. Empty: unlimited.",
     )
     concurrency_limit = models.PositiveIntegerField(
-        "concurrent requests", null=True, blank=True, help_text="Empty: unlimited."
+        "concurrent requests",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="At least 1. Empty: unlimited.",
     )
     replaced_by = models.ForeignKey(
         "self",

@@ -599,3 +599,31 @@ def test_issuing_revoking_and_suspending_leave_history_naming_the_key(admin_clie
     assert history[0][0] == str(key) and key.prefix in history[0][0]
     assert (str(key), "Revoked.") in history
     assert (str(acme), "Suspended.") in history
+
+
+def test_a_rate_limit_of_zero_is_refused_in_the_admin_and_the_api(admin_client, acme):
+    """0 requests or tokens a minute read as no limit at all, and 0 concurrent requests
+    as no call at all: either way not what was typed."""
+    from .conftest import api
+
+    key = api_key_issue(tenant=acme, name="ci").key
+    for field in ("rpm_limit", "tpm_limit", "concurrency_limit"):
+        page = admin_client.post(
+            reverse("admin:tenants_apikey_change", args=[key.pk]),
+            {"name": "ci", field: "0", "allowed_models": []},
+        )
+        assert page.status_code == 200, field
+        errors = page.context["adminform"].form.errors[field]
+        assert errors == ["Ensure this value is greater than or equal to 1."]
+    admin_client.logout()
+    from django.contrib.auth import get_user_model
+
+    from tenants.services import staff_token_issue
+
+    root = get_user_model().objects.create_superuser("root", password="pw-root-123")
+    token = staff_token_issue(user=root, name="t").secret
+    answer = api(token=token).post(
+        "/api/keys/", {"tenant": "acme", "name": "z", "rpm_limit": 0}, format="json"
+    )
+    assert answer.status_code == 400 and "rpm_limit" in answer.json()
+    assert ApiKey.objects.get(pk=key.pk).rpm_limit is None
