@@ -12,6 +12,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
+from config.admin_base import ModelAdmin
 from routing.admin import PriceVersionAdmin, PriceVersionForm
 from routing.services import PriceChangeError
 from tenants.models import Tenant
@@ -36,7 +37,7 @@ from .pricing import tenant_price_cancel, tenant_price_change_check, tenant_pric
 
 
 @admin.register(UsageEvent)
-class UsageEventAdmin(admin.ModelAdmin):
+class UsageEventAdmin(ModelAdmin):
     list_display = (
         "occurred_at",
         "tenant",
@@ -212,7 +213,7 @@ class InvoiceLineInline(admin.TabularInline):
 
 
 @admin.register(Invoice)
-class InvoiceAdmin(admin.ModelAdmin):
+class InvoiceAdmin(ModelAdmin):
     """Invoices: built from the ledger, never edited. Drafts are rebuilt, finalized ones
     are paid or voided (then corrected) through the actions; every field is read-only."""
 

@@ -17,6 +17,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from config.admin_base import ModelAdmin
+
 from .models import (
     CAPABILITIES,
     MODALITIES,
@@ -41,7 +43,7 @@ UNSET = "unset"
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
+class ProviderAdmin(ModelAdmin):
     list_display = ("name", "base_url", "api_key_env", "key_configured", "timeout_seconds")
     search_fields = ("name", "base_url")
     readonly_fields = ("created_at", "updated_at")
@@ -111,7 +113,7 @@ def _price(value) -> str:
 
 
 @admin.register(CatalogModel)
-class CatalogModelAdmin(admin.ModelAdmin):
+class CatalogModelAdmin(ModelAdmin):
     form = CatalogModelForm
     list_display = (
         "public_id",
@@ -209,7 +211,7 @@ class ModelPriceForm(PriceVersionForm):
         return data
 
 
-class PriceVersionAdmin(admin.ModelAdmin):
+class PriceVersionAdmin(ModelAdmin):
     """Price versions (list or tenant): added, never edited; a scheduled one may be
     withdrawn, one at a time, before any process prices with it (`withdraw`, through
     routing.services.price_version_cancel); history may not."""
@@ -345,7 +347,7 @@ class RouteTargetInline(admin.TabularInline):
 
 
 @admin.register(Route)
-class RouteAdmin(admin.ModelAdmin):
+class RouteAdmin(ModelAdmin):
     form = RouteForm
     inlines = [RouteTargetInline]
     list_display = ("name", "strategy", "enabled", "targets_summary", "updated_at")
@@ -381,7 +383,7 @@ class RouteAdmin(admin.ModelAdmin):
 
 
 @admin.register(CircuitBreaker)
-class CircuitBreakerAdmin(admin.ModelAdmin):
+class CircuitBreakerAdmin(ModelAdmin):
     list_display = (
         "model",
         "state",

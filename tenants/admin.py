@@ -17,6 +17,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from config.admin_base import ModelAdmin
+
 from .alerts import webhook_signing_secret
 from .budgets import budget_set, budget_status, usd_format
 from .models import ApiKey, Budget, BudgetAlert, StaffToken, Tenant, WebhookDelivery
@@ -87,7 +89,7 @@ class TenantForm(forms.ModelForm):
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
+class TenantAdmin(ModelAdmin):
     form = TenantForm
     list_display = (
         "slug",
@@ -184,7 +186,7 @@ class RotateActionForm(ActionForm):
     )
 
 
-class KeyAdminBase(admin.ModelAdmin):
+class KeyAdminBase(ModelAdmin):
     """Shared by API keys and staff tokens: issue through the service, show the secret once."""
 
     issued_template = "admin/tenants/key_issued.html"
@@ -380,7 +382,7 @@ class BudgetForm(forms.ModelForm):
 
 
 @admin.register(Budget)
-class BudgetAdmin(admin.ModelAdmin):
+class BudgetAdmin(ModelAdmin):
     form = BudgetForm
     list_display = ("tenant", "scope_label", "limit_usd", "hard", "this_month")
     list_filter = ("hard", "tenant")
@@ -415,7 +417,7 @@ class BudgetAdmin(admin.ModelAdmin):
         return budget_bar(budget) if budget.pk else "-"
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 

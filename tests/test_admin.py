@@ -627,3 +627,31 @@ def test_a_rate_limit_of_zero_is_refused_in_the_admin_and_the_api(admin_client, 
     )
     assert answer.status_code == 400 and "rpm_limit" in answer.json()
     assert ApiKey.objects.get(pk=key.pk).rpm_limit is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "admin:tenants_tenant_changelist",
+        "admin:tenants_apikey_changelist",
+        "admin:billing_invoice_changelist",
+        "admin:billing_usageevent_changelist",
+        "admin:routing_modelprice_changelist",
+    ],
+)
+def test_a_date_filter_out_of_range_is_an_invalid_filter_not_a_500(admin_client, event, url):
+    for query in ("created_at__year=99999", "month__year=0", "recorded_at__year=10000"):
+        page = admin_client.get(f"{reverse(url)}?{query}")
+        assert page.status_code == 302 and page.url.endswith("?e=1"), (url, query)
+
+
+def test_an_add_page_prefilled_with_a_date_as_text_loads(admin_client, acme):
+    price = admin_client.get(reverse("admin:routing_modelprice_add") + "?effective_from=2026-12-31")
+    assert price.status_code == 200
+    assert price.context["adminform"].form.initial["effective_from"].date().isoformat() == (
+        "2026-12-31"
+    )
+    for bad in ("abc", "2026-13-45", "99999-01-01"):
+        page = admin_client.get(reverse("admin:tenants_apikey_add") + f"?expires_at={bad}")
+        assert page.status_code == 200, bad
+        assert "expires_at" not in page.context["adminform"].form.initial
