@@ -165,8 +165,32 @@ def _draft(tenant: Tenant, month) -> MonthClosed:
     return MonthClosed(tenant, outcome, invoice)
 
 
+class InvoiceMonthFilter(admin.SimpleListFilter):
+    """The months invoiced, newest first (Django's date filter offers "today" and "past
+    7 days", none of which a first-of-month date answers)."""
+
+    title = "month"
+    parameter_name = "month"
+
+    def lookups(self, request, model_admin):
+        months = Invoice.objects.dates("month", "month", order="DESC")
+        return [(f"{m:%Y-%m}", f"{m:%Y-%m}") for m in months]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if not value:
+            return queryset
+        try:
+            month = month_parse(value)
+        except InvoiceError:
+            return queryset.none()
+        return queryset.filter(month=month)
+
+
 class InvoiceActionForm(ActionForm):
-    reason = forms.CharField(label="reason (to void)", required=False, max_length=500)
+    # No limits here: a value the action bar's form refuses is reported by Django as "No
+    # action selected"; the action says what is wrong instead.
+    reason = forms.CharField(label="reason (to void)", required=False)
 
 
 class AcceptUnpricedForm(forms.Form):
@@ -241,7 +265,7 @@ class InvoiceAdmin(ModelAdmin):
         "paid_at",
         "download_links",
     )
-    list_filter = ("status", "month", "tenant")
+    list_filter = ("status", InvoiceMonthFilter, "tenant")
     list_select_related = ("tenant",)
     search_fields = ("number", "tenant__slug", "tenant__name")
     inlines = [InvoiceLineInline]

@@ -498,9 +498,11 @@ def invoice_void(*, invoice: Invoice, reason: str) -> Invoice:
         )
     if not reason.strip():
         raise InvoiceError("Say why the invoice is void.")
+    if len(reason.strip()) > 500:
+        raise InvoiceError("Say why the invoice is void in 500 characters at most.")
     invoice.status = Invoice.Status.VOID
     invoice.voided_at = timezone.now()
-    invoice.void_reason = reason.strip()[:500]
+    invoice.void_reason = reason.strip()
     invoice.save()
     return invoice
 

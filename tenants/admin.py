@@ -176,14 +176,14 @@ class TenantAdmin(ModelAdmin):
 
 
 class RotateActionForm(ActionForm):
-    grace_hours = forms.DecimalField(
-        label="grace period (hours, for rotation)",
-        required=False,
-        initial=24,
-        min_value=0,
-        max_digits=6,
-        decimal_places=2,
+    # Text, checked by the action: a value the action bar's form refuses is reported by
+    # Django as "No action selected", whatever was wrong with it.
+    grace_hours = forms.CharField(
+        label="grace period (hours, for rotation)", required=False, initial="24"
     )
+
+
+MAX_GRACE_HOURS = 90 * 24  # as the API allows
 
 
 class KeyAdminBase(ModelAdmin):
@@ -301,10 +301,17 @@ class ApiKeyAdmin(KeyAdminBase):
     )
     def rotate(self, request, queryset):
         try:
-            grace = timedelta(hours=float(request.POST.get("grace_hours") or 24))
+            hours = float(request.POST.get("grace_hours") or 24)
         except ValueError:
-            self.message_user(request, "The grace period is a number of hours.", messages.ERROR)
+            hours = -1.0
+        if not 0 <= hours <= MAX_GRACE_HOURS:  # NaN fails too
+            self.message_user(
+                request,
+                f"The grace period is a number of hours from 0 to {MAX_GRACE_HOURS}.",
+                messages.ERROR,
+            )
             return None
+        grace = timedelta(hours=hours)
         rotated, skipped = [], 0
         for key in queryset.select_related("tenant"):
             if not key.is_usable():
@@ -429,7 +436,8 @@ class ReadOnlyAdmin(ModelAdmin):
 class BudgetAlertAdmin(ReadOnlyAdmin):
     list_display = ("period", "threshold", "spent", "created_at", "emailed_at", "webhooks")
     list_select_related = ("period__budget__tenant", "period__budget__api_key")
-    list_filter = ("threshold",)
+    list_filter = ("period__budget__tenant", "threshold")
+    search_fields = ("period__budget__tenant__slug", "period__budget__api_key__prefix")
 
     @admin.display(description="spent")
     def spent(self, alert: BudgetAlert) -> str:

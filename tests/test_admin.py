@@ -655,3 +655,17 @@ def test_an_add_page_prefilled_with_a_date_as_text_loads(admin_client, acme):
         page = admin_client.get(reverse("admin:tenants_apikey_add") + f"?expires_at={bad}")
         assert page.status_code == 200, bad
         assert "expires_at" not in page.context["adminform"].form.initial
+
+
+def test_an_odd_grace_period_is_named_not_taken_for_no_action(admin_client, acme):
+    key = api_key_issue(tenant=acme, name="ci").key
+    url = reverse("admin:tenants_apikey_changelist")
+    for grace in ("abc", "1e12", "-1", "nan", "2161"):
+        page = admin_client.post(
+            url,
+            {"action": "rotate", "_selected_action": [key.pk], "grace_hours": grace},
+            follow=True,
+        )
+        said = [str(m) for m in page.context["messages"]]
+        assert said == ["The grace period is a number of hours from 0 to 2160."], grace
+    assert ApiKey.objects.get().expires_at is None

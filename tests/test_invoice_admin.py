@@ -233,3 +233,25 @@ def test_the_admins_own_pages_lead_back_like_djangos_pages(admin_client):
         assert reverse("admin:index") in crumbs
         assert reverse("admin:app_list", kwargs={"app_label": app}) in crumbs
         assert reverse(changelist) in crumbs
+
+
+def test_a_void_reason_too_long_is_named_not_taken_for_no_action(admin_client, draft):
+    act(admin_client, "finalize", draft)
+    page = act(admin_client, "void", draft, reason="x" * 600).content.decode()
+    assert "Say why the invoice is void in 500 characters at most." in page
+    assert Invoice.objects.get(pk=draft.pk).status == "finalized"
+
+
+def test_invoices_filter_by_the_months_invoiced(admin_client, shop):
+    tenant, (a, _), model = shop
+    record(a, model, datetime(2026, 9, 5, tzinfo=UTC), output=1_000_000)
+    record(a, model, datetime(2026, 10, 5, tzinfo=UTC), output=2_000_000)
+    september = invoice_build(tenant=tenant, month=date(2026, 9, 1))
+    invoice_build(tenant=tenant, month=OCT)
+
+    page = admin_client.get(CHANGELIST)
+    choices = [c["display"] for c in page.context["cl"].filter_specs[1].choices(page.context["cl"])]
+    assert choices == ["All", "2026-10", "2026-09"]
+    shown = admin_client.get(f"{CHANGELIST}?month=2026-09").context["cl"].result_list
+    assert list(shown) == [september]
+    assert not admin_client.get(f"{CHANGELIST}?month=2026-13").context["cl"].result_list
