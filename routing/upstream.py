@@ -319,16 +319,23 @@ class UpstreamStream:
 
     def __init__(self, response):
         self._response = response
+        # interrupt() and close() one at a time: once closed, the connection may be back
+        # in the pool, another call's, and is never shut down from here.
+        self._lock = threading.Lock()
+        self._closed = False
         lifecycle.interrupt_on_stop(self)
 
     def interrupt(self) -> None:
         """End a read waiting on the provider, from another thread: the stream's socket
         is shut down, and the read returns at once (as the provider hanging up)."""
-        stream = self._response.extensions.get("network_stream")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            if self._closed:
+                return
+            stream = self._response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     @property
     def content_type(self) -> str:
@@ -374,6 +381,8 @@ class UpstreamStream:
 
     def close(self) -> None:
         lifecycle.forget(self)
+        with self._lock:
+            self._closed = True
         self._response.close()
 
 
