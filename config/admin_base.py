@@ -62,6 +62,10 @@ def _datetime(value: str) -> datetime | None:
         if day is None:
             return None
         parsed = datetime.combine(day, time.min)
-    if timezone.is_naive(parsed):
-        parsed = timezone.make_aware(parsed)
+    try:
+        if timezone.is_naive(parsed):
+            parsed = timezone.make_aware(parsed)
+        timezone.localtime(parsed)  # what the form's widget does with it
+    except (ValueError, OverflowError):  # a year 1 or 9999 moved out of range
+        return None
     return parsed

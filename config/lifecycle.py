@@ -23,9 +23,10 @@ _lock = threading.Lock()
 
 def stop_requested(*, within: float) -> None:
     """The server is stopping this process: calls must end within `within` seconds.
-    Then every read still waiting on a provider is interrupted (a stream whose provider
-    is silent, or has not sent its first event, would otherwise be cut at the server's
-    deadline, unmetered)."""
+    Then every streamed response still being read is interrupted (a stream whose
+    provider is silent, or has sent its headers but no event yet, would otherwise be cut
+    at the server's deadline, unmetered). A call still waiting for a provider's headers,
+    or a plain one, is not: it ends by its own timeout or at the server's deadline."""
     global _stop_at
     _stop_at = time.monotonic() + within
     timer = threading.Timer(within, _interrupt_all)

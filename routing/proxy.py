@@ -617,12 +617,13 @@ def _attempt_first(call: ChatCall) -> None:
 def _attempt_failed(call: ChatCall, failure: UpstreamFailure, *, streamed: bool) -> None:
     """Record a failed attempt. Returns when the call goes on with its next target (now
     the current one); raises the error for the client when it does not."""
-    if stop_due():
+    stopping = stop_due()
+    if stopping:
         # The process is stopping (a stream's first event interrupted at the deadline):
         # no next target, no breaker, and a 503 the SDK retries on another process.
         failure = _stopping(streaming=False)
-    retry = call.route is not None and failure.provider_at_fault and not stop_due()
-    if call.route is not None:
+    retry = call.route is not None and failure.provider_at_fault and not stopping
+    if call.route is not None and not stopping:
         if retry:  # the provider's side failed: its breaker counts it
             _breaker(breaker.breaker_failure, call.model.pk, error=failure.error.message)
         elif call.breaker is not None:  # the provider answered (a 4xx): it is up
@@ -1030,7 +1031,10 @@ def _relay(call: ChatCall, upstream: UpstreamStream, events: Iterator[str]) -> I
                 if out is not None:
                     yield _sse(out)
         except UPSTREAM_ERRORS as exc:
-            failure = upstream_failure(exc, call.model.provider, call.timeout)
+            if stop_due() and state.finished:
+                ended = True  # interrupted after the answer was whole: it gets its [DONE]
+            else:
+                failure = upstream_failure(exc, call.model.provider, call.timeout)
         if stop_due() and not ended and not state.finished:
             failure = _stopping(streaming=True)  # its read interrupted at the deadline
         if failure is None and not ended and not state.finished:

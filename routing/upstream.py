@@ -329,7 +329,9 @@ class UpstreamStream:
         """End a read waiting on the provider, from another thread: the stream's socket
         is shut down, and the read returns at once (as the provider hanging up)."""
         with self._lock:
-            if self._closed:
+            # Closed by httpx too once the body is read whole, which hands the
+            # connection back to the pool before this object's close().
+            if self._closed or self._response.is_closed:
                 return
             stream = self._response.extensions.get("network_stream")
             sock = stream.get_extra_info("socket") if stream is not None else None

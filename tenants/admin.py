@@ -317,7 +317,11 @@ class ApiKeyAdmin(KeyAdminBase):
             if not key.is_usable():
                 skipped += 1
                 continue
-            issued = api_key_rotate(key=key, grace=grace)
+            try:
+                issued = api_key_rotate(key=key, grace=grace)
+            except ValueError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+                continue
             rotated.append((key, issued))
             self.log_change(request, key, f"Rotated: replaced by {issued.key.prefix}….")
             self.log_addition(request, issued.key, f"Issued to replace {key.prefix}….")

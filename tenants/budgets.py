@@ -352,10 +352,14 @@ def budget_release(*, request_id: str, older_than: datetime | None = None) -> bo
     if none was renewed since). Releases what its own DELETE took, so a settlement of
     the same call at the same moment is never released twice. Whether it released any."""
     with transaction.atomic():
-        taken = statements.reservations_take(request_id=request_id, older_than=older_than)
-        for period_id, amount_pico in sorted(taken):
+        taken = dict(statements.reservations_take(request_id=request_id, older_than=older_than))
+        # The periods in the order admission and settlement lock them (budgets_for_key:
+        # the tenant's budget, then the key's), or a call of the key being admitted now
+        # and this could each wait for the other.
+        order = BudgetPeriod.objects.filter(pk__in=taken).values_list("pk", "budget__api_key_id")
+        for period_id, _ in sorted(order, key=lambda row: row[1] or 0):
             BudgetPeriod.objects.filter(pk=period_id).update(
-                reserved_pico=F("reserved_pico") - amount_pico
+                reserved_pico=F("reserved_pico") - taken[period_id]
             )
     return bool(taken)
 

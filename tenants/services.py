@@ -274,6 +274,11 @@ def api_key_rotate(*, key: ApiKey, grace: timedelta) -> IssuedKey[ApiKey]:
     """
     if not key.is_usable():
         raise ValueError("Only a usable key can be rotated.")
+    if key.concurrency_limit == 0:  # stored before limits were at least 1
+        raise ValueError(
+            f"{key.prefix}… has a concurrency limit of 0, which no call fits: set it to at "
+            "least 1, or revoke the key, before rotating it."
+        )
     now = timezone.now()
     issued = _issue(
         ApiKey,

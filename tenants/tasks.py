@@ -28,10 +28,17 @@ def budget_alert_queue(alert_id: int) -> bool:
         queued_at=timezone.now()
     ):
         return False
+    queued = False
     for task in (budget_alert_webhook_task, budget_alert_email_task):
         try:
             task.delay(alert_id)
+            queued = True
         except kombu.exceptions.OperationalError:
+            if queued:
+                # The webhook went, the email did not: claimed all the same, so that
+                # the webhook is not sent twice.
+                logger.exception("Budget alert %s: its email could not be queued", alert_id)
+                continue
             BudgetAlert.objects.filter(pk=alert_id).update(queued_at=None)
             raise
         except Exception:

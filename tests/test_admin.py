@@ -651,7 +651,7 @@ def test_an_add_page_prefilled_with_a_date_as_text_loads(admin_client, acme):
     assert price.context["adminform"].form.initial["effective_from"].date().isoformat() == (
         "2026-12-31"
     )
-    for bad in ("abc", "2026-13-45", "99999-01-01"):
+    for bad in ("abc", "2026-13-45", "99999-01-01", "0001-01-01T00:00:00%2B05:00"):
         page = admin_client.get(reverse("admin:tenants_apikey_add") + f"?expires_at={bad}")
         assert page.status_code == 200, bad
         assert "expires_at" not in page.context["adminform"].form.initial
@@ -669,3 +669,24 @@ def test_an_odd_grace_period_is_named_not_taken_for_no_action(admin_client, acme
         said = [str(m) for m in page.context["messages"]]
         assert said == ["The grace period is a number of hours from 0 to 2160."], grace
     assert ApiKey.objects.get().expires_at is None
+
+
+def test_a_key_stored_with_a_concurrency_of_zero_is_not_rotated_and_says_why(
+    admin_client, acme, superuser_token
+):
+    from .conftest import api
+
+    key = api_key_issue(tenant=acme, name="ci").key
+    ApiKey.objects.filter(pk=key.pk).update(concurrency_limit=0)  # before limits were >= 1
+    why = f"{key.prefix}… has a concurrency limit of 0, which no call fits"
+
+    answer = api(token=superuser_token).post(f"/api/keys/{key.prefix}/rotate/", {}, format="json")
+    assert answer.status_code == 409 and answer.json()["detail"].startswith(why)
+    page = admin_client.post(
+        reverse("admin:tenants_apikey_changelist"),
+        {"action": "rotate", "_selected_action": [key.pk], "grace_hours": "1"},
+        follow=True,
+    )
+    assert page.status_code == 200
+    assert any(str(m).startswith(why) for m in page.context["messages"])
+    assert ApiKey.objects.count() == 1

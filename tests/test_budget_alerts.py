@@ -255,3 +255,26 @@ def test_beat_queues_an_unsent_alert_once_and_leaves_old_or_sent_ones(world):
     assert budget_alerts_queue_due_task() == 0
     WebhookDelivery.objects.all().delete()
     assert budget_alerts_queue_due_task() == 1
+
+
+def test_an_email_that_cannot_be_queued_after_its_webhook_leaves_the_alert_claimed(
+    world, monkeypatch
+):
+    """The webhook was queued, the broker then failed on the email: the claim was given
+    back, and beat sent the webhook a second time."""
+    import kombu.exceptions
+
+    from tenants import tasks
+
+    def broker_gone(*args, **kwargs):
+        raise kombu.exceptions.OperationalError("Error 111 connecting to the broker")
+
+    receiver = Receiver(failures=0)
+    _alerting(world, receiver.url)
+    monkeypatch.setattr(tasks.budget_alert_email_task, "delay", broker_gone)
+
+    _half_the_budget(world.client())
+
+    receiver.stop()
+    assert len(receiver.received) == 1
+    assert BudgetAlert.objects.get().queued_at is not None  # beat will not send it again

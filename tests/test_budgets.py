@@ -661,3 +661,40 @@ def test_renewing_a_streams_holds_keeps_no_database_connection_and_never_ends_it
     monkeypatch.setattr(statements, "reservations_renew", down)
     proxy._renew(call)  # logged, not raised: the stream goes on
     assert "Could not renew the lease and holds of req_long" in caplog.text
+
+
+def test_the_expiry_locks_a_calls_budgets_in_the_order_admission_does(transactional_db):
+    """Admission and settlement lock the tenant's budget period, then the key's. The
+    expiry went by period id: with the key's budget made first (the lower id), it and a
+    call being admitted each waited for the other (PostgreSQL: deadlock detected)."""
+    import re
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tenants.budgets import budget_release, budget_reserve
+    from tenants.selectors import api_key_for_digest
+    from tenants.services import key_digest
+
+    tenant = tenant_create(slug="acme", name="Acme")
+    issued = api_key_issue(tenant=tenant, name="k")
+    key_budget = budget_set(tenant=tenant, key=issued.key, limit_usd=Decimal("1"))
+    tenant_budget = budget_set(tenant=tenant, limit_usd=Decimal("1"))
+    periods = {
+        BudgetPeriod.objects.get(budget=key_budget).pk: "key",
+        BudgetPeriod.objects.get(budget=tenant_budget).pk: "tenant",
+    }
+    assert min(periods) == BudgetPeriod.objects.get(budget=key_budget).pk
+    key = api_key_for_digest(key_digest(issued.secret))
+    budget_reserve(key=key, tz_name="UTC", request_id="req_d", at=timezone.now(), amount=CALL)
+
+    with CaptureQueriesContext(connection) as queries:
+        assert budget_release(request_id="req_d")
+
+    updated = [
+        periods[int(re.search(r'"id" = (\d+)', q["sql"]).group(1))]
+        for q in queries.captured_queries
+        if q["sql"].startswith('UPDATE "tenants_budgetperiod"')
+    ]
+    assert updated == ["tenant", "key"]
+    assert budget_status(tenant_budget).reserved == budget_status(key_budget).reserved == 0

@@ -197,13 +197,12 @@ class ApiKeyViewSet(
         key = self.get_object()
         body = RotateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        if not key.is_usable():
-            return Response(
-                {"detail": "Only a usable key can be rotated."}, status=status.HTTP_409_CONFLICT
+        try:
+            issued = api_key_rotate(
+                key=key, grace=timedelta(seconds=body.validated_data["grace_seconds"])
             )
-        issued = api_key_rotate(
-            key=key, grace=timedelta(seconds=body.validated_data["grace_seconds"])
-        )
+        except ValueError as exc:  # not usable, or a limit no call fits
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
         return self._issued_response(issued, status.HTTP_201_CREATED)
 
     @extend_schema(request=None, responses=ApiKeySerializer)
