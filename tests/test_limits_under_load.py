@@ -144,7 +144,9 @@ def test_hard_budget_holds_when_the_upstream_fails_for_some(gateway):
 
 def test_hard_budget_holds_when_clients_hang_up_mid_stream(gateway):
     budget = budget_set(tenant=gateway.tenant, limit_usd=CALL * 7)
-    stream = {**body(interval_ms=20), "stream": True}
+    # 1.2 s a stream, so that a client thread the loaded machine runs late still hangs
+    # up before its stream ends (at 20 ms a chunk, one CI run saw every stream finish).
+    stream = {**body(interval_ms=60), "stream": True}
 
     results = fire(gateway.extra["urls"], [(gateway.secret, stream)] * 60, hang_up_after=3)
 
