@@ -21,6 +21,7 @@ from .exports import FORMATS, invoice_export, invoice_key_totals, invoices_zip
 from .invoicing import (
     InvoiceError,
     MonthClosed,
+    draft_dropped_if_empty,
     invoice_build,
     invoice_correct,
     invoice_finalize,
@@ -158,8 +159,7 @@ def _draft(tenant: Tenant, month) -> MonthClosed:
         invoice = invoice_build(tenant=tenant, month=month)
     except InvoiceError as exc:
         return MonthClosed(tenant, f"not built: {exc}")
-    if invoice.status == Invoice.Status.DRAFT and not invoice.lines.exists():
-        invoice.delete()  # as month_close does: no draft for a tenant with nothing to bill
+    if draft_dropped_if_empty(invoice):
         return MonthClosed(tenant, "no usage")
     outcome = "draft built" if invoice.status == Invoice.Status.DRAFT else "already numbered"
     return MonthClosed(tenant, outcome, invoice)

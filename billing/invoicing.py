@@ -589,8 +589,7 @@ def _close_one(
             invoice = invoice_build(tenant=tenant, month=month, now=now, finalizing=True)
             if invoice.status != Invoice.Status.DRAFT:
                 return MonthClosed(tenant, "already numbered", invoice)
-            if not invoice.lines.exists():
-                invoice.delete()
+            if draft_dropped_if_empty(invoice):
                 return MonthClosed(tenant, "no usage")
             if dry_run:
                 _finalize_check(tenant, invoice, now, accept_unpriced=accept_unpriced)
@@ -611,6 +610,15 @@ def _close_one(
         return result
     except InvoiceError as exc:
         return MonthClosed(tenant, f"{'would refuse' if dry_run else 'not finalized'}: {exc}")
+
+
+def draft_dropped_if_empty(invoice: Invoice) -> bool:
+    """Delete a draft with no line (the tenant has nothing to bill that month): month
+    closes and the admin's builds keep no empty draft, which would take a number."""
+    if invoice.status != Invoice.Status.DRAFT or invoice.lines.exists():
+        return False
+    invoice.delete()
+    return True
 
 
 def _void_awaiting_correction(tenant: Tenant, month: date) -> Invoice | None:

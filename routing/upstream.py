@@ -322,16 +322,15 @@ class UpstreamStream:
         # interrupt() and close() one at a time: once closed, the connection may be back
         # in the pool, another call's, and is never shut down from here.
         self._lock = threading.Lock()
-        self._closed = False
         lifecycle.interrupt_on_stop(self)
 
     def interrupt(self) -> None:
         """End a read waiting on the provider, from another thread: the stream's socket
         is shut down, and the read returns at once (as the provider hanging up)."""
         with self._lock:
-            # Closed by httpx too once the body is read whole, which hands the
-            # connection back to the pool before this object's close().
-            if self._closed or self._response.is_closed:
+            # Closed by close(), or by httpx itself once the body is read whole, which
+            # hands the connection back to the pool.
+            if self._response.is_closed:
                 return
             stream = self._response.extensions.get("network_stream")
             sock = stream.get_extra_info("socket") if stream is not None else None
@@ -384,8 +383,7 @@ class UpstreamStream:
     def close(self) -> None:
         lifecycle.forget(self)
         with self._lock:
-            self._closed = True
-        self._response.close()
+            self._response.close()
 
 
 # SSE lines end at CRLF, LF or CR, and nowhere else: not at the Unicode line separators

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 from datetime import timedelta
@@ -23,7 +22,7 @@ from tenants.models import BudgetAlert, WebhookDelivery
 
 from . import conftest
 from .conftest import model_create
-from .upstream import gunicorn_gateway_start
+from .upstream import free_port, gunicorn_gateway_start
 
 
 class Receiver:
@@ -134,6 +133,17 @@ def _half_the_budget(client: openai.OpenAI) -> None:
     )
 
 
+def _half_the_budget_with_the_broker_down(world) -> None:
+    """The call through a gateway whose broker (a port nothing listens on) is down."""
+    gateway = gunicorn_gateway_start(
+        conftest.test_database_url(), CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    try:
+        _half_the_budget(openai.OpenAI(base_url=gateway.url, api_key=world.secret))
+    finally:
+        gateway.stop()
+
+
 def test_a_broker_down_costs_neither_the_answer_nor_the_alert(world):
     """The call's usage is committed when its alert is queued: a broker that cannot be
     reached then turned the answer into a 500, which the SDK retries (billed twice),
@@ -146,16 +156,7 @@ def test_a_broker_down_costs_neither_the_answer_nor_the_alert(world):
 
     receiver = Receiver(failures=0)
     _alerting(world, receiver.url)
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
-    gateway = gunicorn_gateway_start(
-        conftest.test_database_url(), CELERY_BROKER_URL=f"redis://127.0.0.1:{dead}/0"
-    )
-    try:
-        _half_the_budget(openai.OpenAI(base_url=gateway.url, api_key=world.secret))
-    finally:
-        gateway.stop()
+    _half_the_budget_with_the_broker_down(world)
 
     assert UsageEvent.objects.count() == 1
     alert = BudgetAlert.objects.get()
@@ -195,10 +196,7 @@ def test_a_webhook_receiver_down_does_not_hold_up_the_email_in_process(world):
     of the queueing, and the email after it never went."""
     from django.core import mail
 
-    with socket.socket() as probe:  # a receiver that is not there
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
-    _alerting(world, f"http://127.0.0.1:{dead}/hooks")
+    _alerting(world, f"http://127.0.0.1:{free_port()}/hooks")  # a receiver not there
 
     _half_the_budget(world.client())
 
@@ -215,16 +213,7 @@ def test_beat_queues_an_unsent_alert_once_and_leaves_old_or_sent_ones(world):
 
     receiver = Receiver(failures=0)
     _alerting(world, receiver.url)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
-    gateway = gunicorn_gateway_start(
-        conftest.test_database_url(), CELERY_BROKER_URL=f"redis://127.0.0.1:{dead}/0"
-    )
-    try:
-        _half_the_budget(openai.OpenAI(base_url=gateway.url, api_key=world.secret))
-    finally:
-        gateway.stop()
+    _half_the_budget_with_the_broker_down(world)
     alert = BudgetAlert.objects.get()
     BudgetAlert.objects.update(created_at=timezone.now() - timedelta(minutes=2))
 

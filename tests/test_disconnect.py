@@ -23,16 +23,21 @@ from tenants.services import key_digest
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]
 
 
+def stream_open(http: httpx2.Client, url: str, world, mock: dict):
+    """A streamed completion of m-deepseek with these mock knobs (a context manager)."""
+    return http.stream(
+        "POST",
+        f"{url}/chat/completions",
+        headers={"Authorization": f"Bearer {world.secret}"},
+        json={"model": "m-deepseek", "messages": MESSAGES, "stream": True, "mock": mock},
+    )
+
+
 def stream_and_hang_up(url: str, world, mock: dict, *, events_to_read: int) -> str:
     """Start a stream, read a few events, close the socket; return the request id."""
     with (
         httpx2.Client(timeout=30) as http,
-        http.stream(
-            "POST",
-            f"{url}/chat/completions",
-            headers={"Authorization": f"Bearer {world.secret}"},
-            json={"model": "m-deepseek", "messages": MESSAGES, "stream": True, "mock": mock},
-        ) as response,
+        stream_open(http, url, world, mock) as response,
     ):
         assert response.status_code == 200
         request_id = response.headers["x-request-id"]
@@ -210,17 +215,8 @@ def test_a_stream_under_way_when_the_server_stops_ends_with_an_error_and_its_led
     try:
         with (
             httpx2.Client(timeout=30) as http,
-            http.stream(
-                "POST",
-                f"{gateway.url}/chat/completions",
-                headers={"Authorization": f"Bearer {world.secret}"},
-                json={
-                    "model": "m-deepseek",
-                    "messages": MESSAGES,
-                    "stream": True,
-                    "mock": {"chunks": 100, "interval_ms": 200},  # 20 s
-                },
-            ) as response,
+            # 20 s
+            stream_open(http, gateway.url, world, {"chunks": 100, "interval_ms": 200}) as response,
         ):
             request_id = response.headers["x-request-id"]
             lines = response.iter_lines()
@@ -274,12 +270,7 @@ def test_a_stream_waiting_on_a_silent_provider_when_the_server_stops_ends_in_tim
     def stream(mock: dict) -> tuple[int, str, list[str]]:
         with (
             httpx2.Client(timeout=30) as http,
-            http.stream(
-                "POST",
-                f"{gateway.url}/chat/completions",
-                headers={"Authorization": f"Bearer {world.secret}"},
-                json={"model": "m-deepseek", "messages": MESSAGES, "stream": True, "mock": mock},
-            ) as response,
+            stream_open(http, gateway.url, world, mock) as response,
         ):
             if response.status_code != 200:
                 return response.status_code, response.headers["x-request-id"], [response.read()]

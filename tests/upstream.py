@@ -85,15 +85,20 @@ class GunicornGateway:
         process_stop(self.process)
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on (for a server to take, or to stay dead)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def gunicorn_gateway_start(
     database_url: str, *, output: Path | None = None, **env_overrides: str
 ) -> GunicornGateway:
     """The production server (platform/gunicorn.conf.py) on a free port, on a given
     database; its standard output and error (access and error log) into `output` if
     given, else this process's."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = dict(
         os.environ,
         DJANGO_SETTINGS_MODULE="config.settings.test",
